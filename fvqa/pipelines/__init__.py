@@ -1,0 +1,37 @@
+"""Build stages, in pipeline order. Each lives in its own module and is imported only when run."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from fvqa.pipelines.base import Stage
+
+# name -> "module:Class"; order is the build order.
+STAGES: dict[str, str] = {
+    "concepts": "fvqa.pipelines.concepts:ConceptsStage",
+    "match": "fvqa.pipelines.match:MatchStage",
+    "crawl": "fvqa.pipelines.crawl:CrawlStage",
+    "generate": "fvqa.pipelines.generate:GenerateStage",
+    "infoseek": "fvqa.pipelines.infoseek:InfoseekStage",
+    "tag": "fvqa.pipelines.tag:TagStage",
+    "probe": "fvqa.pipelines.probe:ProbeStage",
+    "split": "fvqa.pipelines.split:SplitStage",
+    "export": "fvqa.pipelines.export:ExportStage",
+}
+
+
+def available_stages() -> list[str]:
+    """Stage names whose module exists in this install (later issues add more)."""
+    names = []
+    for name, target in STAGES.items():
+        module = target.split(":")[0]
+        if importlib.util.find_spec(module) is not None:
+            names.append(name)
+    return names
+
+
+def load_stage(name: str) -> Stage:
+    """Instantiate a stage by name (lazy import keeps `fvqa --help` fast)."""
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()

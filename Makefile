@@ -1,0 +1,36 @@
+# Two commands for a new machine: `make demo` and `make test`. Each creates .venv if missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench lint install clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fvqa build --config configs/demo.yaml
+	@echo "exports: $$(pwd)/fvqa-work/exports  (inspect: $(VENV)/bin/fvqa status -c configs/demo.yaml)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f --quick || exit 1; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fvqa tests bench
+
+clean:
+	rm -rf fvqa-work .pytest_cache

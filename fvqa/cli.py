@@ -1,0 +1,259 @@
+"""The `fvqa` command line: build, status, sql, export, import-upstream, config, demo (+ sub-apps).
+
+A thin Typer layer: heavy modules are imported inside commands so `fvqa --help` stays fast. Errors a
+user can fix print as one red line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fvqa.errors import FvqaError
+
+app = typer.Typer(
+    name="fvqa",
+    help="Build search-balanced VQA datasets (FVQA), annotate them, train and evaluate on-demand search VLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
+demo_app = typer.Typer(help="The bundled offline demo world.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(demo_app, name="demo")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config.")]
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", "-w", help="Workspace folder (default: from config, else ./fvqa-work).")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")
+]
+
+
+def _config(config: Path | None, workspace: Path | None, overrides: list[str] | None = None):
+    from fvqa.config import load_config
+
+    cfg = load_config(config, overrides)
+    if workspace is not None:
+        cfg.workspace = workspace
+    return cfg
+
+
+def _workspace_path(config: Path | None, workspace: Path | None) -> Path:
+    if workspace is not None:
+        return workspace
+    return _config(config, None).workspace
+
+
+def _split_csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+@app.command()
+def build(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    stages: Annotated[str | None, typer.Option(help="Only these stages, comma-separated.")] = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
+    force: Annotated[str | None, typer.Option(help="Redo these stages from scratch, comma-separated.")] = None,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print expected paid calls and cost; run nothing.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run the build stages (concepts -> crawl -> generate -> infoseek -> tag -> probe -> split -> export).
+
+    Re-running the same command continues where a previous (even killed) run stopped: each stage
+    processes only keys missing from its output table, so no committed paid call is repeated.
+    """
+    from fvqa.pipelines.runner import estimate_build, run_build
+
+    cfg = _config(config, workspace, set_)
+    if estimate:
+        table = Table(title="estimate (nothing spent)")
+        for col in ("stage", "paid calls", "cached", "tokens", "USD", "note"):
+            table.add_column(col)
+        total = 0.0
+        for name, est in estimate_build(cfg, console=err).items():
+            if est is None:
+                table.add_row(name, "0", "-", "-", "0.00", "no paid calls")
+                continue
+            total += est.usd
+            table.add_row(name, str(est.paid_calls), str(est.cached), str(est.tokens), f"{est.usd:.2f}", est.note)
+        table.add_row("total", "", "", "", f"{total:.2f}", "")
+        out.print(table)
+        return
+    run_build(cfg, only=_split_csv(stages) or None, until=until, force=_split_csv(force), console=err)
+    exports = cfg.workspace / "exports"
+    out.print(f"[green]build finished[/] — workspace: {cfg.workspace.resolve()}  exports: {exports.resolve()}")
+
+
+@app.command()
+def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """Per-stage counts, last run, and rejects by reason."""
+    from fvqa.store import Workspace
+
+    with Workspace(_workspace_path(config, workspace), read_only=True) as ws:
+        tables = Table(title=f"workspace {ws.root}")
+        tables.add_column("table")
+        tables.add_column("rows", justify="right")
+        for name in ws.tables():
+            tables.add_row(name, str(ws.count(name)))
+        tables.add_row("dataset (view)", str(ws.count("dataset")))
+        out.print(tables)
+        runs = ws.con.execute(
+            "SELECT stage, max(started_at), arg_max(n_out, started_at), arg_max(n_rejected, started_at), "
+            "arg_max(seconds, started_at), sum(cost_usd) FROM runs GROUP BY stage ORDER BY min(started_at)"
+        ).fetchall()
+        rt = Table(title="stages (last run)")
+        for col in ("stage", "last run", "out", "rejected", "seconds", "total $"):
+            rt.add_column(col)
+        for stage, when, n_out, n_rej, secs, cost in runs:
+            rt.add_row(stage, str(when)[:19], str(n_out), str(n_rej), f"{secs:.1f}", f"{cost or 0:.4f}")
+        out.print(rt)
+        rejects = ws.con.execute(
+            "SELECT stage, reason, count(*) FROM rejects GROUP BY 1, 2 ORDER BY 1, 3 DESC"
+        ).fetchall()
+        if rejects:
+            rj = Table(title="rejects by reason")
+            for col in ("stage", "reason", "count"):
+                rj.add_column(col)
+            for stage, reason, n in rejects:
+                rj.add_row(stage, reason, str(n))
+            out.print(rj)
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help='e.g. "SELECT split, count(*) FROM dataset GROUP BY 1"')],
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print rows as JSON lines.")] = False,
+) -> None:
+    """Run a read-only DuckDB query on the workspace and print the result."""
+    import duckdb
+
+    from fvqa.store import Workspace
+
+    with Workspace(_workspace_path(config, workspace), read_only=True) as ws:
+        try:
+            cur = ws.con.execute(query)
+        except duckdb.Error as exc:
+            raise FvqaError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+        if cur.description is None:
+            return
+        cols = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    if json_out:
+        for row in rows:
+            out.print_json(json.dumps(dict(zip(cols, row, strict=True)), default=str))
+        return
+    table = Table()
+    for col in cols:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    out.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    format_: Annotated[
+        list[str] | None, typer.Option("--format", "-f", help="native | upstream | hf (repeatable; default all)")
+    ] = None,
+) -> None:
+    """Write the dataset as native Parquet, upstream's veRL parquet and/or a Hugging Face folder."""
+    from fvqa.pipelines.export import export_all
+    from fvqa.store import Workspace
+
+    formats = format_ or ["native", "upstream", "hf"]
+    bad = [f for f in formats if f not in ("native", "upstream", "hf")]
+    if bad:
+        raise FvqaError(f"unknown export format(s): {', '.join(bad)} (choose native, upstream, hf)")
+    with Workspace(_workspace_path(config, workspace)) as ws:
+        for fmt, paths in export_all(ws, formats).items():
+            for p in paths:
+                out.print(f"{fmt}: {p}")
+
+
+@app.command("import-upstream")
+def import_upstream_cmd(
+    file: Annotated[Path, typer.Argument(help="A parquet in upstream's layout (lmms-lab/FVQA, mini_data).")],
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    split: Annotated[str | None, typer.Option(help="train | test (default: from the file name)")] = None,
+) -> None:
+    """Load the released FVQA (or any upstream-layout parquet) into a workspace."""
+    from fvqa.pipelines.import_upstream import import_upstream
+    from fvqa.store import Workspace
+
+    with Workspace(_workspace_path(config, workspace)) as ws:
+        counts = import_upstream(ws, file, split)
+    out.print(f"imported {counts['imported']}, already present {counts['skipped']}, rejected {counts['rejected']}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, workspace: WorkspaceOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (defaults filled in, secrets redacted) as YAML."""
+    import yaml
+
+    from fvqa.config import redacted
+
+    out.print(yaml.safe_dump(redacted(_config(config, workspace, set_)), sort_keys=False), end="")
+
+
+@demo_app.command("world")
+def demo_world(
+    directory: Annotated[Path, typer.Argument(help="Where to write the world.")],
+    seed: int = 0,
+    n_entities: Annotated[int, typer.Option(help="Number of fictional entities.")] = 240,
+) -> None:
+    """Write the offline demo world (MetaCLIP vocab, local web, InfoSeek files), deterministic per seed."""
+    from fvqa.demo.world import make_world
+
+    path = make_world(directory, seed=seed, n_entities=n_entities)
+    out.print(json.loads((path / "world.json").read_text()))
+
+
+def _mount_optional(module: str, attr: str, name: str) -> None:
+    """Sub-apps from other packages (search, annotate, train, eval) join when present."""
+    if importlib.util.find_spec(module) is None:
+        return
+    sub = getattr(importlib.import_module(module), attr, None)
+    if sub is not None:
+        app.add_typer(sub, name=name)
+
+
+for _module, _attr, _name in (
+    ("fvqa.search.cli", "search_app", "search"),
+    ("fvqa.annotation.cli", "annotate_app", "annotate"),
+    ("fvqa.train.cli", "train_app", "train"),
+    ("fvqa.eval.cli", "eval_app", "eval"),
+):
+    _mount_optional(_module, _attr, _name)
+
+
+def main() -> None:
+    """Console entry point: user errors -> one red line, exit code 2."""
+    try:
+        app()
+    except FvqaError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

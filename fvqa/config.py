@@ -1,0 +1,268 @@
+"""Typed run configuration loaded from YAML.
+
+Every section forbids unknown keys, so a typo (`crawl.max_sid`) is an error naming its path instead
+of a silently ignored setting. Secrets never appear here: only the *names* of environment variables
+that hold them (`api_key_env`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fvqa.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorldConfig(Section):
+    """The bundled offline demo world; generated on first use when `generate` is true."""
+
+    path: Path = Path("fvqa-work/demo-world")
+    generate: bool = True
+    seed: int = 0
+    n_entities: int = 240
+
+
+class ConceptsConfig(Section):
+    """MetaCLIP vocabulary -> sampled head/tail concepts."""
+
+    enabled: bool = True
+    metadata_path: Path | None = None  # MetaCLIP metadata.json; default: the demo world's
+    counts_path: Path | None = None  # entry_counts_*.json (list or dict); default: the demo world's
+    use_match_counts: bool = False  # take counts from the `match` stage instead
+    threshold: int = 20_000  # MetaCLIP's head/tail threshold t
+    n: int = 10_000
+    head_fraction: float = 0.5
+    include_zero: bool = False
+    min_chars: int = 3
+    allow_list: Path | None = None
+    deny_list: Path | None = None
+    seed: int = 0
+
+
+class MatchConfig(Section):
+    """Optional MetaCLIP-style substring matching over a caption pool."""
+
+    enabled: bool = False
+    pool: Path | None = None  # parquet with url, caption[, page_url]
+    processes: int = 2
+    balance: bool = False
+    candidates_per_concept: int = 8
+    seed: int = 0
+
+
+class CrawlConfig(Section):
+    """Find, download, dedup and CLIP-verify one image (and its page) per concept."""
+
+    enabled: bool = True
+    source: Literal["local", "urls", "web_search"] = "local"
+    manifest: Path | None = None  # local source: image manifest jsonl; default: the demo world's
+    candidates_per_concept: int = 4
+    max_side: int = 768
+    max_bytes: int = 20_000_000
+    min_side: int = 64
+    timeout_s: float = 20.0
+    retries: int = 3
+    concurrency: int = 32
+    per_host_concurrency: int = 4
+    allow_private: bool = False
+    phash_distance: int = 4
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = None
+    clip_threshold: float | None = None  # None: keep best image regardless of score
+    search_api_key_env: str | None = None
+
+
+class LLMSection(Section):
+    """An OpenAI-compatible endpoint (GPT-4o, vLLM, SGLang...)."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int = 16
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    temperature: float = 0.0
+    max_tokens: int = 512
+    image_max_side: int = 768
+    input_usd_per_1m: float = 2.5
+    output_usd_per_1m: float = 10.0
+    batch: bool = False
+
+
+class GenerateConfig(Section):
+    """Question generation for crawled visual concepts."""
+
+    enabled: bool = True
+    backend: Literal["template", "llm"] = "template"
+    llm: LLMSection | None = None
+    prompt_path: Path | None = None
+
+
+class InfoseekConfig(Section):
+    """InfoSeek sampling (files in the official format)."""
+
+    enabled: bool = True
+    jsonl: Path | None = None  # infoseek_train.jsonl; default: the demo world's
+    withkb: Path | None = None
+    qtype: Path | None = None
+    image_dir: Path | None = None
+    image_pattern: str = "{image_id}.jpg"
+    n: int = 7_000
+    per_entity: int = 3
+    seed: int = 0
+
+
+class TagConfig(Section):
+    """Knowledge-type tagging."""
+
+    enabled: bool = True
+    backend: Literal["minilm", "llm"] = "minilm"
+    llm: LLMSection | None = None
+    taxonomy: dict[str, str] | None = None  # type -> one-line definition; default: built-in
+
+
+class ProbeConfig(Section):
+    """Search-need probing (k rollouts with and without search)."""
+
+    enabled: bool = True
+    backend: Literal["popularity", "openai", "transformers", "vllm"] = "popularity"
+    k: int = 8
+    llm: LLMSection | None = None
+    model_path: Path | None = None
+    seed: int = 0
+
+
+class SplitConfig(Section):
+    """Balancing and leakage-free train/test split."""
+
+    enabled: bool = True
+    train_size: int = 5_000
+    train_search_required: int = 3_400
+    train_search_free: int = 1_600
+    test_size: int = 1_800
+    phash_distance: int = 4
+    seed: int = 0
+
+
+class ExportConfig(Section):
+    """Which export formats a build writes at its end."""
+
+    enabled: bool = True
+    formats: list[Literal["native", "upstream", "hf"]] = Field(
+        default_factory=lambda: ["native", "upstream", "hf"]
+    )
+    include_unassigned: bool = True
+
+
+class SearchSection(Section):
+    """Search tools used by probe/eval/train (see fvqa.search)."""
+
+    backend: Literal["local", "web", "replay", "http"] = "local"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(Section):
+    """A whole `fvqa build` run."""
+
+    workspace: Path = Path("fvqa-work")
+    seed: int = 0
+    world: WorldConfig | None = None
+    batch_size: int = 64
+    concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
+    match: MatchConfig = Field(default_factory=MatchConfig)
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    infoseek: InfoseekConfig = Field(default_factory=InfoseekConfig)
+    tag: TagConfig = Field(default_factory=TagConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    search: SearchSection = Field(default_factory=SearchSection)
+
+    def section_hash(self, name: str) -> str:
+        """Stable hash of one section (recorded in `runs` to tell which settings produced rows)."""
+        section = getattr(self, name, None)
+        payload = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{path}'")
+        else:
+            parts.append(f"'{path}': {err['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got '{assignment}'")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read and validate a YAML run config; raise ConfigError with one clear line on any problem."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from exc
+
+
+_SECRET_WORDS = ("password", "secret", "token", "api_key")
+
+
+def redacted(config: RunConfig) -> dict[str, Any]:
+    """Config as plain data with anything secret-looking masked (env var *names* are kept)."""
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        lowered = key.lower()
+        if node and not lowered.endswith("_env") and any(w in lowered for w in _SECRET_WORDS):
+            return "***"
+        return node
+
+    return walk(config.model_dump(mode="json"))

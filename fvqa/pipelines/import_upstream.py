@@ -1,0 +1,110 @@
+"""Load a parquet in upstream's veRL layout (`lmms-lab/FVQA`, MMSearch-R1's mini_data) into a workspace.
+
+Users can start from the released dataset: its rows become `items` (source `import`), their images go
+into the content-addressed store, and the 2-way `category` is kept in provenance (the released data
+lost the 4-way label, so no `labels` row is invented for it). The original prompt, data_source, data_id
+and image_urls are kept so `fvqa export --format upstream` reproduces the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from fvqa.errors import FvqaError
+from fvqa.store import ImageError, Workspace, now
+
+REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "data_source")
+STAGE = "import"
+
+
+def _user_text(prompt: list[dict[str, Any]]) -> str | None:
+    for msg in prompt or []:
+        if msg.get("role") == "user":
+            return msg.get("content")
+    return None
+
+
+def _split_from_name(path: Path) -> str:
+    name = path.name.lower()
+    for split in ("train", "test"):
+        if split in name:
+            return split
+    return "unassigned"
+
+
+def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict[str, int]:
+    """Import rows; bad rows become `rejects`. Returns counts (imported, skipped, rejected)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FvqaError(f"file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for non-parquet input
+        raise FvqaError(f"{path}: not a readable parquet file ({exc})") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise FvqaError(f"{path}: missing column(s) {', '.join(missing)} required by the upstream layout")
+    split = split or _split_from_name(path)
+    existing = ws.keys("items", "item_id")
+    counts = {"imported": 0, "skipped": 0, "rejected": 0}
+    items, splits, rejects = [], [], []
+    for index, row in enumerate(table.to_pylist()):
+        data_id = row.get("data_id")
+        reward = row.get("reward_model") or {}
+        question = _user_text(row.get("prompt"))
+        key = str(data_id) if data_id is not None else f"{path.name}#{index}"
+        item_id = "import-" + (str(data_id) if data_id is not None else hashlib.sha256(
+            f"{row.get('data_source')}|{question}|{reward.get('ground_truth')}".encode()).hexdigest()[:16])
+        if item_id in existing:
+            counts["skipped"] += 1
+            continue
+        if not question:
+            rejects.append((STAGE, key, "no user message in prompt", ""))
+            continue
+        if not reward.get("ground_truth"):
+            rejects.append((STAGE, key, "answer missing (reward_model.ground_truth)", ""))
+            continue
+        try:
+            candidates = json.loads(reward.get("candidate_answers") or "[]")
+            if not isinstance(candidates, list):
+                raise ValueError("not a list")
+        except ValueError as exc:
+            rejects.append((STAGE, key, "candidate_answers is not a JSON list", f"{exc}"))
+            continue
+        shas, paths = [], []
+        try:
+            for img in row.get("images") or []:
+                if not img or not img.get("bytes"):
+                    raise ImageError("image entry without bytes")
+                shas.append(ws.put_image(img["bytes"], provenance={"stage": STAGE, "file": path.name}).sha256)
+                paths.append(img.get("path"))
+        except ImageError as exc:
+            rejects.append((STAGE, key, "bad image", str(exc)))
+            continue
+        provenance = {
+            "import": {
+                "file": path.name, "time": now().isoformat(), "prompt": row["prompt"],
+                "data_source": row.get("data_source"), "data_id": data_id,
+                "image_urls": row.get("image_urls"), "category": row.get("category"),
+                "image_sha256s": shas, "image_paths": paths,
+            }
+        }
+        items.append(dict(
+            item_id=item_id, source="import", question=question, answer=reward["ground_truth"],
+            aliases=[str(c) for c in candidates], image_sha256=shas[0] if shas else None,
+            provenance=json.dumps(provenance, ensure_ascii=False, default=str),
+        ))
+        splits.append(dict(item_id=item_id, split=split, provenance=json.dumps({"stage": STAGE})))
+        existing.add(item_id)
+    with ws.transaction():
+        ws.insert("items", items)
+        ws.insert("splits", splits)
+        ws.add_rejects(rejects)
+    counts["imported"] = len(items)
+    counts["rejected"] = len(rejects)
+    return counts

@@ -1,0 +1,103 @@
+"""Run the selected build stages in order, each followed by its summary table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from fvqa.config import RunConfig
+from fvqa.errors import ConfigError
+from fvqa.pipelines import STAGES, available_stages, load_stage
+from fvqa.pipelines.base import Estimate, StageContext, StageStats, execute_stage
+from fvqa.store import Workspace
+
+
+def select_stages(
+    config: RunConfig, only: Sequence[str] | None = None, until: str | None = None
+) -> list[str]:
+    """Stages to run: present in this install, enabled in config, optionally filtered."""
+    present = available_stages()
+    for name in [*(only or []), *([until] if until else [])]:
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage '{name}' (known: {', '.join(STAGES)})")
+        if name not in present:
+            raise ConfigError(f"stage '{name}' is not available in this install")
+    names = [n for n in present if load_stage(n).enabled(config) or (only and n in only)]
+    if only:
+        names = [n for n in names if n in only]
+    if until:
+        order = list(STAGES)
+        names = [n for n in names if order.index(n) <= order.index(until)]
+    return names
+
+
+def summary_table(name: str, stats: StageStats) -> Table:
+    """The per-stage summary: in, out, rejected by reason, seconds, cost."""
+    table = Table(title=f"stage {name}", title_justify="left", show_header=True)
+    for col in ("in", "out", "rejected", "seconds", "cost $", "cache hits"):
+        table.add_column(col, justify="right")
+    reasons = ", ".join(f"{r}: {n}" for r, n in stats.rejected.most_common()) or "0"
+    table.add_row(
+        str(stats.n_in), str(stats.n_out), reasons, f"{stats.extra.get('seconds', 0.0):.1f}",
+        f"{stats.cost_usd:.4f}", str(stats.cache_hits),
+    )
+    for note in stats.notes:
+        table.caption = (table.caption + "\n" if table.caption else "") + note
+    return table
+
+
+def ensure_world(config: RunConfig, console: Console) -> None:
+    """Generate the demo world if the config uses one and it is missing."""
+    world = config.world
+    if world is None or (world.path / "world.json").exists():
+        return
+    if not world.generate:
+        raise ConfigError(f"demo world not found at {world.path} and world.generate is false")
+    from fvqa.demo.world import make_world
+
+    console.print(f"generating demo world in {world.path} ...")
+    make_world(world.path, seed=world.seed, n_entities=world.n_entities)
+
+
+def run_build(
+    config: RunConfig,
+    *,
+    only: Sequence[str] | None = None,
+    until: str | None = None,
+    force: Sequence[str] = (),
+    console: Console | None = None,
+) -> dict[str, StageStats]:
+    """Run a build; re-running continues where a previous (possibly killed) run stopped."""
+    console = console or Console(stderr=True)
+    ensure_world(config, console)
+    names = select_stages(config, only, until)
+    results: dict[str, StageStats] = {}
+    with Workspace(config.workspace) as ws:
+        for name in force:
+            if name not in STAGES:
+                raise ConfigError(f"--force: unknown stage '{name}'")
+            load_stage(name).reset(ws)
+        for name in names:
+            stage = load_stage(name)
+            missing = [t for t in stage.inputs if ws.count(t) == 0]
+            if missing:
+                console.print(f"[yellow]stage {name}: skipped, no input in {', '.join(missing)}[/]")
+                continue
+            stats = execute_stage(stage, ws, config, console)
+            console.print(summary_table(name, stats))
+            results[name] = stats
+    return results
+
+
+def estimate_build(config: RunConfig, console: Console | None = None) -> dict[str, Estimate | None]:
+    """Per stage: expected paid calls, cache hits, tokens and dollars, without spending anything."""
+    console = console or Console(stderr=True)
+    out: dict[str, Estimate | None] = {}
+    with Workspace(config.workspace) as ws:
+        for name in select_stages(config):
+            stage = load_stage(name)
+            stage.prepare(ws)
+            out[name] = stage.estimate(StageContext(ws, config, stage, console=console))
+    return out

@@ -1,0 +1,307 @@
+"""The workspace: one folder holding a DuckDB catalog, a content-addressed image store and caches.
+
+DuckDB is the source of truth. Every stage writes its rows in batches inside transactions, and a
+re-run processes only keys missing from its output table (or already rejected), so a `kill -9`
+loses at most one uncommitted batch and never repeats a committed (possibly paid) call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from fvqa.errors import WorkspaceError
+from fvqa.schema import SCHEMA_VERSION
+
+DEFAULT_WORKSPACE = Path("fvqa-work")
+
+# Tables every stage may read. Stage-private tables (probe_rollouts, llm batches...) are created by
+# their own modules with `Workspace.ensure_table`.
+CORE_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS concepts (
+    concept_id VARCHAR PRIMARY KEY, entry_id BIGINT, concept VARCHAR, count BIGINT, tier VARCHAR,
+    category VARCHAR, provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS images (
+    sha256 VARCHAR PRIMARY KEY, ext VARCHAR, width INTEGER, height INTEGER, n_bytes BIGINT,
+    phash VARCHAR, provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS crawled (
+    concept_id VARCHAR PRIMARY KEY, image_sha256 VARCHAR, image_url VARCHAR, page_url VARCHAR,
+    page_title VARCHAR, page_text VARCHAR, clip_score DOUBLE, provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS items (
+    item_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, question VARCHAR NOT NULL,
+    answer VARCHAR NOT NULL, aliases VARCHAR[], answer_eval VARCHAR, question_type VARCHAR,
+    image_sha256 VARCHAR, image_url VARCHAR, page_url VARCHAR, page_title VARCHAR, concept VARCHAR,
+    concept_count BIGINT, concept_tier VARCHAR, entity_id VARCHAR, entity_text VARCHAR,
+    provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS tags (
+    item_id VARCHAR PRIMARY KEY, knowledge_type VARCHAR, knowledge_subtype VARCHAR,
+    confidence DOUBLE, provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS labels (
+    item_id VARCHAR PRIMARY KEY, search_label VARCHAR, p_direct DOUBLE, p_search DOUBLE,
+    probe_k BIGINT, probe_method VARCHAR, provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS splits (item_id VARCHAR PRIMARY KEY, split VARCHAR, provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS gold (
+    item_id VARCHAR PRIMARY KEY, status VARCHAR, answer VARCHAR, aliases VARCHAR[],
+    knowledge_type VARCHAR, search_label VARCHAR, round VARCHAR, provenance VARCHAR);
+CREATE TABLE IF NOT EXISTS rejects (
+    stage VARCHAR, key VARCHAR, reason VARCHAR, detail VARCHAR, time TIMESTAMP);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR, stage VARCHAR, config_hash VARCHAR, started_at TIMESTAMP, seconds DOUBLE,
+    n_in BIGINT, n_out BIGINT, n_rejected BIGINT, cost_usd DOUBLE, stats VARCHAR, status VARCHAR);
+"""
+
+# The dataset as users see it: items with their tags, labels, split and human decisions applied.
+# Human (gold) decisions win over pipeline values; rejected items disappear from it.
+DATASET_VIEW = """
+CREATE OR REPLACE VIEW dataset AS
+SELECT
+    i.item_id, i.source, i.question,
+    COALESCE(g.answer, i.answer) AS answer,
+    COALESCE(g.aliases, i.aliases) AS aliases,
+    i.answer_eval, i.question_type, i.image_sha256, im.ext AS image_ext, i.image_url, i.page_url,
+    i.page_title, i.concept, i.concept_count, i.concept_tier, i.entity_id, i.entity_text,
+    COALESCE(g.knowledge_type, t.knowledge_type) AS knowledge_type,
+    t.knowledge_subtype, t.confidence AS tag_confidence,
+    l.p_direct, l.p_search, l.probe_k, l.probe_method,
+    COALESCE(g.search_label, l.search_label) AS search_label,
+    COALESCE(s.split, 'unassigned') AS split,
+    COALESCE(g.status, 'unreviewed') AS annotation_status,
+    i.provenance
+FROM items i
+LEFT JOIN images im ON im.sha256 = i.image_sha256
+LEFT JOIN tags t USING (item_id)
+LEFT JOIN labels l USING (item_id)
+LEFT JOIN splits s USING (item_id)
+LEFT JOIN gold g USING (item_id)
+WHERE COALESCE(g.status, '') <> 'rejected'
+"""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A stored image: its content hash, file extension and absolute path."""
+
+    sha256: str
+    ext: str
+    path: Path
+    width: int
+    height: int
+
+
+class ImageError(ValueError):
+    """Bytes that are not a decodable image (the reason goes into `rejects`)."""
+
+
+def now() -> datetime:
+    """Current UTC time without tzinfo (DuckDB TIMESTAMP)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def sniff_image(data: bytes) -> tuple[str, int, int]:
+    """Return (ext, width, height) from the bytes themselves, never from a header or file name."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "").lower()
+            width, height = im.size
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"not a decodable image ({exc.__class__.__name__}: {exc})") from exc
+    except Image.DecompressionBombError as exc:  # pragma: no cover - subclass of Exception only
+        raise ImageError(f"decompression bomb: {exc}") from exc
+    ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
+    if not ext:
+        raise ImageError("unknown image format")
+    return ext, width, height
+
+
+class Workspace:
+    """One run folder: `fvqa.duckdb`, `images/`, `cache/`, `exports/`."""
+
+    def __init__(self, root: Path | str = DEFAULT_WORKSPACE, *, read_only: bool = False) -> None:
+        self.root = Path(root).resolve()
+        self.read_only = read_only
+        if read_only and not (self.root / "fvqa.duckdb").exists():
+            raise WorkspaceError(f"no workspace at {self.root} (fvqa.duckdb missing); run `fvqa build` first")
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in ("images", "cache", "exports"):
+            (self.root / sub).mkdir(exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.root / "fvqa.duckdb"), read_only=read_only)
+        except duckdb.IOException as exc:
+            raise WorkspaceError(
+                f"cannot open workspace {self.root}: {str(exc).splitlines()[0]} "
+                "(is another fvqa process using it?)"
+            ) from exc
+        self._in_tx = False
+        self._keyed: dict[str, bool] = {}
+        if not read_only:
+            self.execute(CORE_DDL)
+        self._check_version()
+        if not read_only:
+            self.execute(DATASET_VIEW)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the DuckDB connection (checkpointing the WAL)."""
+        self.con.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_version(self) -> None:
+        row = next(iter(self.execute("SELECT value FROM meta WHERE key = 'schema_version'")), None)
+        if row is None:
+            if not self.read_only:
+                self.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            return
+        found = int(row[0])
+        if found > SCHEMA_VERSION:
+            raise WorkspaceError(
+                f"workspace {self.root} was created by a newer fvqa (schema v{found}; this fvqa reads "
+                f"up to v{SCHEMA_VERSION}): upgrade fvqa or use another --workspace"
+            )
+
+    # -- paths -----------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        """Where LLM and search caches live (survive re-runs; never hold secrets)."""
+        return self.root / "cache"
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where `fvqa export` writes."""
+        return self.root / "exports"
+
+    def image_path(self, sha256: str, ext: str) -> Path:
+        """Content-addressed location `images/ab/<sha256>.<ext>`."""
+        return self.root / "images" / sha256[:2] / f"{sha256}.{ext}"
+
+    def find_image(self, sha256: str) -> Path:
+        """Path of a stored image by hash (extension looked up in the catalog)."""
+        row = next(iter(self.execute("SELECT ext FROM images WHERE sha256 = ?", [sha256])), None)
+        if row is None:
+            raise KeyError(f"image {sha256} not in workspace")
+        return self.image_path(sha256, row[0])
+
+    # -- images ----------------------------------------------------------------------------
+    def put_image(self, data: bytes, *, provenance: dict[str, Any] | None = None) -> ImageRef:
+        """Store image bytes once by content hash (atomic write) and record them in `images`."""
+        ext, width, height = sniff_image(data)
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.image_path(sha, ext)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        self.execute(
+            "INSERT OR IGNORE INTO images (sha256, ext, width, height, n_bytes, provenance) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [sha, ext, width, height, len(data), json.dumps(provenance or {})],
+        )
+        return ImageRef(sha, ext, path, width, height)
+
+    # -- rows ------------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All-or-nothing write; nested use joins the outer transaction."""
+        if self._in_tx:
+            yield
+            return
+        self.execute("BEGIN TRANSACTION")
+        self._in_tx = True
+        try:
+            yield
+        except BaseException:
+            self.execute("ROLLBACK")
+            raise
+        else:
+            self.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    def ensure_table(self, ddl: str) -> None:
+        """Create a stage-private table (`CREATE TABLE IF NOT EXISTS ...`)."""
+        self.execute(ddl)
+
+    def execute(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run a statement and drain its result (DuckDB 2 refuses new work while one is pending)."""
+        return self.con.execute(sql, params or []).fetchall()
+
+    def insert(self, table: str, rows: Sequence[dict[str, Any]], *, replace: bool = False) -> int:
+        """Insert rows by column name; rows whose key already exists are ignored (or replaced)."""
+        if not rows:
+            return 0
+        arrow = pa.Table.from_pylist(list(rows))
+        name = f"_ins_{table}"
+        self.con.register(name, arrow)
+        try:
+            if not self._has_key(table):
+                verb = "INSERT"
+            else:
+                verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            self.execute(f"{verb} INTO {table} BY NAME SELECT * FROM {name}")
+        finally:
+            self.con.unregister(name)
+        return len(rows)
+
+    def _has_key(self, table: str) -> bool:
+        if table not in self._keyed:
+            rows = self.execute(
+                "SELECT count(*) FROM duckdb_constraints() WHERE table_name = ? "
+                "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')", [table]
+            )
+            self._keyed[table] = bool(rows[0][0])
+        return self._keyed[table]
+
+    def keys(self, table: str, column: str) -> set[str]:
+        """All values of a key column (used to skip work already done)."""
+        return {r[0] for r in self.execute(f"SELECT {column} FROM {table}")}
+
+    def rejected_keys(self, stage: str) -> set[str]:
+        """Keys a stage has already rejected (not retried on re-run unless forced)."""
+        rows = self.execute("SELECT DISTINCT key FROM rejects WHERE stage = ?", [stage])
+        return {r[0] for r in rows}
+
+    def reject(self, stage: str, key: str, reason: str, detail: str = "") -> None:
+        """Record a dropped input with a reason a person understands."""
+        self.add_rejects([(stage, key, reason, detail)])
+
+    def add_rejects(self, rejects: Iterable[tuple[str, str, str, str]]) -> None:
+        """Record many rejects at once."""
+        rows = [dict(stage=s, key=k, reason=r, detail=d[:4000], time=now()) for s, k, r, d in rejects]
+        if rows:
+            self.insert("rejects", rows)
+
+    def count(self, table: str) -> int:
+        """Row count of a table (0 if it does not exist)."""
+        try:
+            return int(self.execute(f"SELECT count(*) FROM {table}")[0][0])
+        except duckdb.CatalogException:
+            return 0
+
+    def tables(self) -> list[str]:
+        """Names of all tables in the catalog."""
+        rows = self.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1"
+        )
+        return [r[0] for r in rows]

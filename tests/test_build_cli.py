@@ -1,0 +1,116 @@
+"""End-to-end: the CLI builds the demo, survives SIGKILL, and reports bad input as exit code 2."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fvqa.store import Workspace
+
+from conftest import FVQA, REPO
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FVQA, *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=600)
+
+
+def _native_rows(ws: Path) -> list[dict]:
+    rows = pq.read_table(ws / "exports" / "native" / "fvqa_items.parquet").to_pylist()
+    for row in rows:  # wall-clock times differ between runs; everything else must not
+        prov = json.loads(row["provenance"])
+        for stage in prov.values():
+            if isinstance(stage, dict):
+                stage.pop("time", None)
+        row["provenance"] = prov
+    return sorted(rows, key=lambda r: r["item_id"])
+
+
+def test_demo_build_writes_three_exports(demo_config: Path, tmp_path: Path):
+    res = _run("build", "--config", str(demo_config))
+    assert res.returncode == 0, res.stderr
+    ws = tmp_path / "ws"
+    assert "build finished" in res.stdout
+    native = _native_rows(ws)
+    assert len(native) > 100
+    assert all(r["image_sha256"] and (ws / "images" / r["image_sha256"][:2]).is_dir() for r in native)
+    upstream = list((ws / "exports" / "upstream").glob("*.parquet"))
+    assert upstream and pq.read_table(upstream[0]).column_names[:5] == [
+        "prompt", "images", "reward_model", "data_source", "image_urls"]
+    card = (ws / "exports" / "hf" / "README.md").read_text()
+    assert card.startswith("---") and f"Items: {len(native)}" in card
+    # the demo's planted bad inputs are visible as rejects with reasons
+    status = _run("status", "--workspace", str(ws))
+    assert status.returncode == 0, status.stderr
+    assert "bad JSON line" in status.stdout and "missing image" in status.stdout
+    sql = _run("sql", "SELECT count(*) AS n FROM dataset", "--workspace", str(ws), "--json")
+    assert json.loads(sql.stdout)["n"] == len(native)
+
+
+def test_sigkill_mid_stage_then_rerun_equals_uninterrupted_build(demo_config: Path, tmp_path: Path):
+    clean = _run("build", "--config", str(demo_config), "--workspace", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+    expected = _native_rows(tmp_path / "clean")
+
+    killed_ws = tmp_path / "killed"
+    proc = subprocess.Popen([*FVQA, "build", "--config", str(demo_config), "--workspace", str(killed_ws),
+                             "--set", "batch_size=8"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the item stage has stored some images, then kill
+        if len(list((killed_ws / "images").glob("*/*"))) >= 40:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with Workspace(killed_ws) as ws:
+        partial = ws.count("items")
+        assert ws.count("runs") == 0 or "export" not in {r[0] for r in ws.execute("SELECT stage FROM runs")}
+    assert 0 < partial < len(expected), "the kill should land mid-stage"
+
+    resumed = _run("build", "--config", str(demo_config), "--workspace", str(killed_ws))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _native_rows(killed_ws) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("crawl:\n  max_sid: 3\n", "unknown key 'crawl.max_sid'"),
+        ("crawl: [1,\n", "malformed YAML"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path: Path, content: str, message: str):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(content)
+    res = _run("build", "--config", str(cfg), "--workspace", str(tmp_path / "ws"))
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "ws").exists(), "nothing half-written"
+
+
+def test_missing_inputs_and_newer_workspace_exit_2(tmp_path: Path):
+    res = _run("build", "--config", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "config file not found" in res.stderr
+    res = _run("build", "--workspace", str(tmp_path / "ws"), "--set", f"infoseek.jsonl={tmp_path}/x.jsonl")
+    assert res.returncode == 2 and "infoseek.jsonl not found" in res.stderr
+    with Workspace(tmp_path / "old") as ws:
+        ws.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    res = _run("status", "--workspace", str(tmp_path / "old"))
+    assert res.returncode == 2 and "newer fvqa" in res.stderr
+    res = _run("status", "--workspace", str(tmp_path / "none"))
+    assert res.returncode == 2 and "no workspace" in res.stderr
+
+
+def test_config_show_redacts_and_help_lists_commands(demo_config: Path):
+    res = _run("config", "show", "--config", str(demo_config))
+    assert res.returncode == 0, res.stderr
+    assert "infoseek:" in res.stdout and "per_entity: 2" in res.stdout
+    helptext = _run("--help").stdout
+    for cmd in ("build", "status", "sql", "export", "import-upstream", "demo"):
+        assert cmd in helptext
