@@ -364,6 +364,17 @@ def opening_user_text(prompt: str, question: str) -> str:
     return prompt + question.strip()
 
 
+def rag_query_user_text(prompt: str, question: str, image_results: str) -> str:
+    """First user message of the fixed RAG workflow (paper App. D.5): prompt, question, then the
+    image-search results that the workflow always fetches, in the same ``<information>`` wrapper."""
+    return (
+        opening_user_text(prompt, question)
+        + "\nSearched results: <information>"
+        + image_results
+        + "</information>"
+    )
+
+
 def tool_response_text(result_text: str, question: str, follow_up: str) -> str:
     """Next user turn after a tool call, exactly as upstream's rollout builds it.
 

@@ -7,6 +7,8 @@ import os
 import pickle
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from fvqa.protocol import (
@@ -27,6 +29,7 @@ from fvqa.protocol import (
     next_action,
     opening_user_text,
     parse_turn,
+    rag_query_user_text,
     render_image_results,
     render_text_results,
     to_content_parts,
@@ -37,6 +40,20 @@ from fvqa.protocol import (
 ANS = "<reason>I know this tower.</reason><answer>Eiffel Tower</answer>"
 IMG = "<reason>Not sure what this is.</reason><search><img></search>"
 TXT = "<reason>Need the year.</reason><text_search>Eiffel Tower opening year</text_search>"
+_TAG_SOUP = (
+    "<reason>",
+    "</reason>",
+    "<answer>",
+    "</answer>",
+    "<search><img></search>",
+    "<text_search>",
+    "</text_search>",
+    "x",
+    " ",
+    "\n",
+    "<",
+    ">",
+)
 
 
 def _png(color: tuple[int, int, int]) -> bytes:
@@ -372,3 +389,28 @@ def test_missing_prompt_paths_give_clear_errors(tmp_path) -> None:
     odd.write_bytes(pickle.dumps("x"))
     with pytest.raises(PromptFileError, match="cannot tell which prompt"):
         load_prompts(odd)
+
+
+def test_rag_first_turn_carries_question_and_image_results() -> None:
+    p = load_prompts()
+    text, images = render_image_results(
+        [ImageHit("Eiffel Tower", "u", _png((1, 2, 3)))], placeholder="<image>"
+    )
+    msg = rag_query_user_text(p.rag_query, "Who designed it?", text)
+    assert msg.count("<image>") == 2 == len(images) + 1  # the user's image and one thumbnail
+    assert msg.endswith("title: Eiffel Tower\n</information>")
+    assert "Who designed it?\nSearched results: <information>[Image Search Results]" in msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_TAG_SOUP), max_size=12).map("".join), max_size=5))
+def test_parsing_and_format_checks_never_crash(pieces: list[str]) -> None:
+    for piece in pieces:
+        turn = parse_turn(piece)
+        assert turn.kind in {"answer", "image_search", "text_search", "invalid"}
+        assert (turn.kind == "invalid") == (turn.problem is not None)
+    for rule in ("upstream", "limits"):
+        res = trajectory_format(pieces, rule)
+        assert res.ok or res.problem
+    if pieces:
+        assert next_action(pieces).kind in {"image_search", "text_search", "stop"}
