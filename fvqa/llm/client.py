@@ -1,0 +1,411 @@
+"""One async client for any OpenAI-compatible chat endpoint (OpenAI, vLLM, SGLang...).
+
+Built on httpx rather than the `openai` SDK: the SDK's retry loop would have to be switched off
+anyway (we retry across endpoints, honour Retry-After and cache errors by class), we need the raw
+reply body for the cache, and five endpoints of a stable wire format are less churn than an SDK
+whose major versions move fast. Tests check wire compatibility with the official `openai` client.
+
+Every request goes: cache -> (miss) encode images -> pick a healthy endpoint -> bounded send with
+per-request timeout -> retry transient failures with exponential backoff -> cache the outcome
+(replies, and deterministic errors) -> record it in the cost ledger. Failures come back as a
+`LLMResult` with `ok=False` and a human-readable `error`; they never raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fvqa.llm.cache import ResponseCache, request_key
+from fvqa.llm.config import Endpoint, LLMConfig
+from fvqa.llm.images import BadImageError, DataUrlEncoder, has_images, messages_for_key
+from fvqa.llm.ledger import CostLedger
+
+KIND = "openai-chat"
+CACHEABLE_STATUS = frozenset({400, 404, 413, 422})  # the same request will fail the same way
+RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
+MAX_RETRY_AFTER_S = 300.0
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass
+class LLMResult:
+    """The outcome of one logical request (after cache and retries)."""
+
+    ok: bool
+    key: str
+    text: str | None = None
+    body: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+    error_class: str | None = None  # e.g. http_400, http_429, timeout, connection, bad_response, bad_image
+    error: str | None = None
+    attempts: int = 0
+
+    @classmethod
+    def from_body(cls, key: str, body: dict[str, Any], *, cached: bool, attempts: int = 0) -> LLMResult:
+        choice = body["choices"][0]
+        usage = body.get("usage") or {}
+        return cls(
+            ok=True,
+            key=key,
+            text=choice.get("message", {}).get("content") or "",
+            body=body,
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached=cached,
+            attempts=attempts,
+        )
+
+
+class _Failure(Exception):
+    """One failed attempt, classified."""
+
+    def __init__(self, error_class: str, message: str, *, retry: bool, retry_after: float | None = None):
+        super().__init__(message)
+        self.error_class = error_class
+        self.retry = retry
+        self.retry_after = retry_after
+
+
+class _EndpointState:
+    """An endpoint, its HTTP pool and its health."""
+
+    def __init__(self, endpoint: Endpoint, key: str | None) -> None:
+        self.endpoint = endpoint
+        self.key = key
+        self.http: httpx.AsyncClient | None = None
+        self.down_until = 0.0  # unhealthy: skipped while another endpoint is healthy
+        self.not_before = 0.0  # Retry-After: nobody sends here before this time
+        self.failures = 0
+
+
+def valid_body(body: Any) -> bool:
+    """A chat completion with at least one choice carrying a message."""
+    try:
+        return isinstance(body["choices"][0]["message"], dict)
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def parse_retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or HTTP date)."""
+    if ms := headers.get("retry-after-ms"):
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+class LLMClient:
+    """Async client over one or more endpoints; use `async with LLMClient(...) as llm:`.
+
+    `stage` names the ledger row the calls are billed to. Set `retry_cached_errors` to resend
+    requests whose deterministic error is cached (e.g. after fixing the endpoint)."""
+
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        cache_dir: Path | str,
+        *,
+        ledger: CostLedger | None = None,
+        stage: str = "llm",
+        retry_cached_errors: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.cache = ResponseCache(cache_dir)
+        self.ledger = ledger if ledger is not None else CostLedger()
+        self.stage = stage
+        self.retry_cached_errors = retry_cached_errors
+        self.encoder = DataUrlEncoder(cfg.image_max_side)
+        self._eps = [_EndpointState(ep, ep.api_key()) for ep in cfg.endpoints]  # ConfigError if unset
+        self._rr = itertools.count()
+        self._sem = asyncio.Semaphore(cfg.max_concurrency)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> LLMClient:
+        self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _open(self) -> None:
+        """Create pools for the running loop (a client may be used by successive `asyncio.run`s)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+            for ep in self._eps:
+                ep.http = None  # a pool from a closed loop cannot be reused
+        limits = httpx.Limits(
+            max_connections=self.cfg.max_concurrency, max_keepalive_connections=self.cfg.max_concurrency
+        )
+        timeout = httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
+        for ep in self._eps:
+            if ep.http is None:
+                headers = {"Authorization": f"Bearer {ep.key}"} if ep.key else {}
+                ep.http = httpx.AsyncClient(
+                    base_url=ep.endpoint.base_url, headers=headers, limits=limits, timeout=timeout
+                )
+
+    async def aclose(self) -> None:
+        for ep in self._eps:
+            if ep.http is not None:
+                await ep.http.aclose()
+                ep.http = None
+
+    # -- keys and cache ---------------------------------------------------------------------------
+
+    def request_params(self, messages: Messages, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Every body field besides model/messages; they all enter the cache key."""
+        out: dict[str, Any] = {
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+            **self.cfg.extra_body,
+            **params,
+        }
+        return out
+
+    def key_for(self, messages: Messages, **params: Any) -> str:
+        """The cache key of a request (images by content hash; max side matters when images are present)."""
+        body_params = self.request_params(messages, params)
+        key_params = dict(body_params)
+        if has_images(messages):
+            key_params["_image_max_side"] = self.cfg.image_max_side
+        return request_key(KIND, self.cfg.model, messages_for_key(messages), key_params)
+
+    def cached_count(self, requests: list[Messages], **params: Any) -> int:
+        """How many of these requests would be served from the cache (for `--estimate`)."""
+        return sum(self.cache.has(self.key_for(m, **params)) for m in requests)
+
+    def lookup(self, key: str) -> LLMResult | None:
+        """A cached outcome as a result, honouring `retry_cached_errors`."""
+        hit = self.cache.get(key)
+        if hit is None or (not hit.ok and self.retry_cached_errors):
+            return None
+        if hit.ok and valid_body(hit.body):
+            return LLMResult.from_body(key, hit.body or {}, cached=True)
+        if hit.ok:
+            return None  # unreadable stored body: ask again
+        return LLMResult(ok=False, key=key, cached=True, error_class=hit.error_class, error=hit.error)
+
+    def record(self, res: LLMResult, *, batch: bool = False) -> LLMResult:
+        """Bill one result to this client's stage."""
+        usd = self.cfg.price.usd(res.prompt_tokens, res.completion_tokens, batch=batch)
+        self.ledger.record(
+            self.stage,
+            "llm",
+            usd=usd,
+            prompt_tokens=res.prompt_tokens,
+            completion_tokens=res.completion_tokens,
+            cached=res.cached,
+            failed=not res.ok and not res.cached,
+            retries=max(0, res.attempts - 1),
+        )
+        return res
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def wire_payload(self, messages: Messages, **params: Any) -> dict[str, Any]:
+        """The JSON body sent to /chat/completions (images as resized data URLs)."""
+        wire = (
+            await asyncio.to_thread(self.encoder.wire_messages, messages)
+            if has_images(messages)
+            else messages
+        )
+        return {"model": self.cfg.model, "messages": wire, **self.request_params(messages, params)}
+
+    async def complete(self, messages: Messages, **params: Any) -> LLMResult:
+        """One chat completion: from the cache if answered before, else from an endpoint."""
+        key = self.key_for(messages, **params)
+        if (hit := self.lookup(key)) is not None:
+            return self.record(hit)
+        try:
+            payload = await self.wire_payload(messages, **params)
+        except BadImageError as exc:
+            return self.record(LLMResult(ok=False, key=key, error_class="bad_image", error=str(exc)))
+        return self.record(await self._send(key, payload))
+
+    async def stream(
+        self, requests: Mapping[str, Messages], *, window: int | None = None, **params: Any
+    ) -> AsyncIterator[tuple[str, LLMResult]]:
+        """Yield `(id, result)` as each finishes, so a stage commits progressively and one slow call
+        never holds the rest. At most `window` (default 4 x max_concurrency) tasks exist at a time."""
+        window = window or 4 * self.cfg.max_concurrency
+        items = iter(requests.items())
+        pending: dict[asyncio.Task[LLMResult], str] = {}
+
+        def fill() -> None:
+            for rid, messages in itertools.islice(items, window - len(pending)):
+                pending[asyncio.ensure_future(self.complete(messages, **params))] = rid
+
+        fill()
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield pending.pop(task), task.result()
+                fill()
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def complete_many(self, requests: Mapping[str, Messages], **params: Any) -> dict[str, LLMResult]:
+        return {rid: res async for rid, res in self.stream(requests, **params)}
+
+    async def health(self) -> dict[str, str | None]:
+        """GET /models on every endpoint: base_url -> None if healthy, else the reason."""
+        self._open()
+        out: dict[str, str | None] = {}
+        for ep in self._eps:
+            assert ep.http is not None
+            try:
+                resp = await ep.http.get("/models", timeout=min(10.0, self.cfg.timeout_s))
+                out[ep.endpoint.base_url] = None if resp.status_code == 200 else f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                out[ep.endpoint.base_url] = f"{type(exc).__name__}: {exc}"
+            if out[ep.endpoint.base_url] is not None:
+                ep.down_until = time.monotonic() + self.cfg.health_cooldown_s
+        return out
+
+    def _pick(self) -> tuple[_EndpointState, float]:
+        """Round-robin over endpoints: prefer healthy ones; respect Retry-After; else wait."""
+        now = time.monotonic()
+        start = next(self._rr)
+        order = [self._eps[(start + i) % len(self._eps)] for i in range(len(self._eps))]
+        for ep in order:
+            if ep.not_before <= now and ep.down_until <= now:
+                return ep, 0.0
+        for ep in order:
+            if ep.not_before <= now:
+                return ep, 0.0  # all unhealthy: try anyway (backoff already spaced us out)
+        ep = min(order, key=lambda e: e.not_before)
+        return ep, ep.not_before - now
+
+    async def _send(self, key: str, payload: dict[str, Any]) -> LLMResult:
+        self._open()
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        attempts = 0
+        failure: _Failure | None = None
+        for attempt in range(self.cfg.max_retries + 1):
+            ep, wait = self._pick()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            attempts += 1
+            try:
+                async with self._sem:
+                    reply = await self._attempt(ep, body)
+            except _Failure as exc:
+                failure = exc
+                if (
+                    exc.error_class == "timeout"
+                    or exc.error_class == "connection"
+                    or exc.error_class.startswith("http_5")
+                ):
+                    ep.failures += 1
+                    ep.down_until = time.monotonic() + self.cfg.health_cooldown_s
+                if exc.retry_after is not None:
+                    ep.not_before = time.monotonic() + min(exc.retry_after, MAX_RETRY_AFTER_S)
+                if not exc.retry or attempt == self.cfg.max_retries:
+                    break
+                delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            ep.failures = 0
+            ep.down_until = 0.0
+            self.cache.put_ok(key, reply, self.cfg.model)
+            return LLMResult.from_body(key, reply, cached=False, attempts=attempts)
+        assert failure is not None
+        message = str(failure)
+        if failure.retry:
+            message += f" (gave up after {attempts} attempts)"
+        elif failure.error_class.startswith("http_") and int(failure.error_class[5:]) in CACHEABLE_STATUS:
+            self.cache.put_error(key, failure.error_class, message, self.cfg.model)
+        return LLMResult(ok=False, key=key, error_class=failure.error_class, error=message, attempts=attempts)
+
+    async def _attempt(self, ep: _EndpointState, body: bytes) -> dict[str, Any]:
+        """One HTTP round trip, classified into a reply body or a `_Failure`."""
+        assert ep.http is not None
+        where = ep.endpoint.base_url
+        try:
+            resp = await asyncio.wait_for(
+                ep.http.post("/chat/completions", content=body, headers={"Content-Type": "application/json"}),
+                timeout=self.cfg.timeout_s,
+            )
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise _Failure(
+                "timeout", f"no reply from {where} within {self.cfg.timeout_s:g} s", retry=True
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise _Failure("connection", f"cannot reach {where}: {type(exc).__name__}", retry=True) from exc
+        status = resp.status_code
+        if status == 200:
+            try:
+                reply = resp.json()
+            except ValueError as exc:
+                raise _Failure(
+                    "bad_response", f"{where} replied with non-JSON: {resp.text[:200]!r}", retry=True
+                ) from exc
+            if not valid_body(reply):
+                raise _Failure(
+                    "bad_response", f"{where} replied without choices: {resp.text[:200]!r}", retry=True
+                )
+            return reply
+        if status in (401, 403):
+            env = ep.endpoint.api_key_env or "(no key configured)"
+            raise _Failure(
+                f"http_{status}", f"{where} rejected the API key from {env} (HTTP {status})", retry=False
+            )
+        detail = self._redact(ep, _error_detail(resp))
+        message = f"HTTP {status} from {where}: {detail}"
+        retry = status in RETRY_STATUS or status >= 500
+        raise _Failure(f"http_{status}", message, retry=retry, retry_after=parse_retry_after(resp.headers))
+
+    @staticmethod
+    def _redact(ep: _EndpointState, text: str) -> str:
+        return text.replace(ep.key, "***") if ep.key else text
+
+    async def complete_json(self, messages: Messages, model_cls: Any, **params: Any) -> Any:
+        """See `fvqa.llm.structured.complete_json`."""
+        from fvqa.llm.structured import complete_json
+
+        return await complete_json(self, messages, model_cls, **params)
+
+
+def _error_detail(resp: httpx.Response) -> str:
+    """The server's error message (OpenAI shape `{"error": {"message": ...}}`) or the start of the body."""
+    try:
+        data = resp.json()
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            return str(data["error"].get("message") or data["error"])[:500]
+        return json.dumps(data)[:500]
+    except ValueError:
+        return resp.text[:200] or "(empty body)"
