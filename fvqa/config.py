@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fvqa.errors import ConfigError
+from fvqa.llm.config import LLMConfig
 
 
 class Section(BaseModel):
@@ -101,12 +102,14 @@ class LLMSection(Section):
 
 
 class GenerateConfig(Section):
-    """Question generation for crawled visual concepts."""
+    """Question generation for crawled visual concepts (paper App. D.1 rules, enforced in code)."""
 
     enabled: bool = True
     backend: Literal["template", "llm"] = "template"
-    llm: LLMSection | None = None
-    prompt_path: Path | None = None
+    llm: LLMConfig | None = None  # backend llm; None: GPT-4o at api.openai.com with OPENAI_API_KEY
+    prompt_path: Path | None = None  # own prompt text with {concept}, {page_title}, {page_text}
+    max_answer_words: int = Field(12, ge=1)
+    send_image: bool = True  # attach the crawled image to the prompt
 
 
 class InfoseekConfig(Section):
@@ -118,8 +121,12 @@ class InfoseekConfig(Section):
     qtype: Path | None = None
     image_dir: Path | None = None
     image_pattern: str = "{image_id}.jpg"
-    n: int = 7_000
-    per_entity: int = 3
+    n: int = Field(7_000, ge=0)
+    per_entity: int = Field(3, ge=1)
+    # strata sampled evenly; knowledge_type comes from `knowledge_types` or a MiniLM pre-tag of entity_text
+    stratify: list[Literal["question_type", "knowledge_type"]] = Field(
+        default_factory=lambda: ["question_type", "knowledge_type"])
+    knowledge_types: Path | None = None  # jsonl/csv with entity_id and knowledge_type columns
     seed: int = 0
 
 
@@ -128,31 +135,73 @@ class TagConfig(Section):
 
     enabled: bool = True
     backend: Literal["minilm", "llm"] = "minilm"
-    llm: LLMSection | None = None
-    taxonomy: dict[str, str] | None = None  # type -> one-line definition; default: built-in
+    llm: LLMConfig | None = None  # backend llm; None: GPT-4o at api.openai.com with OPENAI_API_KEY
+    taxonomy: dict[str, str] | None = None  # type -> one-line definition; default: the paper's eight
+    subtypes: dict[str, dict[str, str]] | None = None  # optional level 2: type -> {subtype: definition}
 
 
 class ProbeConfig(Section):
-    """Search-need probing (k rollouts with and without search)."""
+    """Search-need probing: k rollouts with search and k direct per item, or the popularity prior.
+
+    `popularity` (offline default) labels from MetaCLIP counts and says so in every row
+    (`probe_method='popularity-prior'`); the model backends run the search agent (fvqa.agent).
+    """
 
     enabled: bool = True
     backend: Literal["popularity", "openai", "transformers", "vllm"] = "popularity"
-    k: int = 8
-    llm: LLMSection | None = None
-    model_path: Path | None = None
+    k: int = Field(8, ge=1)
+    llm: Any = None  # openai backend: fvqa.llm.config.LLMConfig (endpoints, model, ...)
+    model_path: Path | None = None  # transformers / vllm backends: a local model folder or hub id
+    device: str = "cpu"  # transformers backend
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(1.0, ge=0)  # paper: sampled rollouts
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompts: list[Path] | None = None  # prompt files/folders (fvqa.protocol.load_prompts)
+    max_rounds: int = Field(3, ge=1)
+    max_image_search: int = Field(1, ge=0)
+    max_text_search: int = Field(2, ge=0)
+    # popularity prior: head concepts (>= head_threshold matches) are search-free; fact questions on
+    # torso concepts (>= torso_threshold) need text search, on tail concepts image + text search
+    head_threshold: int = 20_000
+    torso_threshold: int = 1_000
+    counts_path: Path | None = None  # MetaCLIP entry counts json; default: concepts.counts_path / world
     seed: int = 0
+
+    @field_validator("llm", mode="before")
+    @classmethod
+    def _llm_config(cls, v: Any) -> Any:
+        from fvqa.llm.config import LLMConfig  # lazy: the LLM layer is only needed by this backend
+
+        return None if v is None else LLMConfig.model_validate(v)
 
 
 class SplitConfig(Section):
-    """Balancing and leakage-free train/test split."""
+    """Balancing and leakage-free train/test split (defaults: the paper's FVQA-train/test sizes)."""
 
     enabled: bool = True
-    train_size: int = 5_000
-    train_search_required: int = 3_400
-    train_search_free: int = 1_600
-    test_size: int = 1_800
-    phash_distance: int = 4
+    train_size: int = Field(5_000, ge=0)
+    train_search_required: int = Field(3_400, ge=0)
+    train_search_free: int = Field(1_600, ge=0)
+    train_sources: list[str] | None = None  # None: every source may go to train
+    test_per_source: dict[str, int] = Field(
+        default_factory=lambda: {"metaclip": 600, "infoseek": 600, "manual": 600}
+    )
+    strata: list[Literal["knowledge_type", "source"]] = Field(
+        default_factory=lambda: ["knowledge_type", "source"]
+    )
+    question_key: Literal["question_answer", "question"] = "question_answer"
+    phash_distance: int = 4  # near-duplicate images: Hamming distance <= this (-1: off)
+    contamination_files: list[Path] = Field(default_factory=list)  # benchmark jsonl/json/parquet/csv
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _train_sum(self) -> SplitConfig:
+        if self.train_search_required + self.train_search_free != self.train_size:
+            raise ValueError(
+                f"train_search_required ({self.train_search_required}) + train_search_free "
+                f"({self.train_search_free}) must equal train_size ({self.train_size})"
+            )
+        return self
 
 
 class ExportConfig(Section):
