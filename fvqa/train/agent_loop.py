@@ -1,0 +1,263 @@
+"""The MMSearch-R1 rollout as a veRL agent loop (``fvqa_search_agent``).
+
+Why our own ``AgentLoopBase`` subclass rather than veRL's ``ToolAgentLoop`` with a custom parser:
+the upstream protocol does not fit the tool-message shape that loop is built around.
+
+* Tool results come back as a *user* turn (``Searched results: <information>...</information>``,
+  the original question and a follow-up prompt), not as ``role: tool`` messages; released
+  checkpoints were trained on exactly this text.
+* Image-search results interleave up to five thumbnails with their titles at fixed places in the
+  text; ``ToolAgentLoop`` puts all images first and truncates the text at
+  ``max_tool_response_length`` characters (256 by default), which would cut results mid-way and
+  could separate a placeholder from its image.
+* The limits are protocol rules (image search once and only in round 1, text search twice, three
+  rounds, a call in the last round ends the trajectory), decided by ``fvqa.protocol.next_action`` -
+  the same function the probe and eval workflows use - not by turn counters.
+* The reward needs the exact assistant turns, which we hand over in ``extra_fields``.
+
+Tokens are built with veRL's Continuous Token builder (the same code path ``ToolAgentLoop`` uses),
+so the prompt the rollout engine sees is exactly what the trainer re-tokenises: model tokens get
+mask 1; tool turns, the ``<|im_end|>`` that closes a turn stopped at a search tag, and boundary
+tokens get mask 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
+from verl.utils.profiler import simple_timer
+
+from fvqa.errors import ConfigError
+from fvqa.protocol import (
+    IMAGE_SEARCH_TAG,
+    QWEN_IMAGE_PAD,
+    TEXT_SEARCH_CLOSE,
+    Limits,
+    load_prompts,
+    next_action,
+    parse_turn,
+    render_image_results,
+    to_content_parts,
+    tool_response_text,
+)
+from fvqa.train.tools import (
+    SearchClient,
+    ToolResult,
+    image_bytes,
+    run_image_search,
+    run_text_search,
+    search_client_for,
+)
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+
+AGENT_NAME = "fvqa_search_agent"
+STOP_STRINGS = ("</search>", TEXT_SEARCH_CLOSE)
+"""Generation stops right after a search tag so the tool runs before the model goes on."""
+
+
+class LoopSettings(BaseModel):
+    """The ``fvqa:`` section of the training config (veRL ignores keys it does not know)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    search_url: str = "http://127.0.0.1:8765"
+    search_timeout_s: float = Field(120.0, gt=0)
+    image_search_topk: int = Field(5, ge=1)
+    text_search_topk: int = Field(5, ge=1)
+    limits: Limits = Field(default_factory=Limits)
+    prompts: str | list[str] | None = None
+    max_tokens_per_turn: int = Field(2048, ge=1)
+    thumbnail_max_pixels: int = Field(256 * 28 * 28, ge=28 * 28)
+    close_turn_token: str | None = "<|im_end|>"
+    # Extra sampling parameters that make the engine stop after a search tag (vLLM names).
+    stop_sampling_params: dict[str, Any] = Field(
+        default_factory=lambda: {"stop": list(STOP_STRINGS), "include_stop_str_in_output": True}
+    )
+
+    @classmethod
+    def from_trainer_config(cls, config: DictConfig | dict[str, Any] | None) -> LoopSettings:
+        """Validate ``config.fvqa``; a typo is an error naming the key, not a silent default."""
+        section = (config or {}).get("fvqa") if config is not None else None
+        if section is None:
+            return cls()
+        data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid `fvqa:` section in the training config: {exc}") from exc
+
+
+def _question_from(kwargs: dict[str, Any]) -> str:
+    """The item's question: ``extra_info.question`` (written by prepare), else the first user text."""
+    extra = kwargs.get("extra_info") or {}
+    if extra.get("question"):
+        return str(extra["question"])
+    for msg in kwargs.get("raw_prompt") or []:
+        if msg.get("role") != "user":
+            continue
+        content = msg.get("content")
+        if isinstance(content, str):
+            return content
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _user_image(messages: list[dict[str, Any]], images: list[Any]) -> bytes | None:
+    """The user's image as bytes for image search: the stored bytes when present (stable cache key)."""
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    try:
+                        return image_bytes(part)
+                    except TypeError:
+                        break
+    return image_bytes(images[0]) if images else None
+
+
+@register(AGENT_NAME)
+class FvqaSearchAgentLoop(AgentLoopBase):
+    """One multi-turn search trajectory: generate, run the called tool, feed results back, repeat."""
+
+    def __init__(
+        self, *args: Any, tools: Any = None, search_client: SearchClient | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        del tools  # veRL passes its own tool list to every loop; ours are the search service's.
+        self.settings = LoopSettings.from_trainer_config(self.config)
+        prompts = self.settings.prompts
+        self.prompts = load_prompts([Path(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+                                    if prompts else None)
+        self.search = search_client or search_client_for(self.settings.search_url, self.settings.search_timeout_s)
+        self.response_length = int(self.rollout_config.response_length)
+        self.patch_size = int(getattr(getattr(self.processor, "image_processor", None), "patch_size", 14) or 14)
+        close = self.settings.close_turn_token
+        self.close_ids = self.tokenizer.encode(close, add_special_tokens=False) if close else []
+
+    async def _tool(self, action_kind: str, query: str | None, user_image: bytes | None,
+                    question: str, extra: dict[str, Any]) -> ToolResult:
+        context = {k: extra[k] for k in ("item_id", "image_sha256") if extra.get(k)}
+        if action_kind == "image_search":
+            if user_image is None:
+                text, _ = render_image_results([])
+                return ToolResult("image_search", text, [], False, 0, "the sample has no image to search with")
+            return await run_image_search(
+                self.search, user_image, topk=self.settings.image_search_topk,
+                max_pixels=self.settings.thumbnail_max_pixels, patch_size=self.patch_size,
+                timeout_s=self.settings.search_timeout_s, context=context,
+            )
+        return await run_text_search(
+            self.search, query or "", question, topk=self.settings.text_search_topk,
+            timeout_s=self.settings.search_timeout_s, context=context,
+        )
+
+    def _follow_up(self, kind: str) -> str:
+        return self.prompts.after_image_search if kind == "image_search" else self.prompts.after_text_search
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
+        """Roll out one trajectory; ``kwargs`` are the dataset row's fields (raw_prompt, extra_info...)."""
+        messages: list[dict[str, Any]] = list(kwargs["raw_prompt"])
+        extra = dict(kwargs.get("extra_info") or {})
+        question = _question_from(kwargs)
+        metrics: dict[str, Any] = {}
+        multi_modal = await self.process_multi_modal_info(messages)
+        images: list[Any] = list(multi_modal.get("images") or [])
+        self._assert_mm_supported(bool(images))
+        user_image = _user_image(messages, images)
+
+        prompt_ids = await self.ct_build_initial_tokens(messages, images=images or None)
+        runtime_ids = list(prompt_ids)
+        mask: list[int] = []
+        logprobs: list[float] | None = None
+        turns: list[str] = []
+        calls: list[dict[str, Any]] = []
+        n_tool_turns = 0
+        stop_reason, stop_detail = "answer", ""
+        request_id = uuid4().hex
+        params = {**sampling_params, **self.settings.stop_sampling_params}
+
+        while True:
+            budget = self.response_length - len(mask)
+            if budget <= 0:
+                stop_reason, stop_detail = "response_budget", "no response tokens left for another turn"
+                break
+            params["max_tokens"] = min(self.settings.max_tokens_per_turn, budget)
+            with simple_timer("generate_sequences", metrics):
+                out = await self.server_manager.generate(
+                    request_id=request_id, prompt_ids=runtime_ids, sampling_params=params,
+                    image_data=images or None,
+                )
+            token_ids = list(out.token_ids)[:budget]
+            new_logprobs = list(out.log_probs)[: len(token_ids)] if out.log_probs else None
+            merged, mask, logprobs = await self.ct_merge_assistant_token(
+                runtime_ids, token_ids, mask,
+                logprobs if (logprobs is not None or new_logprobs) else None,
+                assistant_logprobs=new_logprobs,
+            )
+            runtime_ids = merged.token_ids
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            turns.append(text)
+            action = next_action(turns, self.settings.limits)
+            if action.kind == "stop":
+                stop_reason, stop_detail = action.stop_reason or "answer", action.detail
+                break
+
+            with simple_timer("tool_calls", metrics):
+                result = await self._tool(action.kind, action.query, user_image, question, extra)
+            calls.append({"kind": result.kind, "query": action.query, "ok": result.ok,
+                          "n_hits": result.n_hits, "error": result.error})
+            user_text = tool_response_text(result.text, question, self._follow_up(action.kind))
+            user_msg: dict[str, Any] = {
+                "role": "user",
+                "content": to_content_parts(user_text, result.images, QWEN_IMAGE_PAD) if result.images else user_text,
+            }
+            # A turn stopped at a search tag has no <|im_end|>: close it as the template would.
+            closed_ids, closed_mask, closed_lp = runtime_ids, mask, logprobs
+            if self.close_ids and runtime_ids[-len(self.close_ids):] != self.close_ids:
+                closed_ids = runtime_ids + self.close_ids
+                closed_mask = mask + [0] * len(self.close_ids)
+                closed_lp = logprobs + [0.0] * len(self.close_ids) if logprobs is not None else None
+            previous = [*messages, {"role": "assistant", "content": text}]
+            merged, new_mask, new_lp = await self.ct_merge_context_msg(
+                previous, [*previous, user_msg], closed_ids, closed_mask, closed_lp
+            )
+            if len(new_mask) >= self.response_length:
+                stop_reason = "response_budget"
+                stop_detail = f"{result.kind} result does not fit in rollout.response_length={self.response_length}"
+                break
+            runtime_ids, mask, logprobs, messages = merged.token_ids, new_mask, new_lp, [*previous, user_msg]
+            n_tool_turns += 1
+            images = images + result.images
+
+        response_ids = runtime_ids[len(prompt_ids):]
+        kinds = [parse_turn(t).kind for t in turns]
+        return AgentLoopOutput(
+            prompt_ids=prompt_ids,
+            response_ids=response_ids[: self.response_length],
+            response_mask=mask[: self.response_length],
+            response_logprobs=logprobs[: self.response_length] if logprobs is not None else None,
+            multi_modal_data={"images": images} if images else {},
+            num_turns=1 + len(turns) + n_tool_turns,
+            metrics=metrics,
+            extra_fields={
+                "assistant_turns": turns,
+                "turn_kinds": kinds,
+                "tool_calls": calls,
+                "n_tool_errors": sum(not c["ok"] for c in calls),
+                "stop_reason": stop_reason,
+                "stop_detail": stop_detail,
+            },
+        )
+
+
+__all__ = ["AGENT_NAME", "IMAGE_SEARCH_TAG", "FvqaSearchAgentLoop", "LoopSettings"]

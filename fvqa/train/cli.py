@@ -1,0 +1,89 @@
+"""`fvqa train ...`: prepare veRL data from a workspace; launch (or dry-run) a GRPO run.
+
+Only typer is imported at module level: `fvqa --help` must not pay for veRL, Hydra or torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+train_app = typer.Typer(help="GRPO training on veRL with multi-turn search rollouts.", no_args_is_help=True)
+
+
+@train_app.command("prepare")
+def prepare_cmd(
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder.")] = Path("fvqa-work"),
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: WORKSPACE/exports/verl).")] = None,
+    prompts: Annotated[
+        list[Path] | None, typer.Option(help="Prompt file or folder overriding fvqa's defaults (repeatable).")
+    ] = None,
+    image_max_pixels: Annotated[
+        int, typer.Option(help="Downscale user images to at most this many pixels (1024*28*28 ~ 1024 tokens).")
+    ] = 1024 * 28 * 28,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows per split (smoke runs).")] = None,
+) -> None:
+    """Write train.parquet (split train) and val.parquet (split test) in veRL's layout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fvqa.protocol import load_prompts
+    from fvqa.store import Workspace
+    from fvqa.train.prepare import prepare
+
+    with Workspace(workspace) as ws:
+        result = prepare(ws, out, prompts=load_prompts(prompts) if prompts else None,
+                         image_max_pixels=image_max_pixels, limit=limit)
+    table = Table(title="fvqa train prepare")
+    for col in ("split", "rows", "file"):
+        table.add_column(col)
+    for split, path in result.files.items():
+        table.add_row(split, str(result.rows[split]), str(path))
+    for reason, n in result.rejected.items():
+        table.add_row("rejected", str(n), reason)
+    Console().print(table)
+
+
+@train_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", help="veRL training config (configs/grpo_*.yaml).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compose, check and print; launch nothing.")] = False,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Join this Ray cluster (multi-node), e.g. 10.0.0.1:6379.")
+    ] = None,
+    skip_checks: Annotated[bool, typer.Option("--skip-checks", help="Launch even if a check fails.")] = False,
+) -> None:
+    """Print the exact `python -m verl.trainer.main_ppo ...` command and the composed config, check GPUs,
+    packages, data and the search service, then launch. Extra arguments are Hydra overrides
+    (e.g. `trainer.total_epochs=2`)."""
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from fvqa.errors import FvqaError
+    from fvqa.train import launcher
+
+    out, err = Console(), Console(stderr=True, soft_wrap=True)
+    overrides = launcher.launch_overrides(config, ray_address, list(ctx.args))
+    cmd = launcher.build_command(config, overrides)
+    cfg = launcher.compose(config, overrides)
+    launcher.validate(cfg)
+    out.print("[bold]command:[/]")
+    print(launcher.format_command(cmd))
+    out.print("[bold]composed config (as `--cfg job` prints it):[/]")
+    print(OmegaConf.to_yaml(cfg), end="")
+    checks = launcher.run_checks(cfg, ray_address)
+    failed = [c for c in checks if c.required and not c.ok]
+    for c in checks:
+        mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]warn[/]")
+        err.print(f"check {c.name}: {mark} {c.detail}", highlight=False)
+    if dry_run:
+        err.print(f"dry run: nothing launched ({len(failed)} failed check(s))")
+        return
+    if failed and not skip_checks:
+        raise FvqaError(
+            f"{len(failed)} check(s) failed ({', '.join(c.name for c in failed)}); fix them or pass --skip-checks"
+        )
+    raise typer.Exit(launcher.launch(cmd))

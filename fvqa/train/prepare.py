@@ -1,0 +1,232 @@
+"""`fvqa train prepare`: the workspace's train/test splits as veRL parquet files.
+
+Each row is what veRL's ``RLHFDataset`` and our agent loop read: ``prompt`` (one user message whose
+content is the opening prompt with its ``<image>`` placeholder, then the question), ``images`` (one
+``{bytes, path}`` per placeholder, downscaled so the user image costs a bounded number of vision
+tokens), ``data_source`` (``mmsearch_r1/fvqa_<split>`` so upstream tooling recognises it),
+``reward_model`` (style, ground truth and candidate answers as upstream's JSON string),
+``extra_info`` (``index`` unique per item, the item's lineage, the candidate answers again because
+veRL hands a reward function only ``reward_model.ground_truth``, and the question our tool turns
+repeat) and ``agent_name`` (our agent loop). Items that cannot become a row are recorded in
+``rejects`` with a reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from fvqa.errors import FvqaError
+from fvqa.protocol import IMAGE_PLACEHOLDER, Prompts, load_prompts, opening_user_text
+from fvqa.store import Workspace
+
+STAGE = "train_prepare"
+AGENT_NAME = "fvqa_search_agent"
+DATA_SOURCE = "mmsearch_r1/fvqa_{split}"
+DEFAULT_IMAGE_MAX_PIXELS = 1024 * 28 * 28
+"""Qwen2.5-VL spends one token per 28x28 patch: this bounds the user image at ~1024 vision tokens."""
+SPLIT_FILES = {"train": "train.parquet", "test": "val.parquet"}
+
+EXTRA_INFO_TYPE = pa.struct(
+    [
+        pa.field("index", pa.int64()),
+        pa.field("item_id", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("candidate_answers", pa.list_(pa.string())),
+        pa.field("knowledge_type", pa.string()),
+        pa.field("search_label", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("image_sha256", pa.string()),
+    ]
+)
+VERL_SCHEMA = pa.schema(
+    [
+        pa.field("data_source", pa.string()),
+        pa.field(
+            "prompt", pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
+        ),
+        pa.field("images", pa.list_(pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())]))),
+        pa.field("ability", pa.string()),
+        pa.field(
+            "reward_model",
+            pa.struct(
+                [
+                    pa.field("style", pa.string()),
+                    pa.field("ground_truth", pa.string()),
+                    pa.field("candidate_answers", pa.string()),
+                ]
+            ),
+        ),
+        pa.field("extra_info", EXTRA_INFO_TYPE),
+        pa.field("agent_name", pa.string()),
+    ]
+)
+
+
+@dataclass
+class PrepareResult:
+    """What `prepare` wrote: parquet per split, row counts, and rejects by reason."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    rejected: Counter[str] = field(default_factory=Counter)
+    manifest: Path | None = None
+
+
+def bounded_image_bytes(data: bytes, max_pixels: int) -> tuple[bytes, int, int]:
+    """Downscale an image (keeping its aspect ratio) so that width * height <= ``max_pixels``.
+
+    Bytes already within the bound are returned unchanged, so a re-run writes identical files.
+    Raises ValueError for bytes that are not a decodable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            width, height = img.size
+            if width * height <= max_pixels:
+                return data, width, height
+            scale = math.sqrt(max_pixels / (width * height))
+            size = (max(1, int(width * scale)), max(1, int(height * scale)))
+            out = img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"not a decodable image ({exc.__class__.__name__}: {exc})") from exc
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue(), size[0], size[1]
+
+
+def _candidates(row: dict[str, Any]) -> list[str]:
+    """Ground truth first, then aliases, without duplicates (upstream's candidate_answers)."""
+    seen: list[str] = []
+    for value in [row["answer"], *(row.get("aliases") or [])]:
+        if isinstance(value, str) and value.strip() and value not in seen:
+            seen.append(value)
+    return seen
+
+
+def build_row(
+    ws: Workspace, row: dict[str, Any], index: int, prompts: Prompts, image_max_pixels: int
+) -> dict[str, Any]:
+    """One veRL row for one dataset item; ValueError says why an item cannot become a row."""
+    question = (row.get("question") or "").strip()
+    answer = (row.get("answer") or "").strip()
+    if not question:
+        raise ValueError("empty question")
+    if not answer:
+        raise ValueError("empty answer")
+    if IMAGE_PLACEHOLDER in question:
+        raise ValueError(f"question contains the image placeholder {IMAGE_PLACEHOLDER}")
+    sha = row.get("image_sha256")
+    if not sha:
+        raise ValueError("item has no image")
+    try:
+        path = ws.find_image(sha)
+        data = path.read_bytes()
+    except (KeyError, OSError) as exc:
+        raise ValueError(f"image file missing from the workspace ({exc})") from exc
+    data, _, _ = bounded_image_bytes(data, image_max_pixels)
+    split = row["split"]
+    candidates = _candidates(row)
+    return {
+        "data_source": DATA_SOURCE.format(split=split),
+        "prompt": [{"role": "user", "content": opening_user_text(prompts.round_1, question)}],
+        "images": [{"bytes": data, "path": f"{sha}.{row.get('image_ext') or 'img'}"}],
+        "ability": "fvqa",
+        "reward_model": {
+            "style": "rule",
+            "ground_truth": answer,
+            "candidate_answers": json.dumps(candidates, ensure_ascii=False),
+        },
+        "extra_info": {
+            "index": index,
+            "item_id": row["item_id"],
+            "split": split,
+            "question": question,
+            "candidate_answers": candidates,
+            "knowledge_type": row.get("knowledge_type"),
+            "search_label": row.get("search_label"),
+            "source": row.get("source"),
+            "image_sha256": sha,
+        },
+        "agent_name": AGENT_NAME,
+    }
+
+
+def _write_atomic(records: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.part")
+    pq.write_table(pa.Table.from_pylist(records, schema=VERL_SCHEMA), tmp)
+    os.replace(tmp, path)
+
+
+def prepare(
+    ws: Workspace,
+    out_dir: Path | None = None,
+    *,
+    prompts: Prompts | None = None,
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS,
+    limit: int | None = None,
+) -> PrepareResult:
+    """Write ``train.parquet`` (split train) and ``val.parquet`` (split test) plus a manifest.
+
+    ``index`` numbers items over both splits in item-id order, so it is unique per item (the key
+    veRL's agent loop uses to group a prompt's n rollouts in traces) and stable across re-runs.
+    """
+    if image_max_pixels < 28 * 28:
+        raise FvqaError(f"image_max_pixels must be at least {28 * 28} (one vision patch), got {image_max_pixels}")
+    prompts = prompts or load_prompts()
+    out_dir = Path(out_dir) if out_dir is not None else ws.exports_dir / "verl"
+    cur = ws.con.execute(
+        "SELECT * FROM dataset WHERE split IN ('train', 'test') ORDER BY split <> 'train', item_id"
+    )
+    cols = [d[0] for d in cur.description]
+    items = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    if not items:
+        raise FvqaError(
+            f"workspace {ws.root} has no items in split train or test; run `fvqa build` (split stage) "
+            "or `fvqa import-upstream` first"
+        )
+    result = PrepareResult()
+    by_split: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    rejects: list[tuple[str, str, str, str]] = []
+    for index, item in enumerate(items):
+        if limit is not None and len(by_split[item["split"]]) >= limit:
+            continue
+        try:
+            by_split[item["split"]].append(build_row(ws, item, index, prompts, image_max_pixels))
+        except ValueError as exc:
+            reason = str(exc).split(" (")[0]
+            result.rejected[reason] += 1
+            rejects.append((STAGE, item["item_id"], reason, str(exc)))
+    ws.add_rejects(rejects)
+    for split, records in by_split.items():
+        path = out_dir / SPLIT_FILES[split]
+        if not records:
+            path.unlink(missing_ok=True)
+            continue
+        _write_atomic(records, path)
+        result.files[split] = path
+        result.rows[split] = len(records)
+    manifest = {
+        "files": {k: str(v) for k, v in result.files.items()},
+        "rows": result.rows,
+        "rejected": dict(result.rejected),
+        "agent_name": AGENT_NAME,
+        "image_max_pixels": image_max_pixels,
+        "prompt_source": prompts.source.get("round_1", "fvqa-default"),
+    }
+    result.manifest = out_dir / "manifest.json"
+    result.manifest.parent.mkdir(parents=True, exist_ok=True)
+    result.manifest.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return result

@@ -1,0 +1,149 @@
+"""The GRPO configs compose through veRL's own Hydra tree with the paper's values, and
+`fvqa train run --dry-run` prints the exact veRL command, the composed config and clear checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fvqa.errors import ConfigError
+from fvqa.train import launcher
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "configs" / "grpo_qwen2_5_vl_7b.yaml"
+ONE_NODE = REPO / "configs" / "grpo_qwen2_5_vl_7b_1node.yaml"
+
+
+@pytest.fixture(scope="module")
+def paper_cfg():
+    cfg = launcher.compose(PAPER, launcher.launch_overrides(PAPER))
+    launcher.validate(cfg)
+    return cfg
+
+
+def test_paper_values(paper_cfg) -> None:
+    c = paper_cfg
+    actor, rollout = c.actor_rollout_ref.actor, c.actor_rollout_ref.rollout
+    assert c.data.train_batch_size == 512
+    assert rollout.n == 8
+    assert actor.ppo_mini_batch_size == 128
+    assert actor.optim.lr == pytest.approx(2e-6)
+    assert actor.use_kl_loss is True
+    assert actor.kl_loss_coef == pytest.approx(0.001)
+    assert actor.kl_loss_type == "low_var_kl"
+    assert actor.clip_ratio == pytest.approx(0.2)
+    assert actor.entropy_coeff == 0
+    assert c.algorithm.adv_estimator == "grpo"
+    assert c.algorithm.use_kl_in_reward is False
+    assert (c.trainer.nnodes, c.trainer.n_gpus_per_node) == (4, 8)
+
+
+def test_rollout_goes_to_our_loop_with_room_for_three_turns_and_thumbnails(paper_cfg) -> None:
+    c = paper_cfg
+    rollout = c.actor_rollout_ref.rollout
+    fvqa = c.fvqa
+    assert rollout.agent.default_agent_loop == "fvqa_search_agent"
+    registry = yaml.safe_load(Path(rollout.agent.agent_loop_config_path).read_text())
+    assert {"name": "fvqa_search_agent", "_target_": "fvqa.train.agent_loop.FvqaSearchAgentLoop"} in registry
+    # 1 user image + every thumbnail of the one allowed image search.
+    assert rollout.limit_images >= 1 + fvqa.limits.max_image_search * fvqa.image_search_topk
+    # Response budget: 3 full turns plus the thumbnails (tokens per thumbnail = pixels / 28^2).
+    thumb_tokens = fvqa.image_search_topk * fvqa.thumbnail_max_pixels // (28 * 28)
+    assert rollout.response_length >= fvqa.limits.max_rounds * 1024 + thumb_tokens
+    assert rollout.max_model_len >= rollout.prompt_length + rollout.response_length
+    assert fvqa.limits.max_rounds == 3 and fvqa.limits.max_text_search == 2
+    assert fvqa.limits.max_image_search == 1
+
+
+def test_reward_checkpoints_validation(paper_cfg) -> None:
+    c = paper_cfg
+    fn = c.reward.custom_reward_function
+    assert fn.path == "pkg://fvqa.train.verl_reward" and fn.name == "compute_score"
+    assert fn.reward_kwargs.alpha == pytest.approx(0.1) and fn.reward_kwargs.search_penalty == pytest.approx(0.1)
+    assert c.trainer.test_freq > 0 and c.trainer.save_freq > 0
+    assert c.trainer.resume_mode == "auto"
+    # veRL's loader resolves the reward module from the config exactly as the trainer will.
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    fn = get_custom_reward_fn(c)
+    out = fn("mmsearch_r1/fvqa_train", "", "Paris",
+             {"assistant_turns": ["<reason>r</reason><answer>Paris</answer>"]})
+    assert out["score"] == pytest.approx(1.0) and out["searched"] == 0
+
+
+def test_one_node_variant_differs_only_in_scale(paper_cfg) -> None:
+    from omegaconf import OmegaConf
+
+    one = launcher.compose(ONE_NODE, launcher.launch_overrides(ONE_NODE))
+    launcher.validate(one)
+    a, b = OmegaConf.to_container(paper_cfg), OmegaConf.to_container(one)
+    assert b["trainer"]["nnodes"] == 1 and b["trainer"]["n_gpus_per_node"] == 8
+    for d in (a, b):
+        d["trainer"].pop("nnodes")
+        d["trainer"].pop("experiment_name")
+        d["trainer"].pop("default_local_dir")
+    assert a == b
+
+
+def test_bad_override_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match="cannot compose"):
+        launcher.compose(PAPER, ["trainer.no_such_key=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        launcher.compose(REPO / "configs" / "nope.yaml", [])
+
+
+def _run_cli(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    from fvqa.cli import app
+
+    monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, args)
+
+
+def test_dry_run_prints_command_config_and_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _run_cli(
+        ["train", "run", "--config", str(PAPER), "--dry-run", "--ray-address", "10.0.0.1:6379",
+         "trainer.total_epochs=2"], tmp_path, monkeypatch,
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    cmd = lines[lines.index("command:") + 1]
+    assert cmd.startswith(f"{sys.executable} -m verl.trainer.main_ppo --config-path {PAPER.parent} "
+                          "--config-name grpo_qwen2_5_vl_7b ")
+    assert "ray_kwargs.ray_init.address=10.0.0.1:6379" in cmd and cmd.endswith("trainer.total_epochs=2")
+    config_text = result.stdout.split("as `--cfg job` prints it):\n", 1)[1]
+    composed = yaml.safe_load(config_text)
+    assert composed["trainer"]["total_epochs"] == 2
+    assert composed["ray_kwargs"]["ray_init"]["address"] == "10.0.0.1:6379"
+    # No GPU, no vLLM, no prepared data, no search service here: each is reported with what to do.
+    err = result.stderr
+    assert "check GPUs: FAIL need 8 per node" in err
+    assert "check data.train_files: FAIL missing fvqa-work/exports/verl/train.parquet" in err
+    assert "fvqa train prepare" in err
+    assert "check search service: FAIL http://127.0.0.1:8765 unreachable" in err
+    assert "check package verl: ok" in err
+    assert "dry run: nothing launched" in err
+
+
+def test_run_refuses_to_launch_when_checks_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fvqa.errors import FvqaError
+
+    result = _run_cli(["train", "run", "--config", str(PAPER)], tmp_path, monkeypatch)
+    assert isinstance(result.exception, FvqaError)
+    assert "check(s) failed" in str(result.exception) and "--skip-checks" in str(result.exception)
+
+
+def test_cli_entry_point_turns_errors_into_one_red_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fvqa.cli", "train", "run", "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert "training config not found" in proc.stderr
