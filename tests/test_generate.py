@@ -1,0 +1,214 @@
+"""generate: App. D.1 rules enforced in code; template backend offline; llm backend over loopback HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_openai import FakeOpenAI
+from PIL import Image
+from rich.console import Console
+
+from fvqa.config import GenerateConfig, RunConfig
+from fvqa.llm.config import Endpoint, LLMConfig
+from fvqa.pipelines.base import execute_stage
+from fvqa.pipelines.generate import GenerateStage
+from fvqa.pipelines.runner import estimate_build
+from fvqa.store import Workspace
+from fvqa.textgen import qa
+from fvqa.textgen.rules import question_type, rule_violations
+
+CONCEPTS = [  # concept_id, concept, category
+    ("c1", "Eiffel Tower", "Place"),
+    ("c2", "Moonlight Sonata", "Arts"),
+    ("c3", "Golden Retriever", "Nature"),
+    ("c4", "Tour de France", "Events"),
+    ("c5", "Zürich Opernhaus", "Place"),
+]
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "concept", "broken"),
+    [
+        ("What landmark is shown in this photo?", "the Eiffel Tower", "Eiffel Tower", []),
+        ("Where was this photo taken?", "at the Eiffel Tower in Paris", "eiffel tower", []),
+        ("Who composed this piece?", "Ludwig van Beethoven", "Moonlight Sonata",
+         ["answer must contain the concept"]),
+        ("Which tower is this?", "Eiffel Tower", "Eiffel Tower", ["question must start with Who, What or Where"]),
+        ("What is the height of the Eiffel Tower?", "Eiffel Tower", "Eiffel Tower",
+         ["question must not contain the concept"]),
+        ("What building is this?", "ZÜRICH OPERNHAUS", "Zürich Opernhaus", []),  # unicode, case
+        ("What is this?", "", "Eiffel Tower", ["answer is empty"]),
+        ("What is this?", "Eiffel Tower " + "and more " * 10, "Eiffel Tower", ["answer must be at most 12 words"]),
+        ("What is the Eiffel Tower's height?", "Eiffel Tower", "Eiffel Tower",
+         ["question must not contain the concept"]),  # possessive still names it
+        ("What tower?", "Eiffel Towers", "Eiffel Tower", ["answer must contain the concept"]),  # whole words
+    ],
+)
+def test_rules_on_crafted_pairs(question: str, answer: str, concept: str, broken: list[str]):
+    assert rule_violations(question, answer, concept) == broken
+
+
+def test_question_type_reads_first_word():
+    assert question_type("  \"Who painted this?") == "Who"
+    assert question_type("WHERE is it?") == "Where"
+    assert question_type("Whose hat is this?") is None
+    assert question_type("Which one?") is None
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 80), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _workspace(root: Path) -> Path:
+    """Concepts and crawled rows as the concepts and crawl stages leave them."""
+    with Workspace(root) as ws:
+        for i, (cid, concept, category) in enumerate(CONCEPTS):
+            ref = ws.put_image(_jpeg((40 * i, 90, 200 - 30 * i)))
+            ws.insert("concepts", [dict(concept_id=cid, entry_id=i, concept=concept, count=10 ** (i + 1),
+                                        tier="head" if i < 2 else "tail", category=category)])
+            ws.insert("crawled", [dict(concept_id=cid, image_sha256=ref.sha256, image_url=f"http://x/{cid}.jpg",
+                                       page_url=f"http://x/{cid}", page_title=f"{concept} - Wiki",
+                                       page_text=f"{concept} is famous. It has many facts.", clip_score=0.3)])
+    return root
+
+
+def _build(cfg: RunConfig) -> Any:
+    with Workspace(cfg.workspace) as ws:
+        return execute_stage(GenerateStage(), ws, cfg, Console(quiet=True))
+
+
+def _rows(root: Path, sql: str) -> list[tuple]:
+    with Workspace(root) as ws:
+        return ws.execute(sql)
+
+
+def test_template_backend_answers_with_the_concept_and_resumes(tmp_path: Path):
+    root = _workspace(tmp_path / "ws")
+    cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="template"))
+    stats = _build(cfg)
+    assert stats.n_in == 5 and stats.n_out == 5 and stats.cost_usd == 0
+    rows = _rows(root, "SELECT item_id, source, question, answer, aliases, question_type, concept, concept_tier, "
+                       "image_sha256, provenance FROM items ORDER BY item_id")
+    assert [r[0] for r in rows] == [f"metaclip-c{i}" for i in range(1, 6)]
+    for _, source, question, answer, aliases, qtype, concept, tier, sha, prov in rows:
+        assert source == "metaclip" and answer == concept and aliases == [concept]
+        assert qtype in ("Who", "What", "Where") and concept.lower() not in question.lower()
+        assert tier in ("head", "tail") and len(sha) == 64
+        assert json.loads(prov)["generate"]["backend"] == "template"
+    assert "landmark" in rows[0][2] or "place" in rows[0][2]  # the Place templates
+    again = _build(cfg)
+    assert again.n_out == 0 and _rows(root, "SELECT count(*) FROM items")[0][0] == 5
+
+
+def _reply_for(concept: str) -> str:
+    if concept == "Eiffel Tower":
+        return json.dumps({"question": "What landmark is shown in this photo?", "answer": "the Eiffel Tower",
+                           "aliases": ["Tour Eiffel", "La dame de fer"]})
+    if concept == "Moonlight Sonata":  # names the concept in the question
+        return json.dumps({"question": "What is the Moonlight Sonata's key?", "answer": "Moonlight Sonata"})
+    if concept == "Golden Retriever":  # not JSON, and the repair is not JSON either
+        return "Sure! Here is a great question about the dog: what breed is it?"
+    if concept == "Tour de France":  # fenced JSON is fine; starts with Which -> rule
+        return '```json\n{"question": "Which race is this?", "answer": "Tour de France"}\n```'
+    return json.dumps({"question": "Where would you hear an opera in this city?",
+                       "answer": "Zürich Opernhaus", "aliases": []})
+
+
+def _responder(body: dict[str, Any]) -> str:
+    first_user = next(m for m in body["messages"] if m["role"] == "user")
+    text = " ".join(p.get("text", "") for p in first_user["content"] if p.get("type") == "text")
+    concept = re.search(r"shows this visual concept: (.+)", text).group(1).strip()
+    return _reply_for(concept)
+
+
+def test_llm_backend_enforces_rules_rejects_with_reasons_and_never_repays(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("FVQA_TEST_KEY", "sk-secret-test-key-123")
+    root = _workspace(tmp_path / "ws")
+    with FakeOpenAI(_responder) as srv:
+        llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env="FVQA_TEST_KEY")],
+                        model="fake-model", max_retries=0, backoff_base_s=0.0)
+        cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm))
+        est = estimate_build(cfg, console=Console(quiet=True))["generate"]
+        assert est is not None and est.paid_calls == 5 and est.cached == 0 and est.usd > 0
+        assert srv.count("POST", "/v1/chat/completions") == 0, "an estimate spends nothing"
+
+        stats = _build(cfg)
+        first_calls = srv.count("POST", "/v1/chat/completions")
+        assert first_calls == 6  # 5 concepts + one repair for the non-JSON reply
+        assert stats.paid_calls == 6 and stats.cost_usd > 0 and stats.cache_hits == 0
+        body = srv.chat_bodies()[0]
+        parts = body["messages"][0]["content"]
+        assert any(p["type"] == "image_url" and p["image_url"]["url"].startswith("data:image/") for p in parts)
+        assert srv.requests[0].headers.get("Authorization") == "Bearer sk-secret-test-key-123"
+
+        items = {r[0]: r[1:] for r in _rows(root, "SELECT item_id, answer, aliases, question_type, provenance "
+                                                  "FROM items")}
+        assert set(items) == {"metaclip-c1", "metaclip-c5"}
+        assert items["metaclip-c1"][1] == ["the Eiffel Tower", "Tour Eiffel", "La dame de fer"]
+        prov = json.loads(items["metaclip-c1"][3])["generate"]
+        assert prov["backend"] == "llm" and prov["model"] == "fake-model"
+        assert prov["prompt"] == qa.prompt_hash(qa.DEFAULT_PROMPT)
+        assert items["metaclip-c5"][2] == "Where"
+        rejects = {r[0]: (r[1], r[2]) for r in _rows(root, "SELECT key, reason, detail FROM rejects "
+                                                           "WHERE stage = 'generate'")}
+        assert rejects["metaclip-c2"][0] == "rule violated: question must not contain the concept"
+        assert "Moonlight Sonata's key" in rejects["metaclip-c2"][1]  # the raw reply is kept
+        assert rejects["metaclip-c3"][0] == "unparseable reply"
+        assert "Here is a great question" in rejects["metaclip-c3"][1]
+        assert rejects["metaclip-c4"][0] == "rule violated: question must start with Who, What or Where"
+
+        again = _build(cfg)  # everything is done or rejected: no request at all
+        assert srv.count("POST", "/v1/chat/completions") == first_calls
+        assert again.paid_calls == 0 and again.n_out == 0
+
+        # forgetting the stage's outputs re-runs it entirely from the response cache
+        with Workspace(root) as ws:
+            GenerateStage().reset(ws)
+        est = estimate_build(cfg, console=Console(quiet=True))["generate"]
+        assert est.paid_calls == 0 and est.cached == 5 and est.usd == 0
+        redo = _build(cfg)
+        assert srv.count("POST", "/v1/chat/completions") == first_calls
+        assert redo.n_out == 2 and redo.paid_calls == 0 and redo.cache_hits == 6
+    for path in root.rglob("*"):  # the key is never written anywhere in the workspace
+        if path.is_file():
+            assert b"sk-secret-test-key-123" not in path.read_bytes(), path
+
+
+def test_llm_backend_without_key_is_a_clear_config_error(tmp_path: Path, monkeypatch):
+    from fvqa.errors import ConfigError
+
+    monkeypatch.delenv("FVQA_UNSET_KEY", raising=False)
+    root = _workspace(tmp_path / "ws")
+    llm = LLMConfig(endpoints=[Endpoint(base_url="http://127.0.0.1:9/v1", api_key_env="FVQA_UNSET_KEY")])
+    cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm))
+    with pytest.raises(ConfigError, match="FVQA_UNSET_KEY is not set"):
+        _build(cfg)
+    # the estimate needs no key: it only reads the cache
+    est = estimate_build(cfg, console=Console(quiet=True))["generate"]
+    assert est.paid_calls == 5
+
+
+def test_custom_prompt_file_is_used_and_checked(tmp_path: Path):
+    from fvqa.errors import ConfigError
+
+    good = tmp_path / "p.txt"
+    good.write_text("Ask about {concept} seen on {page_title}. JSON like {{\"question\": ...}}")
+    assert qa.load_prompt(good).startswith("Ask about")
+    msgs = qa.build_messages(qa.load_prompt(good), "Eiffel Tower", "Paris", None, None)
+    assert msgs[0]["content"][0]["text"] == 'Ask about Eiffel Tower seen on Paris. JSON like {"question": ...}'
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Ask about {concept} in {city}")
+    with pytest.raises(ConfigError, match="unknown placeholder"):
+        qa.load_prompt(bad)
+    good.write_text("no placeholder here")
+    with pytest.raises(ConfigError, match="must contain the placeholder"):
+        qa.load_prompt(good)
+    with pytest.raises(ConfigError, match="cannot read"):
+        qa.load_prompt(tmp_path / "missing.txt")
