@@ -1,0 +1,402 @@
+"""The offline search backend: a BM25 text index and a CLIP image index over a user corpus.
+
+`build_index` reads a page corpus (InfoSeek Wiki6M jsonl, or any jsonl of `{url, title, text}`) and
+an image manifest (`{path, wikidata_id?, title?, url?, page_url?}`, paths relative to the manifest's
+folder) or a folder of images, and writes one folder:
+
+A folder of images links each file to a page by its stem (= the page's key, i.e. wikidata_id, or the
+last segment of its URL).
+
+* `pages.sqlite` — pages (id = BM25 document id) and images (id = row of the vector matrix, with a
+  thumbnail), plus `rejects`: every input line or image that was skipped, with a reason;
+* `text/` — the bm25s index (memory-mapped at query time);
+* `image_vectors.npy` — unit-norm CLIP vectors, searched exactly (cosine = dot product);
+* `meta.json` — format version, CLIP model, counts, build time.
+
+`LocalIndex` answers `image_search` (titles/thumbnails/urls of the nearest images' pages, one hit per
+page) and `text_search` (top pages by BM25, each with an extractive summary w.r.t. the question).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import bm25s
+import numpy as np
+from PIL import Image
+
+from fvqa.errors import ConfigError
+from fvqa.search.clip import ClipEmbedder
+from fvqa.search.config import LocalConfig
+from fvqa.search.summarize import extractive_summary, tokenize
+from fvqa.search.types import BadRequest, ImageHit, SearchError, TextHit
+
+FORMAT_VERSION = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MIN_SIDE = 32
+
+SCHEMA = """
+CREATE TABLE pages (id INTEGER PRIMARY KEY, key TEXT, url TEXT, title TEXT, text TEXT);
+CREATE TABLE images (id INTEGER PRIMARY KEY, page_id INTEGER, title TEXT, url TEXT, source TEXT,
+                     thumbnail BLOB);
+CREATE TABLE rejects (source TEXT, key TEXT, reason TEXT, detail TEXT);
+CREATE INDEX pages_key ON pages(key);
+"""
+
+Progress = Callable[[str, int, int | None], None]
+"""(phase, done, total) -> None; called as the build advances."""
+
+
+@dataclass
+class IndexStats:
+    """What a build produced and what it skipped (by reason), for the CLI's summary table."""
+
+    pages: int = 0
+    images: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    bytes_on_disk: int = 0
+    embedder: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the corpus
+# ----------------------------------------------------------------------------------------------
+
+
+def _wikipedia_url(title: str) -> str:
+    return "https://en.wikipedia.org/wiki/" + quote(title.replace(" ", "_"))
+
+
+def parse_page(row: Any) -> tuple[str, str, str, str]:
+    """(key, url, title, text) from a Wiki6M line or a `{url, title, text}` line; ValueError if unusable."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    title = row.get("wikipedia_title", row.get("title"))
+    text = row.get("wikipedia_content", row.get("text"))
+    if not isinstance(title, str) or not title.strip():
+        raise ValueError("missing title ('wikipedia_title' or 'title')")
+    if not isinstance(text, str) or not text.strip():
+        text = row.get("wikipedia_summary") or ""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("missing text ('wikipedia_content', 'text' or 'wikipedia_summary')")
+    url = row.get("url") or (_wikipedia_url(title) if "wikipedia_title" in row else "")
+    key = str(row.get("wikidata_id") or url or title)
+    return key, str(url or ""), title.strip(), text
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, Any | Exception]]:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield lineno, exc
+
+
+def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | Exception]]:
+    """(key, file, manifest row or error) from a manifest jsonl or a folder of image files."""
+    if images.is_dir():
+        for path in sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            rel = path.relative_to(images).as_posix()
+            yield rel, path, {"path": rel, "page_key": path.stem}
+        return
+    base = images.parent
+    for lineno, row in _jsonl(images):
+        key = f"{images.name}:{lineno}"
+        if isinstance(row, Exception):
+            yield key, base, ValueError(f"malformed JSON: {row}")
+        elif not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            yield key, base, ValueError("manifest line needs a string 'path'")
+        else:
+            yield row["path"], base / row["path"], row
+
+
+def _load_image(path: Path, max_side: int) -> tuple[Image.Image, bytes]:
+    """Decoded RGB image and a JPEG thumbnail; ValueError with a readable reason if unusable."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise ValueError("image file not found") from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types; all mean "not a usable image"
+        raise ValueError(f"not a decodable image ({type(exc).__name__})") from exc
+    if min(rgb.size) < MIN_SIDE:
+        raise ValueError(f"image too small ({rgb.size[0]}x{rgb.size[1]} < {MIN_SIDE}px)")
+    thumb = rgb.copy()
+    thumb.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return rgb, buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def build_index(
+    corpus: Path | str,
+    images: Path | str | None,
+    out: Path | str,
+    *,
+    config: LocalConfig | None = None,
+    embedder: ClipEmbedder | None = None,
+    progress: Progress | None = None,
+) -> IndexStats:
+    """Build the local index into `out` (replaced atomically-enough: written to `out.tmp`, then renamed).
+
+    Bad lines and unusable images never stop the build: each is recorded in the index's `rejects`
+    table and counted in the returned stats by reason.
+    """
+    cfg = config or LocalConfig()
+    corpus, out = Path(corpus), Path(out)
+    if not corpus.is_file():
+        raise ConfigError(f"corpus file not found: {corpus}")
+    if images is not None and not Path(images).exists():
+        raise ConfigError(f"image manifest or folder not found: {images}")
+    t0 = time.perf_counter()
+    stats = IndexStats()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    db = sqlite3.connect(tmp / "pages.sqlite")
+    db.executescript(SCHEMA)
+
+    def reject(source: str, key: str, reason: str, detail: str = "") -> None:
+        db.execute("INSERT INTO rejects VALUES (?, ?, ?, ?)", (source, key, reason, detail))
+        stats.rejected[f"{source}: {reason}"] += 1
+
+    # pages -> sqlite + bm25
+    texts: list[str] = []
+    key_to_page: dict[str, int] = {}
+    url_to_page: dict[str, int] = {}
+    batch: list[tuple[int, str, str, str, str]] = []
+    for lineno, row in _jsonl(corpus):
+        if isinstance(row, Exception):
+            reject("pages", f"{corpus.name}:{lineno}", "malformed JSON", str(row))
+            continue
+        try:
+            key, url, title, text = parse_page(row)
+        except ValueError as exc:
+            reject("pages", f"{corpus.name}:{lineno}", str(exc))
+            continue
+        if key in key_to_page:
+            reject("pages", key, "duplicate page key", f"line {lineno}")
+            continue
+        pid = len(texts)
+        key_to_page[key] = pid
+        if url:
+            url_to_page.setdefault(url, pid)
+            url_to_page.setdefault("slug:" + url.rstrip("/").rsplit("/", 1)[-1], pid)
+        texts.append(f"{title}\n{text}")
+        batch.append((pid, key, url, title, text[: cfg.text_field_chars]))
+        if len(batch) >= 10_000:
+            db.executemany("INSERT INTO pages VALUES (?, ?, ?, ?, ?)", batch)
+            batch.clear()
+            if progress:
+                progress("pages", len(texts), None)
+    db.executemany("INSERT INTO pages VALUES (?, ?, ?, ?, ?)", batch)
+    if not texts:
+        db.close()
+        raise ConfigError(f"{corpus}: no usable pages (see rejects: {dict(stats.rejected)})")
+    stats.pages = len(texts)
+    if progress:
+        progress("tokenize", len(texts), len(texts))
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    retriever.save(tmp / "text", show_progress=False)
+    del texts
+
+    # images -> CLIP vectors + thumbnails
+    vectors: list[np.ndarray] = []
+    if images is not None:
+        emb = embedder or ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, cfg.device)
+        stats.embedder = emb.name
+        pending: list[tuple[Image.Image, tuple[Any, ...]]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            vecs = emb.embed([img for img, _ in pending])
+            start = stats.images
+            db.executemany(
+                "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                [(start + i, *meta) for i, (_, meta) in enumerate(pending)],
+            )
+            vectors.append(vecs)
+            stats.images += len(pending)
+            pending.clear()
+            if progress:
+                progress("images", stats.images, None)
+
+        for key, path, row in _image_entries(Path(images)):
+            if isinstance(row, Exception):
+                reject("images", key, str(row))
+                continue
+            try:
+                img, thumb = _load_image(path, cfg.thumbnail_max_side)
+            except ValueError as exc:
+                reject("images", key, str(exc))
+                continue
+            page_key = str(row.get("wikidata_id") or row.get("page_key") or "")
+            pid = key_to_page.get(page_key)
+            if pid is None and row.get("page_url"):
+                pid = url_to_page.get(str(row["page_url"]))
+            if pid is None and row.get("page_key"):  # image folder: file stem = page key or URL slug
+                pid = url_to_page.get("slug:" + str(row["page_key"]))
+            title = str(row.get("title") or "")
+            url = str(row.get("page_url") or "")
+            if pid is not None:
+                page_title, page_url = db.execute("SELECT title, url FROM pages WHERE id = ?", (pid,)).fetchone()
+                title, url = page_title or title, page_url or url
+            if not title:
+                reject("images", key, "image matches no page and has no title")
+                continue
+            pending.append((img, (pid, title, url or str(row.get("url") or ""), key, thumb)))
+            if len(pending) >= cfg.batch_size:
+                flush()
+        flush()
+    dim = vectors[0].shape[1] if vectors else 0
+    matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
+    np.save(tmp / "image_vectors.npy", matrix)
+    db.commit()
+    db.close()
+    stats.seconds = time.perf_counter() - t0
+    meta = dict(format_version=FORMAT_VERSION, pages=stats.pages, images=stats.images,
+                clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, embedder=stats.embedder,
+                rejected=dict(stats.rejected), built_at=time.time(), seconds=round(stats.seconds, 2))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    stats.bytes_on_disk = _dir_size(out)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Searching
+# ----------------------------------------------------------------------------------------------
+
+
+def top_k_cosine(matrix: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k rows by dot product (rows and query unit-norm): (indices, scores), best first."""
+    if matrix.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    scores = matrix @ query
+    k = min(k, scores.shape[0])
+    idx = np.argpartition(-scores, k - 1)[:k]
+    idx = idx[np.argsort(-scores[idx], kind="stable")]
+    return idx, scores[idx]
+
+
+class LocalIndex:
+    """A built index folder, opened for search (thread-safe)."""
+
+    def __init__(self, path: Path | str, *, config: LocalConfig | None = None,
+                 embedder: ClipEmbedder | None = None) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise ConfigError(
+                f"no search index at {self.path} (build one with `fvqa search index build`)"
+            )
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"search index {self.path} has format {self.meta.get('format_version')}, "
+                              f"this fvqa reads {FORMAT_VERSION}: rebuild it")
+        self.config = config or LocalConfig(clip_model=self.meta["clip_model"],
+                                            clip_pretrained=self.meta["clip_pretrained"])
+        self._db = sqlite3.connect(f"file:{self.path / 'pages.sqlite'}?mode=ro", uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
+        self._bm25 = bm25s.BM25.load(self.path / "text", mmap=True, show_progress=False, verbosity=0)
+        self.vectors = np.load(self.path / "image_vectors.npy", mmap_mode="r")
+        self._embedder = embedder
+
+    @property
+    def embedder(self) -> ClipEmbedder:
+        """Built on first image search (text-only users never pay for loading CLIP)."""
+        if self._embedder is None:
+            self._embedder = ClipEmbedder(self.meta["clip_model"], self.meta["clip_pretrained"], self.config.device)
+        return self._embedder
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def image_search(self, image: Image.Image, k: int = 5) -> list[ImageHit]:
+        """Pages of the nearest indexed images (one hit per page), best first."""
+        if self.vectors.shape[0] == 0:
+            raise SearchError(f"search index {self.path} holds no images")
+        try:
+            vec = self.embedder.embed([image])[0]
+        except Exception as exc:  # noqa: BLE001 - a broken image must not crash a rollout
+            raise BadRequest(f"cannot embed the query image: {exc}") from exc
+        # over-fetch so that several images of one page still leave k distinct pages
+        idx, _ = top_k_cosine(np.asarray(self.vectors), vec, k * 4)
+        hits: list[ImageHit] = []
+        seen: set[Any] = set()
+        for row in idx.tolist():
+            page_id, title, url, thumb = self._query(
+                "SELECT page_id, title, url, thumbnail FROM images WHERE id = ?", (row,)
+            )[0]
+            group = page_id if page_id is not None else ("image", row)
+            if group in seen:
+                continue
+            seen.add(group)
+            hits.append(ImageHit(title=title, url=url, thumbnail=thumb))
+            if len(hits) >= k:
+                break
+        return hits
+
+    def search_pages(self, query: str, k: int = 5) -> list[tuple[int, float]]:
+        """(page id, BM25 score) of the best pages for `query`; empty if no query word is indexed."""
+        tokens = [t for t in tokenize([query])[0] if t in self._bm25.vocab_dict]
+        if not tokens:
+            return []
+        k = min(k, int(self._bm25.scores["num_docs"]))
+        docs, scores = self._bm25.retrieve([tokens], k=k, show_progress=False, n_threads=0)
+        return [(int(d), float(s)) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
+
+    def page(self, page_id: int) -> tuple[str, str, str]:
+        """(url, title, text) of one page."""
+        rows = self._query("SELECT url, title, text FROM pages WHERE id = ?", (page_id,))
+        if not rows:
+            raise SearchError(f"page {page_id} missing from {self.path}")
+        return rows[0]
+
+    def text_search(self, query: str, question: str = "", k: int = 5, *, max_sentences: int = 5) -> list[TextHit]:
+        """Top pages for `query`, each summarised extractively with respect to `question`."""
+        hits = []
+        for page_id, _ in self.search_pages(query, k):
+            url, title, text = self.page(page_id)
+            summary = extractive_summary(text, question or query, query, max_sentences=max_sentences,
+                                         max_chars=self.config.text_field_chars)
+            hits.append(TextHit(url=url, title=title, summary=summary))
+        return hits
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

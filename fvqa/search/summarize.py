@@ -1,0 +1,98 @@
+"""Page summaries for text search: an offline extractive default and the LLM summariser hook.
+
+Upstream summarised each result page with an LLM (first 30,000 characters, at most 5 sentences,
+keeping the page's main points and whatever answers the question). Offline we approximate that
+extractively: the page's lead sentence (its main point) plus the sentences that rank highest by BM25
+against the question and query, in page order. An LLM summariser is any callable
+`(page_text, question, query) -> str`; `llm_summarizer` builds one from a chat-completion function.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import bm25s
+
+Summarizer = Callable[[str, str, str], str]
+"""(page_text, question, query) -> summary; raising means "this page failed" (next result is used)."""
+
+SUMMARY_PROMPT = (
+    "You summarise a web page for someone answering a question.\n"
+    "Question: {question}\n"
+    "Search query: {query}\n"
+    "Write at most {max_sentences} sentences. Keep the page's main points and every fact on the page "
+    "that helps answer the question (names, dates, numbers). Use only what the page says; if it says "
+    "nothing relevant, summarise its main points.\n\n"
+    "Page:\n{page}"
+)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
+_WS = re.compile(r"\s+")
+
+
+def tokenize(texts: list[str]) -> list[list[str]]:
+    """Lower-cased word tokens without English stop words (the same analyser as the local index)."""
+    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split on sentence-ending punctuation followed by a capital/digit; also on blank lines."""
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n|\n(?=[A-Z#*\-])", text):
+        block = _WS.sub(" ", block).strip()
+        if block:
+            out.extend(s.strip() for s in _SENTENCE_END.split(block) if s.strip())
+    return out
+
+
+def extractive_summary(text: str, question: str, query: str = "", *, max_sentences: int = 5,
+                       max_chars: int = 30_000) -> str:
+    """At most `max_sentences` sentences of `text[:max_chars]`: the lead + the best BM25 matches."""
+    sentences = split_sentences(text[:max_chars])
+    if len(sentences) <= max_sentences:
+        return " ".join(sentences)
+    q_tokens = tokenize([f"{question} {query}"])[0]
+    picked = {0}
+    if q_tokens:
+        retriever = bm25s.BM25()
+        retriever.index(tokenize(sentences), show_progress=False)
+        known = [t for t in q_tokens if t in retriever.vocab_dict]
+        if known:
+            scores = retriever.get_scores(known)
+            for idx in scores.argsort()[::-1]:
+                if len(picked) >= max_sentences or scores[idx] <= 0:
+                    break
+                picked.add(int(idx))
+    for idx in range(len(sentences)):  # fill with the page's opening when few sentences matched
+        if len(picked) >= max_sentences:
+            break
+        picked.add(idx)
+    return " ".join(sentences[i] for i in sorted(picked))
+
+
+def default_summarizer(max_sentences: int = 5, max_chars: int = 30_000) -> Summarizer:
+    """The offline extractive summariser as a `Summarizer`."""
+
+    def summarize(page: str, question: str, query: str) -> str:
+        return extractive_summary(page, question, query, max_sentences=max_sentences, max_chars=max_chars)
+
+    return summarize
+
+
+def llm_summarizer(complete: Callable[[str], str], *, prompt: str = SUMMARY_PROMPT, max_sentences: int = 5,
+                   max_chars: int = 30_000) -> Summarizer:
+    """Wrap a text-completion function (prompt -> reply text, e.g. around `LLMClient`) as a `Summarizer`.
+
+    `prompt` may use `{question}`, `{query}`, `{page}` and `{max_sentences}`; it is overridable from
+    config so a run can reproduce upstream's summariser or use its own.
+    """
+
+    def summarize(page: str, question: str, query: str) -> str:
+        reply = complete(prompt.format(question=question, query=query, page=page[:max_chars],
+                                       max_sentences=max_sentences))
+        if not reply or not reply.strip():
+            raise ValueError("summariser returned an empty reply")
+        return reply.strip()
+
+    return summarize

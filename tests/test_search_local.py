@@ -1,0 +1,105 @@
+"""Local index: known-item retrieval on a small generated corpus, rejects, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fvqa.errors import ConfigError
+from fvqa.search.config import LocalConfig
+from fvqa.search.local_index import LocalIndex, build_index
+
+CFG = LocalConfig(clip_model="ViT-S-32", clip_pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fvqa.demo.world import make_world
+
+    return make_world(tmp_path_factory.mktemp("sworld") / "w", seed=3, n_entities=6)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from fvqa.search.clip import ClipEmbedder
+
+    return ClipEmbedder(CFG.clip_model, CFG.clip_pretrained)
+
+
+@pytest.fixture(scope="module")
+def index(world: Path, embedder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("sidx") / "index"
+    stats = build_index(world / "web/pages.jsonl", world / "web/images.jsonl", out, config=CFG, embedder=embedder)
+    return out, stats
+
+
+def test_build_counts_pages_images_and_rejects_with_reasons(index) -> None:
+    out, stats = index
+    assert stats.pages == 6 and stats.images == 12
+    # the demo world ships a truncated JPEG, HTML named .jpg and an 8x8 PNG: each rejected with a reason
+    assert sum(stats.rejected.values()) == 3
+    reasons = {r for (r,) in sqlite3.connect(out / "pages.sqlite").execute("SELECT reason FROM rejects")}
+    assert any("too small" in r for r in reasons)
+    assert any("not a decodable image" in r for r in reasons)
+    assert json.loads((out / "meta.json").read_text())["images"] == 12
+
+
+def test_image_search_returns_the_images_own_page_first(index, world: Path) -> None:
+    """A fresh process (new embedder object) must embed exactly as the build did."""
+    out, _ = index
+    ix = LocalIndex(out)  # builds its own embedder: random weights are seeded, so vectors agree
+    rows = [json.loads(line) for line in (world / "web/images.jsonl").read_text().splitlines()][:12]
+    for row in rows:
+        hits = ix.image_search(Image.open(world / "web" / row["path"]), k=3)
+        assert hits[0].title == row["title"], row["path"]
+        assert hits[0].url == row["page_url"]
+        assert isinstance(hits[0].thumbnail, bytes) and hits[0].thumbnail[:2] == b"\xff\xd8"
+        assert len({h.title for h in hits}) == len(hits)  # one hit per page
+
+
+def test_text_search_finds_the_page_holding_the_answer(index, world: Path, embedder) -> None:
+    out, _ = index
+    ix = LocalIndex(out, embedder=embedder)
+    entities = [json.loads(line) for line in (world / "entities.jsonl").read_text().splitlines()]
+    for e in entities:
+        hits = ix.text_search(f"{e['name']} maker", f"Who created this {e['noun']}?", k=3)
+        assert hits[0].title == e["name"]
+        assert e["maker"] in hits[0].summary
+        assert hits[0].summary.count(". ") <= 4  # at most 5 sentences
+    assert ix.text_search("qqqzzz unknownword", "?") == []
+
+
+def test_generic_pages_and_image_folder(tmp_path: Path, embedder) -> None:
+    import random
+
+    from fvqa.demo.world import _entities, render_image
+
+    ents = _entities(random.Random(1), 3)
+    pages = tmp_path / "pages.jsonl"
+    lines = [json.dumps({"url": f"https://x.test/{e.entity_id}", "title": e.name, "text": f"{e.name} is red."})
+             for e in ents]
+    lines += ["{broken", json.dumps({"url": "https://x.test/none", "title": "", "text": "no title"})]
+    pages.write_text("\n".join(lines) + "\n")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for e in ents:
+        (folder / f"{e.entity_id}.jpg").write_bytes(render_image(e, 0))
+    stats = build_index(pages, folder, tmp_path / "ix", config=CFG, embedder=embedder)
+    assert stats.pages == 3 and stats.images == 3
+    hits = LocalIndex(tmp_path / "ix", embedder=embedder).image_search(Image.open(folder / f"{ents[1].entity_id}.jpg"))
+    assert hits[0].title == ents[1].name and hits[0].url == f"https://x.test/{ents[1].entity_id}"
+    assert stats.rejected == {"pages: malformed JSON": 1, "pages: missing title ('wikipedia_title' or 'title')": 1}
+
+
+def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="corpus file not found"):
+        build_index(tmp_path / "nope.jsonl", None, tmp_path / "o")
+    (tmp_path / "empty.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="no usable pages"):
+        build_index(tmp_path / "empty.jsonl", None, tmp_path / "o")
+    with pytest.raises(ConfigError, match="no search index"):
+        LocalIndex(tmp_path / "o")
