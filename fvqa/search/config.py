@@ -57,7 +57,6 @@ class WebConfig(_Section):
     upload_field: str = "file"
     upload_response_key: str = "url"
     fetch_thumbnails: bool = True
-    candidates: int = Field(10, ge=1)  # text results requested; failed pages are replaced from these
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(2, ge=0)
     usd_per_call: float = Field(0.015, ge=0)  # SerpAPI: $75 per 5,000 searches
@@ -113,6 +112,7 @@ class SearchConfig(_Section):
 
     backend: Literal["local", "web", "replay", "http"] = "local"
     top_k: int = Field(5, ge=1, le=50)
+    candidates: int = Field(10, ge=1, le=100)  # text results requested; failed pages are replaced from these
     local: LocalConfig = Field(default_factory=LocalConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     reader: ReaderConfig = Field(default_factory=ReaderConfig)

@@ -39,7 +39,7 @@ from fvqa.errors import ConfigError
 from fvqa.search.clip import ClipEmbedder
 from fvqa.search.config import LocalConfig
 from fvqa.search.summarize import extractive_summary, tokenize
-from fvqa.search.types import BadRequest, ImageHit, SearchError, TextHit
+from fvqa.search.types import BadRequest, Candidate, ImageHit, PageError, QueryImage, SearchError, TextHit
 
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -334,6 +334,7 @@ class LocalIndex:
         self._bm25 = bm25s.BM25.load(self.path / "text", mmap=True, show_progress=False, verbosity=0)
         self.vectors = np.load(self.path / "image_vectors.npy", mmap_mode="r")
         self._embedder = embedder
+        self.cache_id = f"local:{self.meta.get('built_at')}"
 
     @property
     def embedder(self) -> ClipEmbedder:
@@ -346,8 +347,10 @@ class LocalIndex:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
-    def image_search(self, image: Image.Image, k: int = 5) -> list[ImageHit]:
+    def image_search(self, image: Image.Image | QueryImage, k: int = 5) -> list[ImageHit]:
         """Pages of the nearest indexed images (one hit per page), best first."""
+        if isinstance(image, QueryImage):
+            image = image.pil()
         if self.vectors.shape[0] == 0:
             raise SearchError(f"search index {self.path} holds no images")
         try:
@@ -387,12 +390,30 @@ class LocalIndex:
             raise SearchError(f"page {page_id} missing from {self.path}")
         return rows[0]
 
+    # the facade's two-step text search (candidates, then page text), shared with the web backend
+    name = "local"
+    cache_pages = False  # page text is already on local disk
+
+    def text_candidates(self, query: str, n: int) -> list[Candidate]:
+        """The best pages for `query` as candidates (ref = page id)."""
+        out = []
+        for page_id, _ in self.search_pages(query, n):
+            url, title, _text = self.page(page_id)
+            out.append(Candidate(url=url, title=title, ref=page_id))
+        return out
+
+    def read_page(self, candidate: Candidate) -> str:
+        """Stored text of a candidate page."""
+        if not isinstance(candidate.ref, int):
+            raise PageError("bad_ref", f"local candidate without a page id: {candidate}", permanent=True)
+        return self.page(candidate.ref)[2]
+
     def text_search(self, query: str, question: str = "", k: int = 5, *, max_sentences: int = 5) -> list[TextHit]:
         """Top pages for `query`, each summarised extractively with respect to `question`."""
         hits = []
         for page_id, _ in self.search_pages(query, k):
             url, title, text = self.page(page_id)
-            summary = extractive_summary(text, question or query, query, max_sentences=max_sentences,
+            summary = extractive_summary(text, question or query, max_sentences=max_sentences,
                                          max_chars=self.config.text_field_chars)
             hits.append(TextHit(url=url, title=title, summary=summary))
         return hits

@@ -3,8 +3,9 @@
 Upstream summarised each result page with an LLM (first 30,000 characters, at most 5 sentences,
 keeping the page's main points and whatever answers the question). Offline we approximate that
 extractively: the page's lead sentence (its main point) plus the sentences that rank highest by BM25
-against the question and query, in page order. An LLM summariser is any callable
-`(page_text, question, query) -> str`; `llm_summarizer` builds one from a chat-completion function.
+against the question, in page order. An LLM summariser is any callable `(page_text, question) -> str`
+(the cache keys summaries by page and question, as upstream); `llm_summarizer` builds one from a
+text-completion function.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from collections.abc import Callable
 
 import bm25s
 
-Summarizer = Callable[[str, str, str], str]
-"""(page_text, question, query) -> summary; raising means "this page failed" (next result is used)."""
+Summarizer = Callable[[str, str], str]
+"""(page_text, question) -> summary; raising means "this page failed" (the next result is used)."""
 
 SUMMARY_PROMPT = (
     "You summarise a web page for someone answering a question.\n"
     "Question: {question}\n"
-    "Search query: {query}\n"
     "Write at most {max_sentences} sentences. Keep the page's main points and every fact on the page "
     "that helps answer the question (names, dates, numbers). Use only what the page says; if it says "
     "nothing relevant, summarise its main points.\n\n"
@@ -46,13 +46,12 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
-def extractive_summary(text: str, question: str, query: str = "", *, max_sentences: int = 5,
-                       max_chars: int = 30_000) -> str:
+def extractive_summary(text: str, question: str, *, max_sentences: int = 5, max_chars: int = 30_000) -> str:
     """At most `max_sentences` sentences of `text[:max_chars]`: the lead + the best BM25 matches."""
     sentences = split_sentences(text[:max_chars])
     if len(sentences) <= max_sentences:
         return " ".join(sentences)
-    q_tokens = tokenize([f"{question} {query}"])[0]
+    q_tokens = tokenize([question])[0]
     picked = {0}
     if q_tokens:
         retriever = bm25s.BM25()
@@ -74,8 +73,8 @@ def extractive_summary(text: str, question: str, query: str = "", *, max_sentenc
 def default_summarizer(max_sentences: int = 5, max_chars: int = 30_000) -> Summarizer:
     """The offline extractive summariser as a `Summarizer`."""
 
-    def summarize(page: str, question: str, query: str) -> str:
-        return extractive_summary(page, question, query, max_sentences=max_sentences, max_chars=max_chars)
+    def summarize(page: str, question: str) -> str:
+        return extractive_summary(page, question, max_sentences=max_sentences, max_chars=max_chars)
 
     return summarize
 
@@ -84,13 +83,12 @@ def llm_summarizer(complete: Callable[[str], str], *, prompt: str = SUMMARY_PROM
                    max_chars: int = 30_000) -> Summarizer:
     """Wrap a text-completion function (prompt -> reply text, e.g. around `LLMClient`) as a `Summarizer`.
 
-    `prompt` may use `{question}`, `{query}`, `{page}` and `{max_sentences}`; it is overridable from
-    config so a run can reproduce upstream's summariser or use its own.
+    `prompt` may use `{question}`, `{page}` and `{max_sentences}`; it is overridable from config so a
+    run can reproduce upstream's summariser or use its own.
     """
 
-    def summarize(page: str, question: str, query: str) -> str:
-        reply = complete(prompt.format(question=question, query=query, page=page[:max_chars],
-                                       max_sentences=max_sentences))
+    def summarize(page: str, question: str) -> str:
+        reply = complete(prompt.format(question=question, page=page[:max_chars], max_sentences=max_sentences))
         if not reply or not reply.strip():
             raise ValueError("summariser returned an empty reply")
         return reply.strip()

@@ -1,0 +1,290 @@
+"""`SearchTools`: the two tools the agent calls, with a backend chosen by config and a cache in front.
+
+    tools = make_search_tools(cfg.search, cache_dir=ws.cache_dir / "search", cost_hook=ledger_hook)
+    hits = tools.image_search(image_bytes)           # -> list[ImageHit]
+    hits = tools.text_search("query", "question")    # -> list[TextHit]
+
+Text search runs in three cached steps, as upstream: query -> candidate pages; URL -> page text;
+(page, question) -> summary. A page that fails to read or summarise is replaced by the next
+candidate until `top_k` summaries or the candidates run out. Backend failures raise `SearchError`
+(the agent renders upstream's error text for it); nothing is silently dropped: failures are counted
+in `stats()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from fvqa.search.cache import SearchCache, cache_key
+from fvqa.search.config import SearchConfig
+from fvqa.search.summarize import Summarizer, default_summarizer
+from fvqa.search.types import (
+    BadRequest,
+    Candidate,
+    ImageHit,
+    PageError,
+    QueryImage,
+    SearchError,
+    TextHit,
+    as_query_image,
+    hit_to_dict,
+    image_hit_from_dict,
+)
+
+log = logging.getLogger(__name__)
+
+CostHook = Callable[[str, int, float], None]
+"""(kind, n_calls, usd) -> None; called once per paid backend call (e.g. to feed the cost ledger)."""
+
+
+class Backend(Protocol):
+    """What a search backend provides; the facade adds caching, limits, fallback and counting."""
+
+    name: str
+    cache_pages: bool
+
+    def image_search(self, image: QueryImage, k: int) -> list[ImageHit]: ...
+
+    def text_candidates(self, query: str, n: int) -> list[Candidate]: ...
+
+    def read_page(self, candidate: Candidate) -> str: ...
+
+
+class RateLimiter:
+    """At most `rate` acquisitions per second across threads (None: unlimited); spaces calls evenly."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            wait = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if wait > 0:
+            time.sleep(wait)
+
+
+class SearchTools:
+    """In-process image/text search over one backend, with the persistent cache in front."""
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        backend: Backend,
+        *,
+        cache_dir: Path | str | None = None,
+        cost_hook: CostHook | None = None,
+        summarizer: Summarizer | None = None,
+        summarizer_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.cost_hook = cost_hook
+        self.summarizer = summarizer or default_summarizer(config.summary_sentences, config.reader.max_chars)
+        self.summarizer_id = summarizer_id or ("extractive-bm25" if summarizer is None else "custom")
+        cache_dir = cache_dir or config.cache.dir
+        self.cache = (
+            SearchCache(cache_dir, ttl_s=config.cache.ttl_s, max_mb=config.cache.max_mb,
+                        error_ttl_s=config.cache.error_ttl_s)
+            if config.cache.enabled and cache_dir is not None
+            else None
+        )
+        svc = config.service
+        self._image_slots = threading.BoundedSemaphore(svc.image_concurrency)
+        self._text_slots = threading.BoundedSemaphore(svc.text_concurrency)
+        # cache keys name the backend *instance* (e.g. which local index build), so answers from a
+        # rebuilt index or another backend are never served from the cache
+        self._backend_id = getattr(backend, "cache_id", backend.name)
+        self.counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += n
+
+    def _get(self, layer: str, key: str) -> tuple[bool, Any] | None:
+        return self.cache.get(layer, key) if self.cache else None
+
+    def _put(self, layer: str, key: str, value: Any, *, ok: bool = True) -> None:
+        if self.cache:
+            self.cache.put(layer, key, value, ok=ok)
+
+    def stats(self) -> dict[str, Any]:
+        """Backend calls, failures and cache hit/miss counters (for summaries and `/metrics`)."""
+        with self._counter_lock:
+            counters = dict(self.counters)
+        return {"backend": self.backend.name, "counters": counters,
+                "cache": self.cache.stats() if self.cache else None}
+
+    # -- image search --------------------------------------------------------------------------
+
+    def image_search(self, image: Any, *, image_url: str | None = None, data_id: str | None = None) -> list[ImageHit]:
+        """Top-k pages for an image (bytes, PIL image, path): each a title, page URL and thumbnail."""
+        query = as_query_image(image, url=image_url, data_id=data_id)
+        if not query.data and not query.url and not query.data_id:
+            raise BadRequest("image search needs an image (or its URL / upstream data_id)")
+        identity = query.sha256 if query.data else (query.data_id or query.url)
+        if getattr(self.backend, "keyed_by_data_id", False):
+            identity = query.data_id or identity
+        key = cache_key("image", self._backend_id, identity, self.config.top_k)
+        cached = self._get("image", key)
+        if cached is not None:
+            return [image_hit_from_dict(d) for d in cached[1]]
+        with self._image_slots:
+            self._count("image_backend_calls")
+            try:
+                hits = self.backend.image_search(query, self.config.top_k)
+            except SearchError:
+                self._count("image_failures")
+                raise
+            except Exception as exc:  # noqa: BLE001 - any backend bug becomes a search error, not a crash
+                self._count("image_failures")
+                log.exception("image search backend %s failed", self.backend.name)
+                raise SearchError(f"image search failed ({self.backend.name}): {type(exc).__name__}: {exc}") from exc
+        hits = hits[: self.config.top_k]
+        if hits:  # an empty answer may be transient (index rebuilt, API hiccup): not remembered
+            self._put("image", key, [hit_to_dict(h) for h in hits])
+        return hits
+
+    # -- text search ---------------------------------------------------------------------------
+
+    def _check_query(self, query: str) -> str:
+        if not isinstance(query, str) or not query.strip():
+            raise BadRequest("text search needs a non-empty query")
+        limit = self.config.service.max_query_chars
+        if len(query) > limit:
+            raise BadRequest(f"query is {len(query)} characters, the limit is {limit}")
+        return query.strip()
+
+    def candidates(self, query: str) -> list[Candidate]:
+        """Layer 1: query -> candidate pages (cached)."""
+        n = max(self.config.top_k, self.config.candidates)
+        key = cache_key("query", self._backend_id, query, n)
+        cached = self._get("query", key)
+        if cached is not None:
+            return [Candidate(**d) for d in cached[1]]
+        with self._text_slots:
+            self._count("text_backend_calls")
+            try:
+                cands = self.backend.text_candidates(query, n)
+            except SearchError:
+                self._count("text_failures")
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._count("text_failures")
+                log.exception("text search backend %s failed", self.backend.name)
+                raise SearchError(f"text search failed ({self.backend.name}): {type(exc).__name__}: {exc}") from exc
+        if cands:
+            self._put("query", key, [c.__dict__ for c in cands])
+        return cands
+
+    def page_text(self, cand: Candidate) -> str:
+        """Layer 2: URL -> extracted page text (cached for remote backends, failures by class)."""
+        if not self.backend.cache_pages:
+            return self.backend.read_page(cand)
+        key = cache_key("page", cand.url)
+        cached = self._get("page", key)
+        if cached is not None:
+            ok, value = cached
+            if ok:
+                return value
+            raise PageError(value["error_class"], value["message"] + " (cached)", permanent=True)
+        self._count("page_fetches")
+        try:
+            text = self.backend.read_page(cand)
+        except PageError as exc:
+            if exc.permanent:
+                self._put("page", key, {"error_class": exc.error_class, "message": str(exc)}, ok=False)
+            raise
+        self._put("page", key, text)
+        return text
+
+    def summary(self, text: str, question: str) -> str:
+        """Layer 3: (page, question) -> summary (cached; keyed by page content and summariser)."""
+        page_hash = hashlib.sha256(text.encode()).hexdigest()
+        key = cache_key("summary", self.summarizer_id, page_hash, question)
+        cached = self._get("summary", key)
+        if cached is not None:
+            return cached[1]
+        self._count("summaries")
+        summary = self.summarizer(text, question)
+        if not isinstance(summary, str) or not summary.strip():
+            raise ValueError("summariser returned nothing")
+        self._put("summary", key, summary)
+        return summary
+
+    def text_search(self, query: str, question: str = "") -> list[TextHit]:
+        """Top-k pages for `query`, each summarised with respect to `question` (default: the query)."""
+        query = self._check_query(query)
+        question = (question or "").strip() or query
+        hits: list[TextHit] = []
+        for cand in self.candidates(query):
+            if len(hits) >= self.config.top_k:
+                break
+            try:
+                text = self.page_text(cand)
+                summary = self.summary(text, question)
+            except Exception as exc:  # noqa: BLE001 - one bad page is replaced by the next candidate
+                self._count("pages_failed")
+                log.info("text search: skipping %s (%s)", cand.url, exc)
+                continue
+            hits.append(TextHit(url=cand.url, title=cand.title, summary=summary))
+        return hits
+
+    def close(self) -> None:
+        if self.cache:
+            self.cache.close()
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
+
+def make_backend(config: SearchConfig, *, cost_hook: CostHook | None = None) -> Backend:
+    """The backend named by `config.backend` (imports only what that backend needs)."""
+    if config.backend == "local":
+        from fvqa.errors import ConfigError
+        from fvqa.search.local_index import LocalIndex
+
+        if config.local.index_dir is None:
+            raise ConfigError("search.local.index_dir is not set (build an index with `fvqa search index build`)")
+        return LocalIndex(config.local.index_dir, config=config.local)
+    if config.backend == "web":
+        from fvqa.search.web import WebBackend
+
+        return WebBackend(config, cost_hook=cost_hook)
+    if config.backend == "replay":
+        from fvqa.search.replay import ReplayBackend
+
+        return ReplayBackend(config.replay.paths)
+    raise ValueError(f"backend {config.backend!r} has no in-process implementation")
+
+
+def make_search_tools(
+    config: SearchConfig | Any,
+    *,
+    cache_dir: Path | str | None = None,
+    cost_hook: CostHook | None = None,
+    summarizer: Summarizer | None = None,
+) -> Any:
+    """`SearchTools` for local/web/replay, or an HTTP `SearchClient` for backend `http` (same interface)."""
+    config = SearchConfig.from_section(config)
+    if config.backend == "http":
+        from fvqa.search.client import SearchClient
+
+        return SearchClient(config.service.url, timeout_s=config.service.timeout_s)
+    backend = make_backend(config, cost_hook=cost_hook)
+    return SearchTools(config, backend, cache_dir=cache_dir, cost_hook=cost_hook, summarizer=summarizer)
