@@ -201,7 +201,7 @@ class FvqaSearchAgentLoop(AgentLoopBase):
             new_logprobs = list(out.log_probs)[: len(token_ids)] if out.log_probs else None
             merged, mask, logprobs = await self.ct_merge_assistant_token(
                 runtime_ids, token_ids, mask,
-                logprobs if (logprobs is not None or new_logprobs) else None,
+                logprobs if logprobs is not None else ([] if new_logprobs is not None and not mask else None),
                 assistant_logprobs=new_logprobs,
             )
             runtime_ids = merged.token_ids

@@ -1,0 +1,426 @@
+"""From a workspace to veRL rollouts, on CPU: `train prepare` -> veRL's RLHFDataset -> our agent loop
+with a scripted generation server, a tiny Qwen2.5-VL processor and the search tools.
+
+The GPU boundary is the generation server: here it returns scripted token ids instead of sampling.
+Everything on our side of it (prompt tokens, tool calls, result rendering, thumbnails, masks, limits,
+the reward on the returned turns, veRL's GRPO advantage) runs for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from fvqa.protocol import ImageHit, TextHit
+from fvqa.store import Workspace
+from fvqa.train.prepare import prepare
+
+QUESTION = "Who designed the tower in this picture?"
+IMAGE_MAX_PIXELS = 64 * 28 * 28
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny Qwen2.5-VL processor (random BPE vocabulary, real Qwen special tokens and image processor)
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_processor(tmp: Path) -> Any:
+    """Prefer the shared tests/tiny_qwen.py; fall back to building just the processor here."""
+    try:
+        from tiny_qwen import build_tiny_qwen  # type: ignore[import-not-found]
+    except ImportError:
+        build_tiny_qwen = None
+    from transformers import AutoProcessor
+
+    if build_tiny_qwen is not None:
+        return AutoProcessor.from_pretrained(str(build_tiny_qwen(tmp)))
+    return _build_processor()
+
+
+SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_processor() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "<reason>I do not recognise it</reason><search><img></search>",
+        "<text_search>tower designer</text_search><answer>Gustave Eiffel</answer>",
+        "Searched results: <information>[Image Search Results] title link</information>",
+        QUESTION,
+    ] * 10
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIALS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    images = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=IMAGE_MAX_PIXELS, patch_size=14,
+                                   merge_size=2, temporal_patch_size=2)
+    return Qwen2_5_VLProcessor(image_processor=images, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
+                               chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _tiny_processor(tmp_path_factory.mktemp("tiny_qwen"))
+
+
+# --------------------------------------------------------------------------------------------
+# A workspace with a few items, prepared for veRL
+# --------------------------------------------------------------------------------------------
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", size, color)
+    img.paste((255 - color[0], color[1], 255 - color[2]), (0, 0, size[0] // 2, size[1] // 3))
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("ws")
+    with Workspace(root) as ws:
+        big = ws.put_image(png((200, 30, 30), (900, 700)))  # larger than IMAGE_MAX_PIXELS: downscaled
+        small = ws.put_image(png((30, 200, 30), (120, 90)))
+        other = ws.put_image(png((30, 30, 200), (160, 100)))
+        items = [
+            dict(item_id="a-tower", source="metaclip", question=QUESTION, answer="Gustave Eiffel",
+                 aliases=["Eiffel"], image_sha256=big.sha256),
+            dict(item_id="b-bridge", source="infoseek", question="What river does this bridge cross?",
+                 answer="Seine", aliases=[], image_sha256=small.sha256),
+            dict(item_id="c-test", source="infoseek", question="Where is this?", answer="Lyon", aliases=[],
+                 image_sha256=other.sha256),
+            dict(item_id="d-noimage", source="manual", question="What is it?", answer="x", aliases=[],
+                 image_sha256=None),
+            dict(item_id="e-empty", source="manual", question="  ", answer="y", aliases=[],
+                 image_sha256=small.sha256),
+        ]
+        ws.insert("items", items)
+        ws.insert("splits", [dict(item_id=i["item_id"], split="test" if i["item_id"] == "c-test" else "train")
+                             for i in items])
+        ws.insert("tags", [dict(item_id="a-tower", knowledge_type="Place")])
+        ws.insert("labels", [dict(item_id="a-tower", search_label="mixed_search_required")])
+        result = prepare(ws, image_max_pixels=IMAGE_MAX_PIXELS)
+        rejects = ws.execute("SELECT key, reason FROM rejects WHERE stage = 'train_prepare' ORDER BY key")
+    return {"root": root, "result": result, "rejects": rejects, "big": big}
+
+
+def test_prepare_writes_both_splits_and_rejects_with_reasons(prepared: dict[str, Any]) -> None:
+    result = prepared["result"]
+    assert result.rows == {"train": 2, "test": 1}
+    assert prepared["rejects"] == [("d-noimage", "item has no image"), ("e-empty", "empty question")]
+    train = pq.read_table(result.files["train"]).to_pylist()
+    val = pq.read_table(result.files["test"]).to_pylist()
+    assert result.files["test"].name == "val.parquet"
+    tower = next(r for r in train if r["extra_info"]["item_id"] == "a-tower")
+    assert "mmsearch_r1" in tower["data_source"] and tower["agent_name"] == "fvqa_search_agent"
+    assert tower["reward_model"]["style"] == "rule" and tower["reward_model"]["ground_truth"] == "Gustave Eiffel"
+    assert json.loads(tower["reward_model"]["candidate_answers"]) == ["Gustave Eiffel", "Eiffel"]
+    assert tower["extra_info"]["candidate_answers"] == ["Gustave Eiffel", "Eiffel"]
+    assert tower["extra_info"]["knowledge_type"] == "Place"
+    assert tower["extra_info"]["search_label"] == "mixed_search_required"
+    assert tower["extra_info"]["question"] == QUESTION
+    [msg] = tower["prompt"]
+    assert msg["role"] == "user" and msg["content"].count("<image>") == len(tower["images"]) == 1
+    assert msg["content"].endswith(QUESTION)
+    with Image.open(io.BytesIO(tower["images"][0]["bytes"])) as img:
+        assert img.width * img.height <= IMAGE_MAX_PIXELS  # 900x700 original was downscaled
+    indices = [r["extra_info"]["index"] for r in train + val]
+    assert len(set(indices)) == len(indices)
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["rows"] == {"train": 2, "test": 1} and manifest["rejected"] == {
+        "item has no image": 1, "empty question": 1}
+
+
+def test_prepare_rerun_writes_identical_files(prepared: dict[str, Any]) -> None:
+    before = prepared["result"].files["train"].read_bytes()
+    with Workspace(prepared["root"]) as ws:
+        again = prepare(ws, image_max_pixels=IMAGE_MAX_PIXELS)
+    assert pq.read_table(again.files["train"]).equals(pq.read_table(io.BytesIO(before)))
+
+
+def _dataset(prepared: dict[str, Any], processor: Any, split: str = "train") -> Any:
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    config = OmegaConf.create({
+        "prompt_key": "prompt", "image_key": "images", "max_prompt_length": 2048, "return_raw_chat": True,
+        "filter_overlong_prompts": True, "filter_overlong_prompts_workers": 1, "truncation": "error",
+        "cache_dir": str(prepared["root"] / "verl-cache"),
+    })
+    return RLHFDataset(str(prepared["result"].files[split]), processor.tokenizer, config, processor)
+
+
+def test_prepared_rows_load_through_verl_rlhf_dataset(prepared: dict[str, Any], processor: Any) -> None:
+    ds = _dataset(prepared, processor)
+    assert len(ds) == 2  # nothing filtered as overlong
+    row = next(ds[i] for i in range(len(ds)) if ds[i]["extra_info"]["item_id"] == "a-tower")
+    [msg] = row["raw_prompt"]
+    images = [p for p in msg["content"] if p["type"] == "image"]
+    assert len(images) == 1 and isinstance(images[0]["image"], Image.Image)
+    assert row["agent_name"] == "fvqa_search_agent" and row["index"] == row["extra_info"]["index"]
+    # The processor expands the one placeholder into exactly the vision tokens of the one image.
+    text = processor.apply_chat_template(row["raw_prompt"], add_generation_prompt=True, tokenize=False)
+    out = processor(text=[text], images=[images[0]["image"]], return_tensors="pt")
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((out["input_ids"] == pad).sum()) == int(out["image_grid_thw"].prod()) // 4
+    assert text.count("<|vision_start|>") == 1 and QUESTION in text
+
+
+# --------------------------------------------------------------------------------------------
+# The agent loop with a scripted generation server and scripted search tools
+# --------------------------------------------------------------------------------------------
+
+
+class ScriptedServer:
+    """Stands in for veRL's LLM server client: returns the next scripted assistant turn's token ids."""
+
+    def __init__(self, tokenizer: Any, turns: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.turns = list(turns)
+        self.calls: list[dict[str, Any]] = []
+
+    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
+                       image_data: list[Any] | None = None, **kwargs: Any) -> Any:
+        from verl.workers.rollout.replica import TokenOutput
+
+        self.calls.append({"prompt_ids": list(prompt_ids), "images": list(image_data or []),
+                           "params": dict(sampling_params)})
+        text = self.turns.pop(0)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids))
+
+
+class ScriptedSearch:
+    """The search tools' interface with canned hits; records what the rollout asked for."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.image_calls: list[tuple[bytes, dict[str, Any]]] = []
+        self.text_calls: list[tuple[str, str]] = []
+
+    def image_search(self, image: bytes, **kwargs: Any) -> list[ImageHit]:
+        self.image_calls.append((image, kwargs))
+        if self.fail:
+            raise ConnectionError("search service down")
+        hits = [ImageHit(title=f"Tower photo {i}", url=f"https://example.org/{i}",
+                         thumbnail=png((40 * i, 90, 160), (300 + 40 * i, 200))) for i in range(4)]
+        return [*hits, ImageHit(title="Page without image", url="https://example.org/x", thumbnail=None)]
+
+    def text_search(self, query: str, question: str = "", **kwargs: Any) -> list[TextHit]:
+        self.text_calls.append((query, question))
+        return [TextHit(url="https://example.org/eiffel", title="Eiffel", summary="Designed by Gustave Eiffel.")]
+
+
+IMG = "<reason>I cannot tell which tower this is.</reason><search><img></search>"
+TXT = "<reason>It is the Eiffel Tower.</reason><text_search>Eiffel Tower designer</text_search>"
+TXT2 = "<reason>Need more.</reason><text_search>tower engineer</text_search>"
+ANS = "<reason>The results say Gustave Eiffel.</reason><answer>Gustave Eiffel</answer><|im_end|>"
+THUMB_MAX_PIXELS = 16 * 28 * 28
+
+
+def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: ScriptedSearch,
+         response_length: int = 4096, limits: dict[str, Any] | None = None) -> tuple[Any, ScriptedServer]:
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from fvqa.train.agent_loop import FvqaSearchAgentLoop
+
+    ds = _dataset(prepared, processor)
+    row = next(ds[i] for i in range(len(ds)) if ds[i]["extra_info"]["item_id"] == "a-tower")
+    cfg = OmegaConf.create({
+        "actor_rollout_ref": {"rollout": {"prompt_length": 2048, "response_length": response_length}},
+        "data": {},
+        "fvqa": {"search_url": "http://127.0.0.1:9", "thumbnail_max_pixels": THUMB_MAX_PIXELS,
+                 "image_search_topk": 5, "limits": limits or {}},
+    })
+    server = ScriptedServer(processor.tokenizer, turns)
+
+    async def go() -> Any:
+        loop = FvqaSearchAgentLoop(
+            trainer_config=DictConfigWrap(cfg), server_manager=server, tokenizer=processor.tokenizer,
+            processor=processor, dataset_cls=RLHFDataset, data_config=DictConfigWrap(cfg.data),
+            hf_model_type="qwen2_5_vl", search_client=search,
+        )
+        return await loop.run({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True}, **row)
+
+    return asyncio.run(go()), server
+
+
+def _spans(mask: list[int]) -> list[tuple[int, int, int]]:
+    """(value, start, end) runs of a 0/1 mask."""
+    runs, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            runs.append((mask[start], start, i))
+            start = i
+    return runs
+
+
+def test_full_episode_image_then_text_search_then_answer(prepared: dict[str, Any], processor: Any) -> None:
+    tok = processor.tokenizer
+    search = ScriptedSearch()
+    out, server = _run(prepared, processor, [IMG, TXT, ANS], search)
+
+    # Three model turns, two tool turns; the trajectory ended on the answer.
+    assert out.extra_fields["assistant_turns"] == [IMG, TXT, ANS.replace("<|im_end|>", "")]
+    assert out.extra_fields["turn_kinds"] == ["image_search", "text_search", "answer"]
+    assert out.extra_fields["stop_reason"] == "answer" and out.num_turns == 6
+    assert [c["kind"] for c in out.extra_fields["tool_calls"]] == ["image_search", "text_search"]
+
+    # The tools got the user's stored image bytes and the model's query with the question.
+    with Workspace(prepared["root"], read_only=True) as ws:
+        rows = pq.read_table(prepared["result"].files["train"]).to_pylist()
+        stored = next(r for r in rows if r["extra_info"]["item_id"] == "a-tower")["images"][0]["bytes"]
+        del ws
+    assert search.image_calls[0][0] == stored
+    assert search.image_calls[0][1]["item_id"] == "a-tower"
+    assert search.text_calls == [("Eiffel Tower designer", QUESTION)]
+
+    # Model tokens carry mask 1 and are exactly what the server generated, in order; the rest is 0.
+    generated = [tok.encode(t, add_special_tokens=False) for t in (IMG, TXT, ANS)]
+    ones = [s for s in _spans(out.response_mask) if s[0] == 1]
+    assert [out.response_ids[a:b] for _, a, b in ones] == generated
+    assert out.response_logprobs is not None and len(out.response_logprobs) == len(out.response_ids)
+    assert all(lp == 0.0 for lp, m in zip(out.response_logprobs, out.response_mask, strict=True) if m == 0)
+    zeros = [tok.decode(out.response_ids[a:b]) for v, a, b in _spans(out.response_mask) if v == 0]
+    assert len(zeros) == 2
+    assert zeros[0].startswith("<|im_end|>\n<|im_start|>user\nSearched results: <information>[Image Search")
+    assert f"Original user's question: {QUESTION}" in zeros[0] and zeros[0].endswith("<|im_start|>assistant\n")
+    assert "[thumbnail unavailable]" in zeros[0] and zeros[0].count("<|vision_start|>") == 4
+    assert "(link:https://example.org/eiffel) Designed by Gustave Eiffel." in zeros[1]
+
+    # Thumbnails reach the next turn: the engine gets them as images, bounded in size, each matched
+    # by exactly its own number of vision tokens in the prompt.
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    first, second, third = server.calls
+    assert len(first["images"]) == 1 and len(second["images"]) == 5 and len(third["images"]) == 5
+    assert all(im.width * im.height <= THUMB_MAX_PIXELS for im in second["images"][1:])
+    grid = processor.image_processor(images=second["images"], return_tensors="pt")["image_grid_thw"]
+    assert second["prompt_ids"].count(pad) == int(grid.prod(dim=1).sum()) // 4
+    assert out.multi_modal_data["images"] == third["images"]
+    # Each turn continues the previous prompt (append-only), and generation stops after a search tag.
+    assert second["prompt_ids"][: len(first["prompt_ids"])] == first["prompt_ids"]
+    assert third["prompt_ids"][: len(second["prompt_ids"])] == second["prompt_ids"]
+    assert out.prompt_ids + out.response_ids[: len(third["prompt_ids"]) - len(out.prompt_ids)] == third["prompt_ids"]
+    assert "</search>" in first["params"]["stop"] and first["params"]["include_stop_str_in_output"]
+
+    # The reward veRL computes from these extra fields: correct after searching -> 0.91.
+    from fvqa.train.verl_reward import compute_score
+
+    info = {"candidate_answers": ["Gustave Eiffel", "Eiffel"], **out.extra_fields}
+    score = compute_score("mmsearch_r1/fvqa_train", tok.decode(out.response_ids), "Gustave Eiffel", info)
+    assert score["score"] == pytest.approx(0.91) and score["n_image_search"] == 1 and score["n_text_search"] == 1
+
+
+@pytest.mark.parametrize(
+    ("turns", "limits", "kinds", "detail", "n_image", "n_text"),
+    [
+        # A second image search is past the limit: the rollout ends without calling the tool.
+        ([IMG, IMG], {}, ["image_search", "image_search"], "image search limit (1)", 1, 0),
+        # Image search only in round 1.
+        ([TXT, IMG], {"max_image_search": 2}, ["text_search", "image_search"],
+         "image search is allowed in round 1 only", 0, 1),
+        # A call in the last (third) round ends the trajectory; two text searches ran.
+        ([TXT, TXT2, TXT], {}, ["text_search"] * 3, "search call in the last round (3)", 0, 2),
+        # A third text search past a 2-search limit with rounds to spare.
+        ([TXT, TXT2, TXT], {"max_rounds": 5}, ["text_search"] * 3, "text search limit (2)", 0, 2),
+    ],
+)
+def test_limits_end_the_trajectory(prepared: dict[str, Any], processor: Any, turns: list[str],
+                                   limits: dict[str, Any], kinds: list[str], detail: str,
+                                   n_image: int, n_text: int) -> None:
+    search = ScriptedSearch()
+    out, server = _run(prepared, processor, turns, search, limits=limits)
+    assert out.extra_fields["turn_kinds"] == kinds
+    assert out.extra_fields["stop_reason"] == "limit" and out.extra_fields["stop_detail"] == detail
+    assert (len(search.image_calls), len(search.text_calls)) == (n_image, n_text)
+    assert len(server.calls) == len(turns)
+    # The last turn's tokens end the response: nothing after the refused call.
+    last = processor.tokenizer.encode(turns[-1], add_special_tokens=False)
+    assert out.response_ids[-len(last):] == last and out.response_mask[-len(last):] == [1] * len(last)
+
+
+def test_invalid_turn_ends_trajectory(prepared: dict[str, Any], processor: Any) -> None:
+    out, server = _run(prepared, processor, ["I think it is a tower.<|im_end|>"], ScriptedSearch())
+    assert out.extra_fields["stop_reason"] == "invalid" and len(server.calls) == 1
+    assert set(out.response_mask) == {1}
+
+
+def test_search_failure_is_rendered_not_raised(prepared: dict[str, Any], processor: Any) -> None:
+    out, server = _run(prepared, processor, [IMG, ANS], ScriptedSearch(fail=True))
+    assert out.extra_fields["stop_reason"] == "answer" and out.extra_fields["n_tool_errors"] == 1
+    assert "ConnectionError" in out.extra_fields["tool_calls"][0]["error"]
+    tool_text = processor.tokenizer.decode(server.calls[1]["prompt_ids"][len(server.calls[0]["prompt_ids"]):])
+    assert "There is an error encountered in performing search" in tool_text
+    assert len(server.calls[1]["images"]) == 1  # no thumbnails
+
+
+def test_response_budget_stops_before_a_result_that_does_not_fit(prepared: dict[str, Any], processor: Any) -> None:
+    n_img = len(processor.tokenizer.encode(IMG, add_special_tokens=False))
+    out, server = _run(prepared, processor, [IMG, ANS], ScriptedSearch(), response_length=n_img + 20)
+    assert out.extra_fields["stop_reason"] == "response_budget"
+    assert len(server.calls) == 1 and len(out.response_ids) == n_img
+    assert server.calls[0]["params"]["max_tokens"] == n_img + 20
+
+
+def test_grpo_advantage_on_a_group_of_our_rollouts(prepared: dict[str, Any], processor: Any) -> None:
+    """veRL's own GRPO advantage over one prompt's rollouts scored by our reward."""
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    from fvqa.train.verl_reward import compute_score
+
+    wrong = "<reason>Guess.</reason><answer>Napoleon</answer><|im_end|>"
+    scripts = [[ANS], [IMG, ANS], [IMG, TXT, ANS], [wrong]]
+    scores, lengths = [], []
+    for turns in scripts:
+        out, _ = _run(prepared, processor, turns, ScriptedSearch())
+        info = {"candidate_answers": ["Gustave Eiffel"], **out.extra_fields}
+        scores.append(compute_score("mmsearch_r1/fvqa_train", "", "Gustave Eiffel", info)["score"])
+        lengths.append(len(out.response_ids))
+    assert scores == pytest.approx([1.0, 0.91, 0.91, 0.1])
+    width = max(lengths)
+    rewards = torch.zeros(len(scripts), width)
+    mask = torch.zeros(len(scripts), width)
+    for i, (s, n) in enumerate(zip(scores, lengths, strict=True)):
+        rewards[i, n - 1] = s
+        mask[i, :n] = 1
+    adv, _ = compute_grpo_outcome_advantage(rewards, mask, np.array(["item"] * len(scripts), dtype=object))
+    first, searched, searched_twice, wrong_adv = adv[:, 0].tolist()
+    assert searched == pytest.approx(searched_twice)
+    assert first > searched > 0 > wrong_adv
