@@ -292,6 +292,7 @@ def test_search_ratio() -> None:
     assert search_ratio([2, 2, 2], 2) == 1.0  # RAG: always both searches
     assert search_ratio([0, 1, 2, 1], 2) == pytest.approx(0.5)
     assert search_ratio([0, 0], 3) == 0.0
+    assert search_ratio(np.array([1, 1]), np.int64(2)) == 0.5  # numpy counts from a dataframe
     assert search_ratio([1, 3], [2, 3]) == pytest.approx(4 / 5)  # per-item limits
 
 

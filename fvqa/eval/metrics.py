@@ -347,7 +347,9 @@ def search_ratio(n_search_calls: Sequence[int], max_search_steps: int | Sequence
     if not calls:
         raise ValueError("search ratio of no items")
     limits = _counts(
-        [max_search_steps] * len(calls) if isinstance(max_search_steps, int) else max_search_steps,
+        [max_search_steps] * len(calls)
+        if isinstance(max_search_steps, int | np.integer)
+        else max_search_steps,
         "max_search_steps",
     )
     if len(limits) != len(calls):
