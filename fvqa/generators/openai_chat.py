@@ -1,0 +1,70 @@
+"""Generator over any OpenAI-compatible chat endpoint (GPT-4o, a `vllm serve` box, SGLang).
+
+Uses the project's LLM client (cache, retries, cost ledger), so a re-run of a probe repeats no paid
+call: the request, including its per-rollout `seed`, is the cache key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fvqa.generators.base import Generation, Message, Request, restore_stop
+from fvqa.llm.client import LLMClient
+from fvqa.llm.config import LLMConfig
+from fvqa.llm.images import image_part
+from fvqa.llm.ledger import CostLedger
+
+
+def wire_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Neutral messages -> the LLM client's shape (images as `image_part`, hashed by content)."""
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            parts = [image_part(p["image"]) if p.get("type") == "image" else {"type": "text", "text": p["text"]}
+                     for p in content]
+            out.append({"role": msg["role"], "content": parts})
+        else:
+            out.append({"role": msg["role"], "content": content})
+    return out
+
+
+class OpenAIChatGenerator:
+    """Batch of requests -> concurrent chat completions (bounded by the client's concurrency)."""
+
+    def __init__(self, cfg: LLMConfig, cache_dir: Path | str, *, stage: str = "probe",
+                 ledger: CostLedger | None = None) -> None:
+        self.cfg = cfg
+        self.client = LLMClient(cfg, cache_dir, stage=stage, ledger=ledger)
+        self.name = f"openai:{cfg.model}"
+
+    @property
+    def ledger(self) -> CostLedger:
+        return self.client.ledger
+
+    async def _one(self, req: Request) -> Generation:
+        s = req.sampling
+        params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
+        if s.seed is not None:
+            params["seed"] = s.seed
+        if s.stop:
+            params["stop"] = list(s.stop)
+        res = await self.client.complete(wire_messages(req.messages), **params)
+        if not res.ok:
+            return Generation(error=f"{res.error_class}: {res.error}")
+        text = res.text or ""
+        if s.stop and res.finish_reason == "stop":
+            text = restore_stop(text)
+        return Generation(text=text, prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                          finish_reason=res.finish_reason, cached=res.cached)
+
+    async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
+        async with self.client:
+            return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        """Run the batch on a private event loop (callers here are synchronous stages)."""
+        return asyncio.run(self.agenerate(requests))

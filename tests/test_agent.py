@@ -1,0 +1,216 @@
+"""The search agent: exact trajectories over a loopback OpenAI-compatible server and the local index,
+limits, search failures, and a tiny Qwen2.5-VL run locally through transformers."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fake_openai import FakeOpenAI, Reply, error_body, last_user_text
+from PIL import Image
+
+from fvqa.agent import AgentItem, Job, run, run_many
+from fvqa.generators.base import Generation, Request, Sampling, restore_stop
+from fvqa.generators.openai_chat import OpenAIChatGenerator
+from fvqa.llm.config import Endpoint, LLMConfig
+from fvqa.protocol import IMAGE_SEARCH_ERROR, TEXT_SEARCH_ERROR, Limits, load_prompts
+from fvqa.search.config import LocalConfig
+from fvqa.search.local_index import LocalIndex, build_index
+from fvqa.search.types import SearchError
+
+PROMPTS = load_prompts()
+CFG = LocalConfig(clip_model="ViT-S-32", clip_pretrained=None)
+
+
+class IndexTools:
+    """The agent's search interface over the local index (image bytes in, hits out)."""
+
+    def __init__(self, index: LocalIndex) -> None:
+        self.index = index
+
+    def image_search(self, image: bytes, **_: Any) -> list:
+        import io
+
+        return self.index.image_search(Image.open(io.BytesIO(image)), k=3)
+
+    def text_search(self, query: str, question: str = "", **_: Any) -> list:
+        return self.index.text_search(query, question, k=2)
+
+
+class PixelEmbedder:
+    """A cheap stand-in for CLIP (8x8 grey pixels, unit norm): the index mechanics are what is
+    tested here, and an indexed image still finds itself first. Building a random CLIP costs ~10 s."""
+
+    dim = 64
+    name = "pixels-8x8"
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = np.stack([np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).ravel() for im in images])
+        vecs -= vecs.mean(axis=1, keepdims=True)
+        return (vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-6)).astype(np.float32)
+
+
+class Scripted:
+    """A generator that answers each request with a function of its messages (no model, no HTTP)."""
+
+    name = "scripted:test"
+
+    def __init__(self, script: Callable[[list[dict[str, Any]]], str]) -> None:
+        self.script = script
+        self.requests: list[Request] = []
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        self.requests.extend(requests)
+        return [Generation(text=self.script(r.messages), prompt_tokens=7, completion_tokens=3) for r in requests]
+
+
+class FailingTools:
+    def image_search(self, image: bytes, **_: Any) -> list:
+        raise SearchError("index offline")
+
+    def text_search(self, query: str, question: str = "", **_: Any) -> list:
+        raise SearchError("index offline")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fvqa.demo.world import make_world
+
+    return make_world(tmp_path_factory.mktemp("aworld") / "w", seed=3, n_entities=6)
+
+
+@pytest.fixture(scope="module")
+def tools(world: Path, tmp_path_factory: pytest.TempPathFactory) -> IndexTools:
+    out = tmp_path_factory.mktemp("aidx") / "index"
+    embedder = PixelEmbedder()
+    build_index(world / "web/pages.jsonl", world / "web/images.jsonl", out, config=CFG, embedder=embedder)
+    return IndexTools(LocalIndex(out, embedder=embedder))
+
+
+@pytest.fixture(scope="module")
+def entity(world: Path) -> dict[str, Any]:
+    return json.loads((world / "entities.jsonl").read_text().splitlines()[2])
+
+
+def _item(world: Path, e: dict[str, Any]) -> AgentItem:
+    image = (world / "web" / "images" / f"{e['entity_id']}_0.jpg").read_bytes()
+    return AgentItem(f"item-{e['entity_id']}", f"Who created this {e['noun']}?", image)
+
+
+def searching_model(body: dict[str, Any]) -> str:
+    """Image search, then a text search for the first title found, then the maker from the summary.
+
+    Turn 1 comes back *without* `</search>`, as OpenAI-style servers cut the matched stop string."""
+    n_assistant = sum(m["role"] == "assistant" for m in body["messages"])
+    last = last_user_text(body)
+    if n_assistant == 0:
+        return "<reason>I cannot tell what this is.</reason><search><img>"
+    if n_assistant == 1:
+        title = re.search(r"title: (.+)\n", last).group(1)
+        return f"<reason>The image shows {title}.</reason><text_search>{title} maker</text_search>"
+    maker = re.search(r"created by (.+?) in \d{4}", last).group(1)
+    return f"<reason>The page names the maker.</reason><answer>{maker}</answer>"
+
+
+def test_image_then_text_search_then_answer_is_recorded_exactly(world: Path, tools: IndexTools, entity: dict):
+    item = _item(world, entity)
+    with FakeOpenAI(searching_model) as srv:
+        cfg = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model",
+                        max_retries=0)
+        gen = OpenAIChatGenerator(cfg, world.parent / "llm-cache")
+        traj = run(item, gen, tools, Limits(), PROMPTS, sampling=Sampling(temperature=0.7, seed=11))
+        bodies = [r.json for r in srv._records if r.path == "/v1/chat/completions"]
+
+    assert [t.kind for t in traj.turns] == ["image_search", "text_search", "answer"]
+    assert traj.turns[0].text.endswith("<search><img></search>")  # stop string restored
+    assert traj.answer == entity["maker"] and traj.stop_reason == "answer"
+    img_call, txt_call = traj.tool_calls
+    assert (img_call.kind, img_call.round, img_call.ok) == ("image_search", 1, True)
+    assert img_call.hits[0]["title"] == entity["name"]  # the index found the entity's own page
+    assert (txt_call.kind, txt_call.query, txt_call.round) == ("text_search", f"{entity['name']} maker", 2)
+    assert entity["maker"] in txt_call.hits[0]["summary"]
+    # transcript: user, assistant x3 with two tool-result user turns between, images by hash
+    roles = [m["role"] for m in traj.messages]
+    assert roles == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    tool_turn = traj.messages[2]["content"]
+    assert tool_turn[0]["text"].startswith("Searched results: <information>[Image Search Results]")
+    n_thumbs = sum(p["type"] == "image" for p in tool_turn)
+    assert n_thumbs == len(img_call.hits) == 3 and len(traj.image_shas) == 1 + n_thumbs
+    assert traj.messages[4]["content"][0]["text"].startswith("Searched results: <information>[Text Search Results]")
+    assert "Original user's question: Who created this" in traj.messages[4]["content"][0]["text"]
+    # the wire: 3 requests, growing conversations, every image sent, stop strings and the seed
+    assert len(bodies) == 3 and [len(b["messages"]) for b in bodies] == [1, 3, 5]
+    assert sum(p.get("type") == "image_url" for m in bodies[1]["messages"] if isinstance(m["content"], list)
+               for p in m["content"]) == 1 + n_thumbs
+    assert bodies[0]["stop"] == ["</search>", "</text_search>"] and bodies[0]["seed"] == 11
+    # token counts are the server's usage, summed over turns
+    assert traj.prompt_tokens == sum(t.prompt_tokens for t in traj.turns) > 0
+    assert traj.completion_tokens > 0
+    assert json.loads(json.dumps(traj.to_dict()))["n_text_search"] == 1
+
+
+@pytest.mark.parametrize(
+    ("turns", "limits", "kinds", "detail"),
+    [
+        (["<reason>a</reason><search><img></search>"] * 2, Limits(), ["image_search"] * 2, "image search limit (1)"),
+        (["<reason>a</reason><text_search>q</text_search>", "<reason>b</reason><search><img></search>"], Limits(),
+         ["text_search", "image_search"], "image search is allowed in round 1 only"),
+        (["<reason>a</reason><text_search>q1</text_search>"] * 3, Limits(), ["text_search"] * 3,
+         "search call in the last round (3)"),
+        (["<reason>a</reason><text_search>q1</text_search>"] * 2, Limits(max_text_search=1), ["text_search"] * 2,
+         "text search limit (1)"),
+    ],
+)
+def test_limits_end_the_trajectory_without_running_the_tool(world, tools, entity, turns, limits, kinds, detail):
+    script = Scripted(lambda msgs: turns[sum(m["role"] == "assistant" for m in msgs)])
+    traj = run(_item(world, entity), script, tools, limits, PROMPTS)
+    assert [t.kind for t in traj.turns] == kinds
+    assert traj.stop_reason == "limit" and traj.stop_detail == detail and traj.answer is None
+    assert len(traj.tool_calls) == len(kinds) - 1  # the call past the limit never ran
+    assert len(script.requests) == len(kinds)
+
+
+def test_failed_search_returns_upstream_error_text_and_goes_on(world, entity):
+    turns = ["<reason>a</reason><search><img></search>", "<reason>b</reason><text_search>q</text_search>",
+             "<reason>c</reason><answer>x</answer>"]
+    script = Scripted(lambda msgs: turns[sum(m["role"] == "assistant" for m in msgs)])
+    traj = run(_item(world, entity), script, FailingTools(), Limits(), PROMPTS)
+    assert traj.stop_reason == "answer" and traj.answer == "x"
+    assert [c.ok for c in traj.tool_calls] == [False, False]
+    assert traj.tool_calls[0].error == "SearchError: index offline"
+    assert traj.messages[2]["content"] == [{"type": "text", "text": IMAGE_SEARCH_ERROR}]
+    assert traj.messages[4]["content"] == [{"type": "text", "text": TEXT_SEARCH_ERROR}]
+
+
+def test_direct_mode_is_one_turn_without_tools(world, entity):
+    searcher = Scripted(lambda msgs: "<reason>r</reason><search><img></search>")
+    direct, = run_many([Job(_item(world, entity), "direct")], searcher, FailingTools(), Limits(), PROMPTS)
+    assert direct.stop_reason == "limit" and direct.answer is None and not direct.tool_calls
+    answered = run(_item(world, entity), Scripted(lambda m: "<reason>r</reason><answer>Peru</answer>"), None,
+                   Limits(), PROMPTS, mode="direct")
+    assert answered.answer == "Peru" and len(answered.turns) == 1
+    first = answered.messages[0]["content"]
+    assert first[0]["text"].startswith(PROMPTS.direct_answer.split("<image>")[0]) and first[1]["type"] == "image"
+
+
+def test_unparseable_turn_and_endpoint_error_stop_with_reasons(world, entity, tmp_path):
+    traj = run(_item(world, entity), Scripted(lambda m: "I think it is a tower."), None, Limits(), PROMPTS)
+    assert traj.stop_reason == "invalid" and "no <answer>" in traj.stop_detail
+    with FakeOpenAI(lambda body: Reply(status=400, body=error_body("image too large"))) as srv:
+        cfg = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], max_retries=0)
+        traj = run(_item(world, entity), OpenAIChatGenerator(cfg, tmp_path / "c"), None, Limits(), PROMPTS)
+    assert traj.stop_reason == "error" and "image too large" in traj.stop_detail and not traj.turns
+
+
+def test_restore_stop_is_idempotent():
+    assert restore_stop("<reason>x</reason><search><img>") == "<reason>x</reason><search><img></search>"
+    assert restore_stop("<reason>x</reason><text_search>a b") == "<reason>x</reason><text_search>a b</text_search>"
+    for done in ("<reason>x</reason><search><img></search>", "<answer>a</answer>", "<text_search>q</text_search>"):
+        assert restore_stop(done) == done
