@@ -1,0 +1,104 @@
+"""Fetch a result page (or thumbnail) safely and extract its main text.
+
+Safety: every URL, and every redirect hop, must be http(s) and resolve only to public addresses;
+loopback, private, link-local, multicast and reserved targets are refused unless the config allows
+them (tests do, explicitly), so a search result cannot make us read the cloud metadata service or
+an intranet. Bodies are capped at `max_bytes`. Failures raise `PageError` marked permanent (cached:
+404, not HTML, refused address, no text) or transient (timeouts, 429, 5xx: retried next time).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from fvqa.search.config import ReaderConfig
+from fvqa.search.types import PageError
+
+MAX_REDIRECTS = 5
+TEXT_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
+
+
+def check_url(url: str, *, allow_private: bool) -> None:
+    """Raise a permanent PageError unless `url` is http(s) and its host resolves only to allowed IPs."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PageError("bad_url", f"not an http(s) URL: {url[:200]}", permanent=True)
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError) as exc:
+        raise PageError("dns", f"cannot resolve {parts.hostname}: {exc}", permanent=False) from exc
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not ip.is_global or ip.is_multicast:
+            raise PageError(
+                "refused_address",
+                f"{parts.hostname} resolves to non-public address {ip} (set reader.allow_private to allow)",
+                permanent=True,
+            )
+
+
+class PageReader:
+    """Guarded GET with size cap, then trafilatura main-text extraction (first `max_chars`)."""
+
+    def __init__(self, config: ReaderConfig | None = None) -> None:
+        self.config = config or ReaderConfig()
+        self._client = httpx.Client(
+            timeout=self.config.timeout_s,
+            follow_redirects=False,
+            headers={"User-Agent": self.config.user_agent},
+        )
+
+    def fetch(self, url: str, *, accept: tuple[str, ...] | None = None) -> tuple[bytes, str, str]:
+        """(body, content type, final URL); follows up to 5 redirects, checking every hop."""
+        for _ in range(MAX_REDIRECTS + 1):
+            check_url(url, allow_private=self.config.allow_private)
+            try:
+                with self._client.stream("GET", url) as resp:
+                    if resp.is_redirect and "location" in resp.headers:
+                        url = urljoin(url, resp.headers["location"])
+                        continue
+                    status = resp.status_code
+                    if status == 429 or status >= 500:
+                        raise PageError(f"http_{status}", f"{url[:200]} answered {status}", permanent=False)
+                    if status >= 400:
+                        raise PageError(f"http_{status}", f"{url[:200]} answered {status}", permanent=True)
+                    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+                    if accept and ctype and not ctype.startswith(accept):
+                        raise PageError("content_type", f"{url[:200]} is {ctype}, not {accept[0]}", permanent=True)
+                    body = bytearray()
+                    for chunk in resp.iter_bytes():
+                        body.extend(chunk)
+                        if len(body) > self.config.max_bytes:
+                            raise PageError("too_large", f"{url[:200]} exceeds {self.config.max_bytes} bytes",
+                                            permanent=True)
+                    return bytes(body), ctype, url
+            except httpx.TimeoutException as exc:
+                raise PageError("timeout", f"{url[:200]}: {type(exc).__name__}", permanent=False) from exc
+            except httpx.HTTPError as exc:
+                raise PageError("connection", f"{url[:200]}: {type(exc).__name__}: {exc}", permanent=False) from exc
+        raise PageError("redirects", f"more than {MAX_REDIRECTS} redirects from {url[:200]}", permanent=True)
+
+    def read(self, url: str) -> str:
+        """Main text of a page, first `max_chars` characters; PageError if there is none."""
+        body, ctype, final = self.fetch(url, accept=TEXT_TYPES)
+        html = body.decode("utf-8", errors="replace")
+        if ctype == "text/plain":
+            text = html
+        else:
+            import trafilatura
+
+            text = trafilatura.extract(html, url=final, include_comments=False, include_tables=True,
+                                       favor_recall=True) or ""
+        text = text.strip()
+        if not text:
+            raise PageError("no_text", f"no main text could be extracted from {url[:200]}", permanent=True)
+        return text[: self.config.max_chars]
+
+    def close(self) -> None:
+        self._client.close()
