@@ -234,15 +234,15 @@ class ScriptedSearch:
         self.image_calls: list[tuple[bytes, dict[str, Any]]] = []
         self.text_calls: list[tuple[str, str]] = []
 
-    def image_search(self, image: bytes, **kwargs: Any) -> list[ImageHit]:
-        self.image_calls.append((image, kwargs))
+    def image_search(self, image: bytes, *, data_id: str | None = None) -> list[ImageHit]:
+        self.image_calls.append((image, {"data_id": data_id}))
         if self.fail:
             raise ConnectionError("search service down")
         hits = [ImageHit(title=f"Tower photo {i}", url=f"https://example.org/{i}",
                          thumbnail=png((40 * i, 90, 160), (300 + 40 * i, 200))) for i in range(4)]
         return [*hits, ImageHit(title="Page without image", url="https://example.org/x", thumbnail=None)]
 
-    def text_search(self, query: str, question: str = "", **kwargs: Any) -> list[TextHit]:
+    def text_search(self, query: str, question: str = "") -> list[TextHit]:
         self.text_calls.append((query, question))
         return [TextHit(url="https://example.org/eiffel", title="Eiffel", summary="Designed by Gustave Eiffel.")]
 
@@ -256,10 +256,12 @@ THUMB_MAX_PIXELS = 16 * 28 * 28
 
 def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: ScriptedSearch,
          response_length: int = 4096, limits: dict[str, Any] | None = None) -> tuple[Any, ScriptedServer]:
-    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    import hydra
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
     from fvqa.train.agent_loop import FvqaSearchAgentLoop
+    from fvqa.train.launcher import agent_loop_config_path
 
     ds = _dataset(prepared, processor)
     row = next(ds[i] for i in range(len(ds)) if ds[i]["extra_info"]["item_id"] == "a-tower")
@@ -271,12 +273,17 @@ def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: Scr
     })
     server = ScriptedServer(processor.tokenizer, turns)
 
+    # Instantiate the loop the way veRL's AgentLoopWorker does: from the registry entry that
+    # `fvqa train run` points rollout.agent.agent_loop_config_path at.
+    [entry] = [e for e in OmegaConf.load(agent_loop_config_path()) if e.name == row["agent_name"]]
+
     async def go() -> Any:
-        loop = FvqaSearchAgentLoop(
-            trainer_config=DictConfigWrap(cfg), server_manager=server, tokenizer=processor.tokenizer,
+        loop = hydra.utils.instantiate(
+            entry, trainer_config=DictConfigWrap(cfg), server_manager=server, tokenizer=processor.tokenizer,
             processor=processor, dataset_cls=RLHFDataset, data_config=DictConfigWrap(cfg.data),
-            hf_model_type="qwen2_5_vl", search_client=search,
+            hf_model_type="qwen2_5_vl", tools=ToolListWrap([]), search_client=search,
         )
+        assert isinstance(loop, FvqaSearchAgentLoop)
         return await loop.run({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True}, **row)
 
     return asyncio.run(go()), server
@@ -309,7 +316,7 @@ def test_full_episode_image_then_text_search_then_answer(prepared: dict[str, Any
         stored = next(r for r in rows if r["extra_info"]["item_id"] == "a-tower")["images"][0]["bytes"]
         del ws
     assert search.image_calls[0][0] == stored
-    assert search.image_calls[0][1]["item_id"] == "a-tower"
+    assert search.image_calls[0][1]["data_id"] == "a-tower"
     assert search.text_calls == [("Eiffel Tower designer", QUESTION)]
 
     # Model tokens carry mask 1 and are exactly what the server generated, in order; the rest is 0.

@@ -146,7 +146,6 @@ class FvqaSearchAgentLoop(AgentLoopBase):
 
     async def _tool(self, action_kind: str, query: str | None, user_image: bytes | None,
                     question: str, extra: dict[str, Any]) -> ToolResult:
-        context = {k: extra[k] for k in ("item_id", "image_sha256") if extra.get(k)}
         if action_kind == "image_search":
             if user_image is None:
                 text, _ = render_image_results([])
@@ -154,11 +153,11 @@ class FvqaSearchAgentLoop(AgentLoopBase):
             return await run_image_search(
                 self.search, user_image, topk=self.settings.image_search_topk,
                 max_pixels=self.settings.thumbnail_max_pixels, patch_size=self.patch_size,
-                timeout_s=self.settings.search_timeout_s, context=context,
+                timeout_s=self.settings.search_timeout_s, data_id=extra.get("data_id") or extra.get("item_id"),
             )
         return await run_text_search(
             self.search, query or "", question, topk=self.settings.text_search_topk,
-            timeout_s=self.settings.search_timeout_s, context=context,
+            timeout_s=self.settings.search_timeout_s,
         )
 
     def _follow_up(self, kind: str) -> str:

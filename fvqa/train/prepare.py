@@ -41,6 +41,7 @@ EXTRA_INFO_TYPE = pa.struct(
     [
         pa.field("index", pa.int64()),
         pa.field("item_id", pa.string()),
+        pa.field("data_id", pa.string()),
         pa.field("split", pa.string()),
         pa.field("question", pa.string()),
         pa.field("candidate_answers", pa.list_(pa.string())),
@@ -115,6 +116,17 @@ def _candidates(row: dict[str, Any]) -> list[str]:
     return seen
 
 
+def _data_id(row: dict[str, Any]) -> str:
+    """Upstream's ``data_id`` for imported items (image-search replay caches are keyed by it), else
+    the item id."""
+    try:
+        prov = json.loads(row.get("provenance") or "{}")
+    except (TypeError, ValueError):
+        prov = {}
+    data_id = (prov.get("import") or {}).get("data_id") if isinstance(prov, dict) else None
+    return str(data_id) if data_id is not None else row["item_id"]
+
+
 def build_row(
     ws: Workspace, row: dict[str, Any], index: int, prompts: Prompts, image_max_pixels: int
 ) -> dict[str, Any]:
@@ -151,6 +163,7 @@ def build_row(
         "extra_info": {
             "index": index,
             "item_id": row["item_id"],
+            "data_id": _data_id(row),
             "split": split,
             "question": question,
             "candidate_answers": candidates,

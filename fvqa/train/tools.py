@@ -34,11 +34,11 @@ class SearchClient(Protocol):
     blocks the event loop that drives the other trajectories.
     """
 
-    def image_search(self, image: bytes, **kwargs: Any) -> Sequence[ImageHit]:
-        """Reverse image search for the user's image."""
+    def image_search(self, image: Any, *, data_id: str | None = None) -> Sequence[ImageHit]:
+        """Reverse image search for the user's image (``data_id`` lets a replay backend find it)."""
         ...
 
-    def text_search(self, query: str, question: str = "", **kwargs: Any) -> Sequence[TextHit]:
+    def text_search(self, query: str, question: str = "") -> Sequence[TextHit]:
         """Web text search; results summarised with respect to the question."""
         ...
 
@@ -95,11 +95,12 @@ async def run_image_search(
     max_pixels: int,
     patch_size: int = 14,
     timeout_s: float = 120.0,
-    context: dict[str, Any] | None = None,
+    data_id: str | None = None,
 ) -> ToolResult:
-    """Image search -> upstream's result text with one vision placeholder per thumbnail kept."""
+    """Image search -> upstream's result text with one vision placeholder per thumbnail kept (the
+    first ``topk`` hits)."""
     try:
-        hits = list(await _call(client.image_search, image, timeout_s=timeout_s, topk=topk, **(context or {})))
+        hits = list(await _call(client.image_search, image, timeout_s=timeout_s, data_id=data_id))
     except Exception as exc:  # noqa: BLE001 - any failure is rendered as upstream's error text
         logger.warning("image search failed: %s", exc)
         text, _ = render_image_results([])
@@ -116,13 +117,11 @@ async def run_text_search(
     *,
     topk: int,
     timeout_s: float = 120.0,
-    context: dict[str, Any] | None = None,
 ) -> ToolResult:
-    """Text search -> upstream's ``N. (link:URL) summary`` list (or its error text)."""
+    """Text search -> upstream's ``N. (link:URL) summary`` list for the first ``topk`` hits (or its
+    error text)."""
     try:
-        hits = list(
-            await _call(client.text_search, query, question, timeout_s=timeout_s, topk=topk, **(context or {}))
-        )
+        hits = list(await _call(client.text_search, query, question, timeout_s=timeout_s))
     except Exception as exc:  # noqa: BLE001 - any failure is rendered as upstream's error text
         logger.warning("text search failed: %s", exc)
         return ToolResult("text_search", render_text_results([]), [], False, 0, f"{type(exc).__name__}: {exc}")
