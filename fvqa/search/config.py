@@ -81,6 +81,7 @@ class ReplayConfig(_Section):
     """Upstream's released image-search caches (pickles keyed by data_id)."""
 
     paths: list[Path] = Field(default_factory=list)
+    fetch_thumbnails: bool = False  # download `tool_returned_images_urls` when no image is embedded
 
 
 class CacheConfig(_Section):

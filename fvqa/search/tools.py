@@ -267,9 +267,11 @@ def make_backend(config: SearchConfig, *, cost_hook: CostHook | None = None) -> 
 
         return WebBackend(config, cost_hook=cost_hook)
     if config.backend == "replay":
+        from fvqa.search.reader import PageReader
         from fvqa.search.replay import ReplayBackend
 
-        return ReplayBackend(config.replay.paths)
+        reader = PageReader(config.reader) if config.replay.fetch_thumbnails else None
+        return ReplayBackend(config.replay.paths, reader=reader)
     raise ValueError(f"backend {config.backend!r} has no in-process implementation")
 
 

@@ -1,0 +1,92 @@
+"""Replay upstream's released FVQA image-search caches as an image-search backend.
+
+Upstream (lmms-lab/FVQA) ships `fvqa_{train,test}_image_search_results_cache.pkl`: a dict keyed by
+`data_id`, each entry holding `tool_returned_web_title_list` and `tool_returned_images_urls` (and
+possibly the thumbnails themselves as PIL images). Pickles can run code, so they are read with
+`safe_unpickle` (plain data and PIL images only). Lookups are by `data_id`, so a rollout replays
+exactly what upstream's model saw; an unknown id is a SearchError (rendered as upstream's error text,
+which is also what upstream returned on a cache miss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from fvqa.errors import ConfigError
+from fvqa.search.safe_unpickle import safe_load
+from fvqa.search.types import Candidate, ImageHit, QueryImage, SearchError
+
+TITLES = "tool_returned_web_title_list"
+URLS = "tool_returned_images_urls"
+
+
+def _embedded_images(entry: dict[str, Any]) -> list[Any]:
+    for key, value in entry.items():
+        if key not in (TITLES, URLS) and isinstance(value, list) and value and all(
+            isinstance(v, Image.Image | bytes) or v is None for v in value
+        ):
+            return value
+    return []
+
+
+class ReplayBackend:
+    """Image search answered from upstream's cache pickles (text search is not part of them)."""
+
+    name = "replay"
+    cache_pages = False
+    keyed_by_data_id = True
+
+    def __init__(self, paths: Iterable[Path | str], *, reader: Any = None) -> None:
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, str] = {}
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise ConfigError("search.replay.paths is empty: name upstream's *_image_search_results_cache.pkl files")
+        for path in paths:
+            data = safe_load(path)
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a dict keyed by data_id, got {type(data).__name__}")
+            for data_id, entry in data.items():
+                if not isinstance(entry, dict) or not isinstance(entry.get(TITLES), list):
+                    self.skipped[str(data_id)] = f"entry has no '{TITLES}' list"
+                    continue
+                self.entries[str(data_id)] = entry
+        self.cache_id = "replay:" + ",".join(sorted(p.name for p in paths))
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def image_search(self, image: QueryImage, k: int) -> list[ImageHit]:
+        if not image.data_id:
+            raise SearchError("the replay backend looks results up by upstream data_id; none was given")
+        entry = self.entries.get(image.data_id)
+        if entry is None:
+            reason = self.skipped.get(image.data_id, "not in the replayed caches")
+            raise SearchError(f"no cached image-search result for data_id {image.data_id!r} ({reason})")
+        titles = [str(t) for t in entry[TITLES]]
+        urls = [str(u) for u in entry.get(URLS) or []]
+        images = _embedded_images(entry)
+        hits = []
+        for i, title in enumerate(titles[:k]):
+            url = urls[i] if i < len(urls) else ""
+            thumb = images[i] if i < len(images) else None
+            if thumb is None and url and self.reader is not None:
+                try:
+                    thumb = self.reader.fetch(url, accept=("image/",))[0]
+                except Exception:  # noqa: BLE001 - a dead thumbnail URL leaves the title usable
+                    thumb = None
+            if isinstance(thumb, Image.Image):
+                thumb = thumb.convert("RGB")
+            hits.append(ImageHit(title=title, url=url, thumbnail=thumb))
+        return hits
+
+    def text_candidates(self, query: str, n: int) -> list[Candidate]:
+        raise SearchError("upstream's caches hold image-search results only; use the local or web backend for text")
+
+    def read_page(self, candidate: Candidate) -> str:
+        raise SearchError("the replay backend has no pages")
