@@ -214,3 +214,57 @@ def test_restore_stop_is_idempotent():
     assert restore_stop("<reason>x</reason><text_search>a b") == "<reason>x</reason><text_search>a b</text_search>"
     for done in ("<reason>x</reason><search><img></search>", "<answer>a</answer>", "<text_search>q</text_search>"):
         assert restore_stop(done) == done
+
+
+# -- a real (tiny, random) Qwen2.5-VL through transformers -----------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory):
+    from tiny_qwen import build_tiny_qwen
+
+    from fvqa.generators.transformers_local import TransformersGenerator
+
+    path = build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
+    return path, TransformersGenerator
+
+
+FORCED = ["<reason>a</reason><search><img></search>", "<reason>b</reason><text_search>tower maker</text_search>",
+          "<reason>c</reason><text_search>again</text_search>"]
+
+
+def forcing(tokenizer) -> Callable[[int, Any], list[int]]:
+    """`prefix_allowed_tokens_fn` that makes the random model write FORCED[turn] token by token."""
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    header = len(tokenizer.encode("assistant\n"))
+    scripts = [tokenizer.encode(s) for s in FORCED]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def allowed(batch_id: int, input_ids: Any) -> list[int]:
+        ids = input_ids.tolist()
+        starts = [i for i, t in enumerate(ids) if t == im_start]
+        turn = (len(starts) - 3) // 2  # system, user, then (assistant, user) per earlier round
+        done = len(ids) - starts[-1] - 1 - header
+        script = scripts[min(turn, len(scripts) - 1)]
+        return [script[done]] if done < len(script) else [eos]
+
+    return allowed
+
+
+def test_tiny_qwen_runs_records_tokens_and_obeys_limits(world, tools, entity, tiny_qwen):
+    path, TransformersGenerator = tiny_qwen
+    free = TransformersGenerator(path)
+    traj = run(_item(world, entity), free, tools, Limits(), PROMPTS, sampling=Sampling(max_tokens=12, seed=1))
+    assert traj.generator.startswith("transformers:") and traj.stop_reason in ("answer", "invalid", "limit")
+    first = traj.turns[0]
+    assert first.prompt_tokens > 20 and 1 <= first.completion_tokens <= 12  # max_tokens respected
+    again = run(_item(world, entity), free, tools, Limits(), PROMPTS, sampling=Sampling(max_tokens=12, seed=1))
+    assert again.turns[0].text == first.text  # seeded sampling is reproducible
+
+    forced = TransformersGenerator(path, generate_kwargs={"prefix_allowed_tokens_fn": forcing(free.processor.tokenizer)})
+    traj = run(_item(world, entity), forced, tools, Limits(), PROMPTS, sampling=Sampling(max_tokens=40, seed=2))
+    assert [t.text for t in traj.turns] == FORCED
+    assert [c.kind for c in traj.tool_calls] == ["image_search", "text_search"]
+    assert traj.stop_reason == "limit" and traj.stop_detail == "search call in the last round (3)"
+    # turn 2's prompt held the user image and the returned thumbnails: more vision tokens than turn 1
+    assert traj.turns[1].prompt_tokens > traj.turns[0].prompt_tokens + 3 * 4
+    assert all(t.completion_tokens == len(free.processor.tokenizer.encode(t.text)) for t in traj.turns)
