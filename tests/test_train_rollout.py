@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,73 +31,22 @@ IMAGE_MAX_PIXELS = 64 * 28 * 28
 
 
 # --------------------------------------------------------------------------------------------
-# A tiny Qwen2.5-VL processor (random BPE vocabulary, real Qwen special tokens and image processor)
+# The tiny Qwen2.5-VL (tests/tiny_qwen.py): random BPE vocabulary, real Qwen special tokens and processor
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_processor(tmp: Path) -> Any:
-    """Prefer the shared tests/tiny_qwen.py; fall back to building just the processor here."""
-    try:
-        from tiny_qwen import build_tiny_qwen  # type: ignore[import-not-found]
-    except ImportError:
-        build_tiny_qwen = None
-    from transformers import AutoProcessor
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_qwen import build_tiny_qwen
 
-    if build_tiny_qwen is not None:
-        return AutoProcessor.from_pretrained(str(build_tiny_qwen(tmp)))
-    return _build_processor()
-
-
-SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _build_processor() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [
-        "<reason>I do not recognise it</reason><search><img></search>",
-        "<text_search>tower designer</text_search><answer>Gustave Eiffel</answer>",
-        "Searched results: <information>[Image Search Results] title link</information>",
-        QUESTION,
-    ] * 10
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIALS[1:])
-    fast.chat_template = CHAT_TEMPLATE
-    images = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=IMAGE_MAX_PIXELS, patch_size=14,
-                                   merge_size=2, temporal_patch_size=2)
-    return Qwen2_5_VLProcessor(image_processor=images, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
-                               chat_template=CHAT_TEMPLATE)
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"))
 
 
 @pytest.fixture(scope="module")
-def processor(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return _tiny_processor(tmp_path_factory.mktemp("tiny_qwen"))
+def processor(tiny_path: Path) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(tiny_path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +239,13 @@ def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: Scr
     return asyncio.run(go()), server
 
 
+class _ClipConfig(dict):
+    """The actor-config fields veRL's vanilla policy loss reads (the paper's clip 0.2)."""
+
+    clip_ratio = clip_ratio_low = clip_ratio_high = 0.2
+    global_batch_info: dict[str, Any] = {}
+
+
 def _spans(mask: list[int]) -> list[tuple[int, int, int]]:
     """(value, start, end) runs of a 0/1 mask."""
     runs, start = [], 0
@@ -299,7 +256,8 @@ def _spans(mask: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def test_full_episode_image_then_text_search_then_answer(prepared: dict[str, Any], processor: Any) -> None:
+def test_full_episode_image_then_text_search_then_answer(prepared: dict[str, Any], processor: Any,
+                                                         tiny_path: Path) -> None:
     tok = processor.tokenizer
     search = ScriptedSearch()
     out, server = _run(prepared, processor, [IMG, TXT, ANS], search)
@@ -346,6 +304,34 @@ def test_full_episode_image_then_text_search_then_answer(prepared: dict[str, Any
     assert third["prompt_ids"][: len(second["prompt_ids"])] == second["prompt_ids"]
     assert out.prompt_ids + out.response_ids[: len(third["prompt_ids"]) - len(out.prompt_ids)] == third["prompt_ids"]
     assert "</search>" in first["params"]["stop"] and first["params"]["include_stop_str_in_output"]
+
+    # The trainer side: veRL rebuilds the vision inputs from the whole trajectory, and the policy's
+    # forward pass (the actor update's first step) accepts tokens and images together - Qwen2.5-VL
+    # refuses any mismatch between image tokens and image features.
+    from transformers import AutoModelForImageTextToText
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    ids = torch.tensor([out.prompt_ids + out.response_ids])
+    worker = SimpleNamespace(processor=processor, tokenizer=tok, _get_mm_processor_kwargs=lambda audios=None: {})
+    mm = AgentLoopWorker._compute_multi_modal_inputs(worker, out, ids)
+    assert mm["image_grid_thw"].shape[0] == 5
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_path)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=mm["pixel_values"], image_grid_thw=mm["image_grid_thw"]).logits
+    assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+    # veRL's PPO-clip loss on the response: tool-turn tokens (mask 0) get no gradient at all.
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    n_prompt, n_resp = len(out.prompt_ids), len(out.response_ids)
+    leaf = logits[:, n_prompt - 1: n_prompt - 1 + n_resp].clone().requires_grad_()
+    logp = torch.log_softmax(leaf, -1).gather(-1, torch.tensor([out.response_ids])[..., None])[..., 0]
+    resp_mask = torch.tensor([out.response_mask], dtype=torch.float32)
+    loss, _ = compute_policy_loss_vanilla(logp.detach() - 0.1, logp, torch.ones_like(logp), resp_mask,
+                                          config=_ClipConfig())
+    loss.backward()
+    grad_per_token = leaf.grad.abs().sum(-1)[0]
+    assert torch.all(grad_per_token[resp_mask[0] == 0] == 0)
+    assert torch.all(grad_per_token[resp_mask[0] == 1] > 0)
 
     # The reward veRL computes from these extra fields: correct after searching -> 0.91.
     from fvqa.train.verl_reward import compute_score
