@@ -114,3 +114,118 @@ def test_missing_counts_file_is_a_config_error(tmp_path: Path):
     with _ws_with_items(tmp_path / "ws", [dict(item_id="x", source="infoseek", question="q", answer="a")]) as ws:
         with pytest.raises(ConfigError, match="probe.counts_path not found"):
             run_probe(ws, counts_path=tmp_path / "nope.json")
+
+
+# -- model probe over a loopback OpenAI-compatible server -------------------------------------------
+
+class StubTools:
+    """Search that always finds the entity's page (the probe, not retrieval, is under test)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def image_search(self, image: bytes, **_: Any) -> list:
+        from fvqa.protocol import ImageHit
+
+        self.calls.append("image")
+        return [ImageHit(title="Kalo tower - Wikipedia", url="http://demo/kalo")]
+
+    def text_search(self, query: str, question: str = "", **_: Any) -> list:
+        from fvqa.protocol import TextHit
+
+        self.calls.append("text")
+        return [TextHit(url="http://demo/kalo", title="Kalo tower", summary="Kalo tower was built by Ur Sta.")]
+
+
+def probe_model(body: dict[str, Any]) -> str:
+    """A scripted VLM: knows 'known' items directly; finds 'image' items by image search, 'text' ones by
+    text search; never answers 'hopeless' ones."""
+    from fake_openai import last_user_text
+
+    first = body["messages"][0]["content"]
+    first_text = " ".join(p.get("text", "") for p in first if p.get("type") == "text")
+    direct = "from your own knowledge" in first_text
+    n_turns = sum(m["role"] == "assistant" for m in body["messages"])
+    kind = first_text.rsplit("#", 1)[-1].strip()
+    if kind == "known":
+        return "<reason>I know this.</reason><answer>Ur Sta</answer>"
+    if direct or kind == "hopeless":
+        return "<reason>Guess.</reason><answer>Someone</answer>"
+    if n_turns == 0:
+        return ("<reason>Unknown.</reason><search><img>" if kind == "image"
+                else "<reason>Look up.</reason><text_search>Kalo tower builder")  # stop strings cut
+    if kind == "image":
+        assert "Kalo tower - Wikipedia" in last_user_text(body)
+    return "<reason>Found it.</reason><answer>ur sta</answer>"
+
+
+def test_model_probe_labels_from_rollouts_and_keeps_every_rollout(tmp_path: Path, monkeypatch):
+    from fake_openai import FakeOpenAI
+    from test_split import picture
+
+    import fvqa.search.tools
+
+    stub = StubTools()
+    monkeypatch.setattr(fvqa.search.tools, "make_search_tools", lambda *a, **kw: stub)
+    kinds = ["known", "image", "text", "hopeless"]
+    with Workspace(tmp_path / "ws") as ws, FakeOpenAI(probe_model) as srv:
+        shas = [ws.put_image(picture(n)).sha256 for n in range(len(kinds))]
+        ws.insert("items", [dict(item_id=f"it-{k}", source="infoseek", question=f"Who built this? #{k}",
+                                 answer="Ur Sta", aliases=["Ur Sta"], image_sha256=sha, concept=None,
+                                 concept_count=None, entity_text=None) for k, sha in zip(kinds, shas, strict=True)])
+        llm = {"endpoints": [{"base_url": srv.base_url, "api_key_env": None}], "model": "fake-model",
+               "max_retries": 0}
+        stats = run_probe(ws, backend="openai", k=2, llm=llm)
+        labels = {r[0]: r[1:] for r in ws.execute(
+            "SELECT item_id, search_label, p_direct, p_search, probe_k, probe_method FROM labels")}
+        rollouts = ws.execute("SELECT item_id, mode, rollout, correct, used_image_search, used_text_search, "
+                              "trajectory FROM probe_rollouts ORDER BY ALL")
+        calls = srv.count("POST", "/v1/chat/completions")
+        tool_calls = list(stub.calls)
+        # a re-run does nothing; a forced re-run is served entirely from the cache (no repeated paid call)
+        run_probe(ws, backend="openai", k=2, llm=llm)
+        ProbeStage().reset(ws)
+        again = run_probe(ws, backend="openai", k=2, llm=llm)
+        assert srv.count("POST", "/v1/chat/completions") == calls
+        assert again.cache_hits == calls and ws.count("probe_rollouts") == len(rollouts)
+    assert {k: v[0] for k, v in labels.items()} == {
+        "it-known": "search_free", "it-image": "image_search_required",
+        "it-text": "text_search_required", "it-hopeless": "unanswerable"}
+    assert labels["it-known"][1:4] == (1.0, 1.0, 2) and labels["it-image"][1:3] == (0.0, 1.0)
+    assert {v[4] for v in labels.values()} == {"rollouts:openai:fake-model"}
+    assert len(rollouts) == 4 * 2 * 2
+    img = [r for r in rollouts if r[0] == "it-image" and r[1] == "search"]
+    assert all(r[3] and r[4] and not r[5] for r in img)
+    traj = json.loads(img[0][6])
+    assert [t["kind"] for t in traj["turns"]] == ["image_search", "answer"] and traj["answer"] == "ur sta"
+    assert traj["seed"] != json.loads(img[1][6])["seed"]  # k distinct sampled rollouts
+    assert tool_calls.count("image") == 2 and tool_calls.count("text") == 2
+    assert any("unanswerable" in n for n in stats.notes)
+
+
+def test_model_probe_rejects_items_whose_calls_fail(tmp_path: Path, monkeypatch):
+    from fake_openai import FakeOpenAI, Reply, error_body
+    from test_split import picture
+
+    import fvqa.search.tools
+
+    monkeypatch.setattr(fvqa.search.tools, "make_search_tools", lambda *a, **kw: StubTools())
+    with Workspace(tmp_path / "ws") as ws, FakeOpenAI(lambda b: Reply(400, error_body("model not found"))) as srv:
+        sha = ws.put_image(picture(1)).sha256
+        ws.insert("items", [dict(item_id="a", source="infoseek", question="q", answer="x", aliases=[],
+                                 image_sha256=sha, concept=None, concept_count=None, entity_text=None),
+                            dict(item_id="b", source="infoseek", question="q", answer="x", aliases=[],
+                                 image_sha256=None, concept=None, concept_count=None, entity_text=None)])
+        llm = {"endpoints": [{"base_url": srv.base_url, "api_key_env": None}], "model": "m", "max_retries": 0}
+        stats = run_probe(ws, backend="openai", k=1, llm=llm)
+        rejects = dict(ws.execute("SELECT key, reason FROM rejects WHERE stage = 'probe'"))
+    assert rejects == {"a": "probe model call failed", "b": "image missing"}
+    assert stats.n_out == 0
+
+
+def test_model_backend_config_errors_are_clear(tmp_path: Path):
+    with _ws_with_items(tmp_path / "ws", [dict(item_id="x", source="infoseek", question="q", answer="a")]) as ws:
+        with pytest.raises(ConfigError, match="needs a probe.llm section"):
+            run_probe(ws, backend="openai")
+        with pytest.raises(ConfigError, match="needs probe.model_path"):
+            run_probe(ws, backend="transformers")
