@@ -104,6 +104,7 @@ class SearchTools:
         svc = config.service
         self._image_slots = threading.BoundedSemaphore(svc.image_concurrency)
         self._text_slots = threading.BoundedSemaphore(svc.text_concurrency)
+        self._rate = RateLimiter(svc.rate_per_s)
         # cache keys name the backend *instance* (e.g. which local index build), so answers from a
         # rebuilt index or another backend are never served from the cache
         self._backend_id = getattr(backend, "cache_id", backend.name)
@@ -137,6 +138,8 @@ class SearchTools:
         query = as_query_image(image, url=image_url, data_id=data_id)
         if not query.data and not query.url and not query.data_id:
             raise BadRequest("image search needs an image (or its URL / upstream data_id)")
+        if query.data:
+            query.check()
         identity = query.sha256 if query.data else (query.data_id or query.url)
         if getattr(self.backend, "keyed_by_data_id", False):
             identity = query.data_id or identity
@@ -145,6 +148,7 @@ class SearchTools:
         if cached is not None:
             return [image_hit_from_dict(d) for d in cached[1]]
         with self._image_slots:
+            self._rate.acquire()
             self._count("image_backend_calls")
             try:
                 hits = self.backend.image_search(query, self.config.top_k)
@@ -178,6 +182,7 @@ class SearchTools:
         if cached is not None:
             return [Candidate(**d) for d in cached[1]]
         with self._text_slots:
+            self._rate.acquire()
             self._count("text_backend_calls")
             try:
                 cands = self.backend.text_candidates(query, n)

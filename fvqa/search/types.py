@@ -88,6 +88,14 @@ class QueryImage:
     url: str | None = None
     data_id: str | None = None
 
+    def check(self) -> None:
+        """Raise BadRequest unless the bytes are an image PIL can identify (cheap: header + verify)."""
+        try:
+            with Image.open(io.BytesIO(self.data)) as img:
+                img.verify()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise BadRequest(f"query image is not a decodable image ({type(exc).__name__}: {exc})") from exc
+
     def pil(self) -> Image.Image:
         """Decode; an undecodable image is a BadRequest (the caller sent garbage, retrying won't help)."""
         try:
@@ -113,7 +121,9 @@ def as_query_image(image: Any, *, url: str | None = None, data_id: str | None = 
             data = Path(image).read_bytes()
         except OSError as exc:
             raise BadRequest(f"cannot read query image {image}: {exc}") from exc
-    elif image is None and (url or data_id):
+    elif image is None:
+        if not (url or data_id):
+            raise BadRequest("image search needs an image (or its URL / upstream data_id)")
         data = b""
     else:
         raise BadRequest(f"query image must be bytes, a PIL image or a path, not {type(image).__name__}")
