@@ -268,3 +268,22 @@ def test_tiny_qwen_runs_records_tokens_and_obeys_limits(world, tools, entity, ti
     # turn 2's prompt held the user image and the returned thumbnails: more vision tokens than turn 1
     assert traj.turns[1].prompt_tokens > traj.turns[0].prompt_tokens + 3 * 4
     assert all(t.completion_tokens == len(free.processor.tokenizer.encode(t.text)) for t in traj.turns)
+
+
+def test_vllm_backend_converts_requests_and_explains_a_missing_install(world, entity):
+    import importlib.util
+
+    from fvqa.errors import ConfigError
+    from fvqa.generators import make_generator
+    from fvqa.generators.vllm_offline import sampling_kwargs, vllm_messages
+
+    image = _item(world, entity).image
+    msgs = vllm_messages([{"role": "user", "content": [{"type": "text", "text": "Q"}, {"type": "image", "image": image}]},
+                          {"role": "assistant", "content": "<answer>a</answer>"}])
+    assert msgs[0]["content"][1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert msgs[1] == {"role": "assistant", "content": "<answer>a</answer>"}
+    kw = sampling_kwargs(Sampling(temperature=0.5, seed=3))
+    assert kw["stop"] == ["</search>", "</text_search>"] and kw["include_stop_str_in_output"] and kw["seed"] == 3
+    if importlib.util.find_spec("vllm") is None:  # the CPU test machine: a clear error, not an ImportError
+        with pytest.raises(ConfigError, match="pip install vllm"):
+            make_generator("vllm", model_path="/models/qwen")
