@@ -250,6 +250,7 @@ def forcing(tokenizer) -> Callable[[int, Any], list[int]]:
     return allowed
 
 
+@pytest.mark.slow  # ~15 s on an idle 2-core machine (model build + a dozen CPU generations)
 def test_tiny_qwen_runs_records_tokens_and_obeys_limits(world, tools, entity, tiny_qwen):
     path, TransformersGenerator = tiny_qwen
     free = TransformersGenerator(path)
