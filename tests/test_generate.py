@@ -15,9 +15,8 @@ from rich.console import Console
 
 from fvqa.config import GenerateConfig, RunConfig
 from fvqa.llm.config import Endpoint, LLMConfig
-from fvqa.pipelines.base import execute_stage
+from fvqa.pipelines.base import Estimate, StageContext, execute_stage
 from fvqa.pipelines.generate import GenerateStage
-from fvqa.pipelines.runner import estimate_build
 from fvqa.store import Workspace
 from fvqa.textgen import qa
 from fvqa.textgen.rules import question_type, rule_violations
@@ -79,6 +78,15 @@ def _workspace(root: Path) -> Path:
     return root
 
 
+def _estimate(cfg: RunConfig) -> Estimate:
+    """What `fvqa build --estimate` prints for this stage."""
+    with Workspace(cfg.workspace) as ws:
+        stage = GenerateStage()
+        est = stage.estimate(StageContext(ws, cfg, stage, console=Console(quiet=True)))
+    assert est is not None
+    return est
+
+
 def _build(cfg: RunConfig) -> Any:
     with Workspace(cfg.workspace) as ws:
         return execute_stage(GenerateStage(), ws, cfg, Console(quiet=True))
@@ -135,7 +143,7 @@ def test_llm_backend_enforces_rules_rejects_with_reasons_and_never_repays(tmp_pa
         llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env="FVQA_TEST_KEY")],
                         model="fake-model", max_retries=0, backoff_base_s=0.0)
         cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm))
-        est = estimate_build(cfg, console=Console(quiet=True))["generate"]
+        est = _estimate(cfg)
         assert est is not None and est.paid_calls == 5 and est.cached == 0 and est.usd > 0
         assert srv.count("POST", "/v1/chat/completions") == 0, "an estimate spends nothing"
 
@@ -171,7 +179,7 @@ def test_llm_backend_enforces_rules_rejects_with_reasons_and_never_repays(tmp_pa
         # forgetting the stage's outputs re-runs it entirely from the response cache
         with Workspace(root) as ws:
             GenerateStage().reset(ws)
-        est = estimate_build(cfg, console=Console(quiet=True))["generate"]
+        est = _estimate(cfg)
         assert est.paid_calls == 0 and est.cached == 5 and est.usd == 0
         redo = _build(cfg)
         assert srv.count("POST", "/v1/chat/completions") == first_calls
@@ -191,7 +199,7 @@ def test_llm_backend_without_key_is_a_clear_config_error(tmp_path: Path, monkeyp
     with pytest.raises(ConfigError, match="FVQA_UNSET_KEY is not set"):
         _build(cfg)
     # the estimate needs no key: it only reads the cache
-    est = estimate_build(cfg, console=Console(quiet=True))["generate"]
+    est = _estimate(cfg)
     assert est.paid_calls == 5
 
 

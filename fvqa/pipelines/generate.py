@@ -34,7 +34,8 @@ ORDER BY c.concept_id
 
 
 def item_id(concept_id: str) -> str:
-    return f"metaclip-{concept_id}"
+    """`metaclip-<concept id>` (without doubling a prefix the concepts stage already gave)."""
+    return concept_id if concept_id.startswith("metaclip-") else f"metaclip-{concept_id}"
 
 
 def llm_config(cfg: GenerateConfig) -> LLMConfig:

@@ -2,15 +2,17 @@
 
 Reads `infoseek_{split}.jsonl` (data_id, image_id, question, answer, answer_eval, data_split), joins
 `*_withkb.jsonl` (entity_id, entity_text) and `*_qtype.jsonl` (question_type) on data_id, and samples
-N items stratified by question type, at most `per_entity` per entity, seeded. Bad lines, missing or
-unreadable images and rows without an answer become rejects with the line number or image id.
+N items evenly over question type x knowledge type, at most `per_entity` per entity, seeded. The
+knowledge type of an entity comes from a user file (`knowledge_types`) or, failing that, from the
+offline MiniLM tagger run on the entity's name (once per distinct name). Bad lines (with their line
+number), missing or unreadable images, rows without an answer and malformed numeric ranges become
+rejects.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import random
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,12 @@ from typing import Any
 from fvqa.config import InfoseekConfig, RunConfig
 from fvqa.errors import ConfigError
 from fvqa.pipelines.base import Stage, StageContext
+from fvqa.pipelines.sampling import balanced_sample, stratum_counts
 from fvqa.store import ImageError, now
 
 STAGE = "infoseek"
+IMAGE_EXTS = (".jpg", ".jpeg", ".JPEG", ".JPG", ".png", ".webp")
+KEEP = ("data_id", "image_id", "question", "answer", "answer_eval", "data_split")
 
 
 @dataclass
@@ -33,9 +38,14 @@ class BadLine:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]] | BadLine]:
-    """Yield (line number, object) per line, or BadLine for lines that do not parse."""
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    """Yield (line number, object) per line, or BadLine for lines that do not decode or parse."""
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield BadLine(line_no, f"not valid UTF-8 (byte {exc.start})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -61,50 +71,98 @@ def resolve_paths(cfg: InfoseekConfig, config: RunConfig) -> tuple[Path, Path | 
         raise ConfigError("infoseek.jsonl is not set (and no demo world is configured)")
     if not main.is_file():
         raise ConfigError(f"infoseek.jsonl not found: {main}")
+    for name, given in (("withkb", cfg.withkb), ("qtype", cfg.qtype), ("knowledge_types", cfg.knowledge_types)):
+        if given is not None and not given.is_file():
+            raise ConfigError(f"infoseek.{name} not found: {given}")
     withkb = cfg.withkb or _companion(main, "_withkb")
     qtype = cfg.qtype or _companion(main, "_qtype")
     image_dir = cfg.image_dir or (world / "images" if world else main.parent / "images")
+    if not image_dir.is_dir():
+        raise ConfigError(f"infoseek.image_dir not found: {image_dir}")
     return main, withkb if withkb.is_file() else None, qtype if qtype.is_file() else None, image_dir
 
 
-def _side_table(path: Path | None, fields: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def _side_table(path: Path | None, fields: tuple[str, ...], bad: list[str]) -> dict[str, dict[str, Any]]:
+    """data_id -> fields of a companion file; its bad lines are listed in `bad` (shown as a note)."""
     out: dict[str, dict[str, Any]] = {}
     if path is None:
         return out
     for rec in read_jsonl(path):
         if isinstance(rec, BadLine):
-            continue  # the main file's rejects are what users act on; side files only enrich
+            bad.append(f"{path.name}:{rec.line_no}")
+            continue
         _, obj = rec
         if "data_id" in obj:
             out[str(obj["data_id"])] = {f: obj.get(f) for f in fields}
     return out
 
 
-def stratified_sample(
-    rows: list[dict[str, Any]], n: int, per_entity: int, seed: int, strata: tuple[str, ...]
-) -> list[dict[str, Any]]:
-    """Round-robin over strata (e.g. question type), at most `per_entity` rows per entity, seeded."""
-    rng = random.Random(seed)
-    rows = sorted(rows, key=lambda r: r["data_id"])
-    rng.shuffle(rows)
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+def read_knowledge_types(path: Path) -> dict[str, str]:
+    """entity_id -> knowledge_type from a csv or jsonl file with those two columns."""
+    out: dict[str, str] = {}
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not {"entity_id", "knowledge_type"} <= set(reader.fieldnames or []):
+                raise ConfigError(f"{path}: needs the columns entity_id and knowledge_type")
+            rows: Any = list(reader)
+    else:
+        rows = [rec[1] for rec in read_jsonl(path) if not isinstance(rec, BadLine)]
     for row in rows:
-        groups[tuple(row.get(s) for s in strata)].append(row)
-    per_entity_count: dict[Any, int] = defaultdict(int)
-    queues = [groups[k] for k in sorted(groups, key=str)]
-    chosen: list[dict[str, Any]] = []
-    while len(chosen) < n and any(queues):
-        for queue in queues:
-            while queue:
-                row = queue.pop()
-                ent = row.get("entity_id") or row["data_id"]
-                if per_entity_count[ent] < per_entity:
-                    per_entity_count[ent] += 1
-                    chosen.append(row)
-                    break
-            if len(chosen) >= n:
-                break
-    return chosen
+        if row.get("entity_id") and row.get("knowledge_type"):
+            out[str(row["entity_id"])] = str(row["knowledge_type"])
+    return out
+
+
+def check_answer_eval(value: Any) -> str | None:
+    """Why an `answer_eval` is unusable, or None. Strings, and numeric `{"wikidata", "range"}` dicts
+    (alone or inside a list) are accepted."""
+    items = value if isinstance(value, list) else [value]
+    if value is None or (isinstance(value, list) and not value):
+        return None  # absent: the answer alone is the gold
+    for item in items:
+        if isinstance(item, str | int | float) and not isinstance(item, bool):
+            continue
+        if isinstance(item, dict):
+            rng = item.get("range")
+            if rng is None:
+                if "wikidata" in item:
+                    continue
+                return f"numeric answer_eval without wikidata or range: {json.dumps(item)[:200]}"
+            ok = (isinstance(rng, list) and len(rng) == 2
+                  and all(isinstance(x, int | float) and not isinstance(x, bool) for x in rng) and rng[0] <= rng[1])
+            if not ok:
+                return f"numeric range must be [low, high] with low <= high, got {json.dumps(rng)[:200]}"
+            continue
+        return f"answer_eval entries must be strings or numeric dicts, got {type(item).__name__}"
+    return None
+
+
+def aliases_of(answers: list[str], answer_eval: Any) -> list[str]:
+    """The answer(s) first, then the string forms in answer_eval (numeric dicts: their wikidata value)."""
+    out: list[str] = []
+    items = answer_eval if isinstance(answer_eval, list) else [answer_eval] if answer_eval is not None else []
+    for a in [*answers, *items]:
+        if isinstance(a, dict):
+            a = a.get("wikidata")
+            a = None if a is None else f"{a:g}" if isinstance(a, float) else str(a)
+        if isinstance(a, int | float) and not isinstance(a, bool):
+            a = f"{a:g}"
+        if isinstance(a, str) and a.strip() and a.strip() not in out:
+            out.append(a.strip())
+    return out
+
+
+def find_image(image_dir: Path, pattern: str, image_id: str) -> Path | None:
+    """The image file for an image_id: the configured pattern, then common extensions."""
+    first = image_dir / pattern.format(image_id=image_id)
+    if first.is_file():
+        return first
+    for ext in IMAGE_EXTS:
+        path = image_dir / f"{image_id}{ext}"
+        if path.is_file():
+            return path
+    return None
 
 
 class InfoseekStage(Stage):
@@ -114,12 +172,11 @@ class InfoseekStage(Stage):
     outputs = ("items",)
     description = "sample InfoSeek questions into items"
 
-    def run(self, ctx: StageContext) -> None:
-        cfg: InfoseekConfig = ctx.cfg
-        main, withkb, qtype, image_dir = resolve_paths(cfg, ctx.config)
-        kb = _side_table(withkb, ("entity_id", "entity_text"))
-        qt = _side_table(qtype, ("question_type",))
-        rows = []
+    def _read(self, ctx: StageContext, main: Path, kb: dict[str, dict[str, Any]],
+              qt: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Parse the main file into candidate rows; everything unusable becomes a reject."""
+        rows: list[dict[str, Any]] = []
+        seen: set[str] = set()
         for rec in read_jsonl(main):
             ctx.stats.n_in += 1
             if isinstance(rec, BadLine):
@@ -127,41 +184,98 @@ class InfoseekStage(Stage):
                 continue
             line_no, obj = rec
             data_id = str(obj.get("data_id") or f"{main.name}:{line_no}")
-            answer = obj.get("answer")
-            if isinstance(answer, list):
-                answer = answer[0] if answer else None
-            if not answer or not obj.get("question") or not obj.get("image_id"):
-                missing = [k for k in ("question", "answer", "image_id") if not obj.get(k)]
-                ctx.reject(f"infoseek-{data_id}", "answer missing" if "answer" in missing else "field missing",
+            key = f"infoseek-{data_id}"
+            answers = obj.get("answer")
+            answers = [answers] if isinstance(answers, str | int | float) and not isinstance(answers, bool) else answers
+            answers = [str(a) for a in answers if str(a).strip()] if isinstance(answers, list) else []
+            missing = [k for k, v in (("question", obj.get("question")), ("answer", answers),
+                                      ("image_id", obj.get("image_id"))) if not v]
+            if missing:
+                ctx.reject(key, "answer missing" if "answer" in missing else "field missing",
                            f"line {line_no}: missing {', '.join(missing)}")
                 continue
-            rows.append({**obj, "data_id": data_id, "answer": str(answer), "line_no": line_no,
-                         **kb.get(data_id, {}), **qt.get(data_id, {})})
-        sample = stratified_sample(rows, cfg.n, cfg.per_entity, cfg.seed, ("question_type",))
+            if data_id in seen:
+                ctx.reject(f"{main.name}:{line_no}", "duplicate data_id", f"line {line_no}: {data_id} seen before")
+                continue
+            seen.add(data_id)
+            if why := check_answer_eval(obj.get("answer_eval")):
+                ctx.reject(key, "malformed answer_eval", f"line {line_no}: {why}")
+                continue
+            image_id = str(obj["image_id"])
+            if "/" in image_id or "\\" in image_id or image_id.startswith("."):
+                ctx.reject(key, "bad image_id", f"line {line_no}: image_id {image_id!r} is not a plain name")
+                continue
+            rows.append({**{k: obj.get(k) for k in KEEP}, "data_id": data_id, "image_id": image_id,
+                         "answers": answers, "line_no": line_no, **kb.get(data_id, {}), **qt.get(data_id, {})})
+        return rows
+
+    def _knowledge_types(self, ctx: StageContext, rows: list[dict[str, Any]]) -> str | None:
+        """Fill row['knowledge_type'] for stratification; return where it came from."""
+        cfg: InfoseekConfig = ctx.cfg
+        if "knowledge_type" not in cfg.stratify:
+            return None
+        if cfg.knowledge_types is not None:
+            table = read_knowledge_types(cfg.knowledge_types)
+            for row in rows:
+                row["knowledge_type"] = table.get(str(row.get("entity_id")))
+            return f"file {cfg.knowledge_types.name}"
+        names = sorted({r["entity_text"] for r in rows if r.get("entity_text")})
+        if not names:
+            ctx.stats.notes.append("no entity_text (withkb file) to stratify by knowledge type; "
+                                   "sampled by question type only")
+            return None
+        from fvqa.pipelines.tag import taxonomy_of
+        from fvqa.textgen.minilm import shared_tagger
+
+        tags = shared_tagger(taxonomy_of(ctx.config.tag)).tag(names)
+        by_name = {n: t.knowledge_type for n, t in zip(names, tags, strict=True)}
+        for row in rows:
+            row["knowledge_type"] = by_name.get(row.get("entity_text") or "")
+        return "minilm pre-tag of entity_text"
+
+    def run(self, ctx: StageContext) -> None:
+        cfg: InfoseekConfig = ctx.cfg
+        main, withkb, qtype, image_dir = resolve_paths(cfg, ctx.config)
+        side_bad: list[str] = []
+        kb = _side_table(withkb, ("entity_id", "entity_text"), side_bad)
+        qt = _side_table(qtype, ("question_type",), side_bad)
+        if side_bad:
+            ctx.stats.notes.append(f"{len(side_bad)} unreadable lines in companion files ignored "
+                                   f"(first: {side_bad[0]})")
+        rows = self._read(ctx, main, kb, qt)
+        kt_source = self._knowledge_types(ctx, rows)
+        sample = balanced_sample(rows, cfg.n, strata=cfg.stratify, seed=cfg.seed, id_field="data_id",
+                                 cap_field="entity_id", cap=cfg.per_entity)
+        ctx.stats.extra["strata"] = stratum_counts(sample, cfg.stratify)
         todo = set(ctx.todo([f"infoseek-{r['data_id']}" for r in sample]))
         for row in ctx.progress(sample, description="infoseek"):
             item_id = f"infoseek-{row['data_id']}"
-            if item_id not in todo:
-                continue
-            image_path = image_dir / cfg.image_pattern.format(image_id=row["image_id"])
-            if not image_path.is_file():
-                ctx.reject(item_id, "missing image", f"{image_path} not found (image_id {row['image_id']})")
-                continue
-            try:
-                ref = ctx.ws.put_image(image_path.read_bytes(), provenance={"stage": STAGE, "file": image_path.name})
-            except ImageError as exc:
-                ctx.reject(item_id, "unreadable image", f"{image_path.name}: {exc}")
-                continue
-            answer_eval = row.get("answer_eval")
-            aliases = [str(a) for a in answer_eval] if isinstance(answer_eval, list) and all(
-                isinstance(a, str) for a in answer_eval) else []
-            if row["answer"] not in aliases:
-                aliases.insert(0, row["answer"])
-            ctx.emit("items", dict(
-                item_id=item_id, source="infoseek", question=row["question"], answer=row["answer"],
-                aliases=aliases, answer_eval=json.dumps(answer_eval, ensure_ascii=False),
-                question_type=row.get("question_type"), image_sha256=ref.sha256,
-                entity_id=row.get("entity_id"), entity_text=row.get("entity_text"),
-                provenance=json.dumps({STAGE: {"backend": "files", "file": main.name,
-                                               "line": row["line_no"], "time": now().isoformat()}}),
-            ))
+            if item_id in todo:
+                self._emit(ctx, row, item_id, main, image_dir, kt_source)
+
+    def _emit(self, ctx: StageContext, row: dict[str, Any], item_id: str, main: Path, image_dir: Path,
+              kt_source: str | None) -> None:
+        cfg: InfoseekConfig = ctx.cfg
+        image_path = find_image(image_dir, cfg.image_pattern, row["image_id"])
+        if image_path is None:
+            expected = image_dir / cfg.image_pattern.format(image_id=row["image_id"])
+            ctx.reject(item_id, "missing image", f"{expected} not found (image_id {row['image_id']})")
+            return
+        try:
+            ref = ctx.ws.put_image(image_path.read_bytes(), provenance={"stage": STAGE, "file": image_path.name})
+        except (ImageError, OSError) as exc:
+            ctx.reject(item_id, "unreadable image", f"{image_path.name}: {exc}")
+            return
+        answer_eval = row.get("answer_eval")
+        prov: dict[str, Any] = {"backend": "files", "file": main.name, "line": row["line_no"],
+                                "time": now().isoformat()}
+        if kt_source:
+            prov["stratum"] = {"knowledge_type": row.get("knowledge_type"), "source": kt_source}
+        ctx.emit("items", dict(
+            item_id=item_id, source="infoseek", question=row["question"], answer=row["answers"][0],
+            aliases=aliases_of(row["answers"], answer_eval),
+            answer_eval=json.dumps(answer_eval, ensure_ascii=False),
+            question_type=row.get("question_type"), image_sha256=ref.sha256,
+            entity_id=row.get("entity_id"), entity_text=row.get("entity_text"),
+            provenance=json.dumps({STAGE: prov}, ensure_ascii=False),
+        ))

@@ -18,7 +18,7 @@ from fvqa.pipelines.base import Estimate, Stage, StageContext
 from fvqa.store import now
 from fvqa.textgen import tagging
 from fvqa.textgen.llm_run import cached_count, is_transient, run_structured
-from fvqa.textgen.minilm import MODEL_NAME, MiniLMTagger
+from fvqa.textgen.minilm import MODEL_NAME, shared_tagger
 from fvqa.textgen.taxonomy import Taxonomy, build_taxonomy
 
 STAGE = "tag"
@@ -67,7 +67,7 @@ class TagStage(Stage):
             self._run_llm(ctx, taxonomy, todo)
 
     def _run_minilm(self, ctx: StageContext, taxonomy: Taxonomy, rows: list[dict[str, Any]]) -> None:
-        tagger = MiniLMTagger(taxonomy)
+        tagger = shared_tagger(taxonomy)
         prov = json.dumps({STAGE: {"backend": "minilm", "model": MODEL_NAME, "time": now().isoformat()}})
         chunks = [rows[i:i + CHUNK] for i in range(0, len(rows), CHUNK)]
         for chunk in ctx.progress(chunks, description="tag (minilm)"):
@@ -123,9 +123,9 @@ class TagStage(Stage):
         taxonomy = taxonomy_of(cfg)
         todo = self._todo(ctx)
         requests = {r["item_id"]: tagging.build_messages(taxonomy, r) for r in todo}
-        if requests:
-            cached = cached_count(llm, ctx.ws.cache_dir, requests, tagging.reply_model(taxonomy))
-            avg_prompt = sum(len(m[0]["content"]) for m in requests.values()) / 4 / len(requests)
+        if requests or ctx.ws.count("items") > 0:
+            cached = cached_count(llm, ctx.ws.cache_dir, requests, tagging.reply_model(taxonomy)) if requests else 0
+            avg_prompt = sum(len(m[0]["content"]) for m in requests.values()) / 4 / max(1, len(requests))
             est = estimate_cost(len(requests), avg_prompt, COMPLETION_TOKENS, llm.price, cached=cached,
                                 batch=llm.batch)
             note = f"{len(todo)} items to tag; {llm.model}"

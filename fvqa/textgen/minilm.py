@@ -91,3 +91,13 @@ class MiniLMTagger:
                 sub = names[int((sub_emb @ row).argmax())]
             out.append(Tag(ktype, round(float(p[best]), 4), sub))
         return out
+
+
+_TAGGERS: dict[Taxonomy, MiniLMTagger] = {}
+
+
+def shared_tagger(taxonomy: Taxonomy) -> MiniLMTagger:
+    """One tagger per taxonomy per process: infoseek's pre-tag and the tag stage load the model once."""
+    if taxonomy not in _TAGGERS:
+        _TAGGERS[taxonomy] = MiniLMTagger(taxonomy)
+    return _TAGGERS[taxonomy]

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from fvqa.schema import KnowledgeType
 
 DEFAULT_TYPES: dict[str, str] = {
-    KnowledgeType.Arts: "art and culture: paintings, sculptures, music, songs, films, books, literature, "
-    "theatre, dance and the works and styles of artists",
+    KnowledgeType.Arts: "works of art and culture: paintings, statues, music, songs, sonatas, films, books, "
+    "literature, theatre, dance and artistic styles",
     KnowledgeType.Place: "places and geography: cities, countries, landmarks, towers, buildings, bridges, "
     "monuments, mountains, rivers and where things are located",
-    KnowledgeType.People: "people: a person's identity, life, job, nationality, birth, family and career, "
-    "such as athletes, politicians, actors, scientists and sculptors",
+    KnowledgeType.People: "people and who a person is: artists, sculptors, painters, composers, athletes, "
+    "politicians, actors, scientists and their life, job, nationality and career",
     KnowledgeType.Industry: "industry and technology: companies, brands, products, machines, vehicles, "
     "locomotives, aircraft, engines, tools and manufacturing",
     KnowledgeType.Science: "science: chemistry, physics, minerals, crystals, elements, materials, astronomy, "
@@ -36,6 +36,10 @@ class Taxonomy:
 
     types: dict[str, str]
     subtypes: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(repr(sorted(self.types.items())) + repr(sorted((k, sorted(v.items()))
+                                                                   for k, v in self.subtypes.items())))
 
     def __post_init__(self) -> None:
         if not self.types:
