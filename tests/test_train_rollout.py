@@ -204,8 +204,9 @@ ANS = "<reason>The results say Gustave Eiffel.</reason><answer>Gustave Eiffel</a
 THUMB_MAX_PIXELS = 16 * 28 * 28
 
 
-def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: ScriptedSearch,
-         response_length: int = 4096, limits: dict[str, Any] | None = None) -> tuple[Any, ScriptedServer]:
+def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: ScriptedSearch | None,
+         response_length: int = 4096, limits: dict[str, Any] | None = None,
+         search_url: str = "http://127.0.0.1:9") -> tuple[Any, ScriptedServer]:
     import hydra
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
@@ -218,7 +219,7 @@ def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: Scr
     cfg = OmegaConf.create({
         "actor_rollout_ref": {"rollout": {"prompt_length": 2048, "response_length": response_length}},
         "data": {},
-        "fvqa": {"search_url": "http://127.0.0.1:9", "thumbnail_max_pixels": THUMB_MAX_PIXELS,
+        "fvqa": {"search_url": search_url, "thumbnail_max_pixels": THUMB_MAX_PIXELS,
                  "image_search_topk": 5, "limits": limits or {}},
     })
     server = ScriptedServer(processor.tokenizer, turns)
@@ -417,3 +418,78 @@ def test_grpo_advantage_on_a_group_of_our_rollouts(prepared: dict[str, Any], pro
     first, searched, searched_twice, wrong_adv = adv[:, 0].tolist()
     assert searched == pytest.approx(searched_twice)
     assert first > searched > 0 > wrong_adv
+
+
+# --------------------------------------------------------------------------------------------
+# Over HTTP: the loop calls the real search service (`fvqa search serve`'s app) on loopback
+# --------------------------------------------------------------------------------------------
+
+
+class PageBackend:
+    """A search backend with canned pages: what the service's SearchTools facade sits on."""
+
+    name = "scripted"
+    cache_pages = True
+
+    def __init__(self) -> None:
+        self.image_queries: list[Any] = []
+
+    def image_search(self, image: Any, k: int) -> list[ImageHit]:
+        self.image_queries.append(image)
+        return [ImageHit(title=f"Eiffel Tower view {i}", url=f"https://example.org/v{i}",
+                         thumbnail=png((20 * i, 120, 60), (240, 180))) for i in range(k)]
+
+    def text_candidates(self, query: str, n: int) -> list[Any]:
+        from fvqa.search.types import Candidate
+
+        return [Candidate(url="https://example.org/eiffel", title="Gustave Eiffel")]
+
+    def read_page(self, candidate: Any) -> str:
+        return "The tower was designed by the engineering company of Gustave Eiffel. It opened in 1889."
+
+
+@pytest.fixture(scope="module")
+def search_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from fvqa.search.config import SearchConfig
+    from fvqa.search.service import create_app
+    from fvqa.search.tools import SearchTools
+
+    backend = PageBackend()
+    tools = SearchTools(SearchConfig(), backend, cache_dir=tmp_path_factory.mktemp("search-cache"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(tools), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "search service did not start"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", backend=backend, tools=tools)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_episode_over_http_search_service(prepared: dict[str, Any], processor: Any, search_service: Any) -> None:
+    from fvqa.train import launcher
+
+    out, server = _run(prepared, processor, [IMG, TXT, ANS], None, search_url=search_service.url)
+    assert out.extra_fields["stop_reason"] == "answer"
+    assert [c["ok"] for c in out.extra_fields["tool_calls"]] == [True, True]
+    assert len(search_service.backend.image_queries) == 1
+    tool_turns = [processor.tokenizer.decode(out.response_ids[a:b])
+                  for v, a, b in _spans(out.response_mask) if v == 0]
+    assert tool_turns[0].count("<|vision_start|>") == 5 and "title: Eiffel Tower view 0" in tool_turns[0]
+    assert "(link:https://example.org/eiffel)" in tool_turns[1] and "Gustave Eiffel" in tool_turns[1]
+    assert len(server.calls[1]["images"]) == 6
+    # The pre-launch check sees the same service as up.
+    cfg = OmegaConf.create({"fvqa": {"search_url": search_service.url}})
+    check = launcher.check_search_service(cfg)
+    assert check.ok and "backend scripted" in check.detail

@@ -158,20 +158,23 @@ def check_gpus(cfg: Any, ray_address: str | None = None) -> Check:
 
 
 def check_search_service(cfg: Any, timeout_s: float = 5.0) -> Check:
-    """The search service answers HTTP at ``fvqa.search_url`` (any HTTP answer proves it is up)."""
+    """The search service at ``fvqa.search_url`` answers its health check."""
     import httpx
 
     url = str((cfg.get("fvqa") or {}).get("search_url") or "")
     if not url:
         return Check("search service", False, "fvqa.search_url is not set")
     try:
-        resp = httpx.get(url.rstrip("/") + "/health", timeout=timeout_s, trust_env=False)
-    except httpx.HTTPError as exc:
+        resp = httpx.get(url.rstrip("/") + "/healthz", timeout=timeout_s, trust_env=False)
+        body = resp.json() if resp.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError) as exc:
         return Check(
             "search service", False,
             f"{url} unreachable ({type(exc).__name__}): start it with `fvqa search serve` or set fvqa.search_url",
         )
-    return Check("search service", resp.status_code < 500, f"{url} answered HTTP {resp.status_code}")
+    if resp.status_code != 200 or body.get("status") != "ok":
+        return Check("search service", False, f"{url}/healthz answered HTTP {resp.status_code}: not an fvqa search service")
+    return Check("search service", True, f"{url} up (backend {body.get('backend')})")
 
 
 def run_checks(cfg: Any, ray_address: str | None = None) -> list[Check]:

@@ -143,8 +143,8 @@ def search_client_for(url: str, timeout_s: float = 120.0) -> SearchClient:
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
-            from fvqa.search.service import SearchServiceClient
+            from fvqa.search.client import SearchClient as HttpSearchClient
 
-            client = SearchServiceClient(url, timeout_s=timeout_s)
+            client = HttpSearchClient(url, timeout_s=timeout_s)
             _CLIENTS[key] = client
         return client
