@@ -22,7 +22,7 @@ from typing import Any
 from fvqa.config import ProbeConfig, RunConfig
 from fvqa.errors import ConfigError
 from fvqa.eval.metrics import exact_match, normalize_answer
-from fvqa.pipelines.base import Stage, StageContext
+from fvqa.pipelines.base import Estimate, Stage, StageContext
 from fvqa.pipelines.probe_labels import (
     POPULARITY_METHOD,
     RolloutOutcome,
@@ -99,6 +99,22 @@ class ProbeStage(Stage):
     def reset(self, ws: Workspace) -> None:
         self.prepare(ws)  # `--force probe` on a workspace that never probed
         super().reset(ws)
+
+    def estimate(self, ctx: StageContext) -> Estimate | None:
+        """Upper bound for the openai backend: every search rollout uses all rounds (the first turns
+        of later runs are cached, so re-runs cost less; the estimate does not know which)."""
+        cfg: ProbeConfig = ctx.cfg
+        if cfg.backend != "openai" or cfg.llm is None:
+            return None
+        from fvqa.llm.ledger import estimate_cost
+
+        n = len(ctx.todo(sorted(ctx.ws.keys("items", "item_id"))))
+        calls = n * cfg.k * (cfg.max_rounds + 1)
+        # prompt: instructions + question + image (~800 tokens), growing by ~600 per search result turn
+        est = estimate_cost(calls, 800 + 600 * (cfg.max_rounds - 1) / 2, 120, cfg.llm.price, batch=False)
+        return Estimate(paid_calls=est.paid_calls, tokens=est.prompt_tokens + est.completion_tokens, usd=est.usd,
+                        note=f"upper bound: {n} items x k={cfg.k} x ({cfg.max_rounds} search turns + 1 direct); "
+                             f"{cfg.llm.model}")
 
     def run(self, ctx: StageContext) -> None:
         cfg: ProbeConfig = ctx.cfg

@@ -6,8 +6,8 @@ In: the `dataset` view (items with tags, labels and human decisions). Work:
 2. group items that must stay together (shared entity/concept, near-duplicate image, duplicate
    normalised question; `fvqa.pipelines.leakage`);
 3. test first: per-source quotas (paper: 600 visual-concept, 600 InfoSeek, 600 manual), spread
-   evenly over knowledge types, small groups preferred so few items are held out; a picked item
-   claims its whole group for the test side;
+   evenly over knowledge types, each source's own search-label mix, small groups preferred so few
+   items are held out; a picked item claims its whole group for the test side;
 4. train from the rest: per search class quotas (paper: 3,400 search-required, 1,600 search-free)
    spread evenly over knowledge type x source cells (`fvqa.pipelines.balance.water_fill`), fine
    labels alternating within a cell.
@@ -202,7 +202,8 @@ class SplitStage(Stage):
                 by_cell[cell(r)].append(r)
             for c, members in sorted(by_cell.items()):
                 need = alloc[c] - have[c]
-                order = round_robin(members, key=lambda r: coarse(r["search_label"]), seed=cfg.seed,
+                # the source's own label mix (no alternation: that would drain the scarce class train needs)
+                order = round_robin(members, key=lambda r: 0, seed=cfg.seed,
                                     prefer=lambda r: grouping.size(r["item_id"]))
                 for r in order[:max(0, need)]:
                     chosen[r["item_id"]] = ("test", c)
