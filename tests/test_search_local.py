@@ -13,7 +13,7 @@ from fvqa.errors import ConfigError
 from fvqa.search.config import LocalConfig
 from fvqa.search.local_index import LocalIndex, build_index
 
-CFG = LocalConfig(clip_model="ViT-S-32", clip_pretrained=None)
+CFG = LocalConfig(clip_model="fvqa-tiny", clip_pretrained=None)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,25 @@ def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
         build_index(tmp_path / "empty.jsonl", None, tmp_path / "o")
     with pytest.raises(ConfigError, match="no search index"):
         LocalIndex(tmp_path / "o")
+
+
+def test_cli_builds_and_queries_the_index(world: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fvqa.search.cli import search_app
+
+    runner = CliRunner()
+    out = tmp_path / "idx"
+    res = runner.invoke(search_app, ["index", "build", "--corpus", str(world / "web/pages.jsonl"), "--images",
+                                     str(world / "web/images.jsonl"), "--out", str(out), "--clip-model", "fvqa-tiny"])
+    assert res.exit_code == 0, res.output
+    assert "rejected - images: image too small" in res.output
+    name = json.loads((world / "entities.jsonl").read_text().splitlines()[2])["name"]
+    opts = ["--set", f"search.options.local.index_dir={out}", "--set", f"workspace={tmp_path / 'ws'}"]
+    res = runner.invoke(search_app, ["text", name, "--question", "who made it?", *opts])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("[Text Search Results]") and "1. (link:" in res.output and name in res.output
+    res = runner.invoke(search_app, ["image", str(world / "web/images") + "/" + sorted(
+        p.name for p in (world / "web/images").glob("Q*_0.jpg"))[2], *opts])
+    assert res.exit_code == 0 and res.output.startswith("1. ")
+    assert (tmp_path / "ws/cache/search/search_cache.sqlite").is_file()

@@ -6,13 +6,34 @@ guarded by a lock, because the HTTP service calls it from several worker threads
 
 from __future__ import annotations
 
+import json
+import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from fvqa.errors import ConfigError
+
+# A two-layer, 64-pixel ViT for offline mechanics (demo, tests): same name and shape as the crawler's
+# `fvqa-tiny`, so `local.clip_model: fvqa-tiny` works whether or not that config is installed.
+TINY_NAME = "fvqa-tiny"
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _register_tiny(open_clip: object) -> None:
+    if TINY_NAME in open_clip.list_models():  # type: ignore[attr-defined]
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{TINY_NAME}.json"
+        path.write_text(json.dumps(TINY_CONFIG))
+        open_clip.add_model_config(path)  # type: ignore[attr-defined]
 
 
 class ClipEmbedder:
@@ -23,6 +44,8 @@ class ClipEmbedder:
         import torch
 
         self._torch = torch
+        if model == TINY_NAME:
+            _register_tiny(open_clip)
         try:
             # random weights must be the same in every process, or an index built by one process
             # could not be searched by another: seed them without touching the global RNG

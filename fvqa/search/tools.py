@@ -18,7 +18,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,12 +111,30 @@ class SearchTools:
         self._backend_id = getattr(backend, "cache_id", backend.name)
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
+        self._inflight: dict[str, tuple[threading.Lock, int]] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._counter_lock:
             self.counters[name] += n
+
+    @contextmanager
+    def _single_flight(self, key: str) -> Iterator[None]:
+        """Concurrent identical requests wait for the first one instead of each paying for a call."""
+        with self._counter_lock:
+            lock, users = self._inflight.get(key, (threading.Lock(), 0))
+            self._inflight[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._counter_lock:
+                lock, users = self._inflight[key]
+                if users <= 1:
+                    del self._inflight[key]
+                else:
+                    self._inflight[key] = (lock, users - 1)
 
     def _get(self, layer: str, key: str) -> tuple[bool, Any] | None:
         return self.cache.get(layer, key) if self.cache else None
@@ -144,9 +163,13 @@ class SearchTools:
         if getattr(self.backend, "keyed_by_data_id", False):
             identity = query.data_id or identity
         key = cache_key("image", self._backend_id, identity, self.config.top_k)
-        cached = self._get("image", key)
-        if cached is not None:
-            return [image_hit_from_dict(d) for d in cached[1]]
+        with self._single_flight(key):
+            cached = self._get("image", key)
+            if cached is not None:
+                return [image_hit_from_dict(d) for d in cached[1]]
+            return self._image_miss(query, key)
+
+    def _image_miss(self, query: QueryImage, key: str) -> list[ImageHit]:
         with self._image_slots:
             self._rate.acquire()
             self._count("image_backend_calls")
@@ -178,9 +201,13 @@ class SearchTools:
         """Layer 1: query -> candidate pages (cached)."""
         n = max(self.config.top_k, self.config.candidates)
         key = cache_key("query", self._backend_id, query, n)
-        cached = self._get("query", key)
-        if cached is not None:
-            return [Candidate(**d) for d in cached[1]]
+        with self._single_flight(key):
+            cached = self._get("query", key)
+            if cached is not None:
+                return [Candidate(**d) for d in cached[1]]
+            return self._candidates_miss(query, n, key)
+
+    def _candidates_miss(self, query: str, n: int, key: str) -> list[Candidate]:
         with self._text_slots:
             self._rate.acquire()
             self._count("text_backend_calls")
