@@ -110,6 +110,7 @@ class GenerateConfig(Section):
     prompt_path: Path | None = None  # own prompt text with {concept}, {page_title}, {page_text}
     max_answer_words: int = Field(12, ge=1)
     send_image: bool = True  # attach the crawled image to the prompt
+    batch_wait_s: float | None = None  # llm.batch: stop polling after this long (None: wait); re-run collects
 
 
 class InfoseekConfig(Section):
@@ -138,6 +139,7 @@ class TagConfig(Section):
     llm: LLMConfig | None = None  # backend llm; None: GPT-4o at api.openai.com with OPENAI_API_KEY
     taxonomy: dict[str, str] | None = None  # type -> one-line definition; default: the paper's eight
     subtypes: dict[str, dict[str, str]] | None = None  # optional level 2: type -> {subtype: definition}
+    batch_wait_s: float | None = None  # llm.batch: stop polling after this long (None: wait); re-run collects
 
 
 class ProbeConfig(Section):

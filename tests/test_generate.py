@@ -220,3 +220,69 @@ def test_custom_prompt_file_is_used_and_checked(tmp_path: Path):
         qa.load_prompt(good)
     with pytest.raises(ConfigError, match="cannot read"):
         qa.load_prompt(tmp_path / "missing.txt")
+
+
+def test_llm_batch_mode_collects_later_and_never_submits_twice(tmp_path: Path):
+    root = _workspace(tmp_path / "ws")
+    with FakeOpenAI(_responder, batch_polls=1) as srv:
+        srv.hold_batches = True  # the batch keeps running: the first build stops waiting
+        llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model",
+                        batch=True, batch_poll_s=0.05, max_retries=0)
+        cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm, batch_wait_s=0.2))
+        first = _build(cfg)
+        assert first.n_out == 0 and first.n_rejected == 0
+        assert any("5 requests still in a running batch" in n for n in first.notes)
+        assert srv.count("POST", "/v1/batches") == 1 and srv.count("POST", "/v1/chat/completions") == 0
+
+        srv.hold_batches = False
+        second = _build(cfg)  # polls the same batch, merges it, pays online only for the one repair
+        assert srv.count("POST", "/v1/batches") == 1 and srv.count("POST", "/v1/files") == 1
+        assert srv.count("POST", "/v1/chat/completions") == 1
+        assert second.n_out == 2 and second.n_rejected == 3
+        assert second.paid_calls == 6 and second.cache_hits == 0
+        assert second.cost_usd > 0
+        assert {r[0] for r in _rows(root, "SELECT item_id FROM items")} == {"metaclip-c1", "metaclip-c5"}
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from rich.console import Console
+from fvqa.config import GenerateConfig, RunConfig
+from fvqa.llm.config import Endpoint, LLMConfig
+from fvqa.pipelines.base import execute_stage
+from fvqa.pipelines.generate import GenerateStage
+from fvqa.store import Workspace
+
+llm = LLMConfig(endpoints=[Endpoint(base_url=sys.argv[2], api_key_env=None)], model="fake-model", max_concurrency=1)
+cfg = RunConfig(workspace=Path(sys.argv[1]), batch_size=1, generate=GenerateConfig(backend="llm", llm=llm))
+with Workspace(cfg.workspace) as ws:
+    execute_stage(GenerateStage(), ws, cfg, Console(quiet=True))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_llm_stage_then_rerun_repeats_no_successful_request(tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = _workspace(tmp_path / "ws")
+    with FakeOpenAI(_responder, latency=0.4) as srv:
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root), srv.base_url],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while srv.count("POST", "/v1/chat/completions", status=200) < 2 and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert srv.count("POST", "/v1/chat/completions", status=200) < 6, "the kill should land mid-stage"
+
+        llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model")
+        _build(RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm)))
+        ok_bodies = [json.dumps(b, sort_keys=True) for b in srv.chat_bodies(status=200)]
+        assert len(ok_bodies) == 6 and len(set(ok_bodies)) == 6, "a successful request was sent twice"
+    assert {r[0] for r in _rows(root, "SELECT item_id FROM items")} == {"metaclip-c1", "metaclip-c5"}
+    assert _rows(root, "SELECT count(*) FROM rejects")[0][0] == 3

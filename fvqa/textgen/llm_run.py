@@ -70,7 +70,8 @@ def cached_count(cfg: LLMConfig, cache_dir: Any, requests: Mapping[str, Messages
 
 
 async def _run(client: LLMClient, requests: Mapping[str, Messages], model_cls: type[BaseModel],
-               on_result: Callable[[str, StructuredResult[Any]], None], totals: RunTotals) -> None:
+               on_result: Callable[[str, StructuredResult[Any]], None], totals: RunTotals,
+               batch_wait_s: float | None) -> None:
     served_by_batch = 0
     skip: set[str] = set()
     if client.cfg.batch and requests:
@@ -79,7 +80,8 @@ async def _run(client: LLMClient, requests: Mapping[str, Messages], model_cls: t
         try:
             first = {rid: wire_request(client.cfg, m, model_cls) for rid, m in requests.items()}
             params = next(iter(first.values()))[1]
-            outcome = await BatchRunner(client).run({rid: w for rid, (w, _) in first.items()}, **params)
+            outcome = await BatchRunner(client).run({rid: w for rid, (w, _) in first.items()},
+                                                    max_wait_s=batch_wait_s, **params)
         finally:
             client.ledger = online_ledger
         cost = batch_ledger.stage(client.stage)
@@ -116,14 +118,18 @@ async def _run(client: LLMClient, requests: Mapping[str, Messages], model_cls: t
 
 
 def run_structured(cfg: LLMConfig, cache_dir: Any, stage: str, requests: Mapping[str, Messages],
-                   model_cls: type[BaseModel], on_result: Callable[[str, StructuredResult[Any]], None]) -> RunTotals:
-    """Answer every request (id -> messages) and call `on_result(id, result)` for each; return totals."""
+                   model_cls: type[BaseModel], on_result: Callable[[str, StructuredResult[Any]], None],
+                   *, batch_wait_s: float | None = None) -> RunTotals:
+    """Answer every request (id -> messages) and call `on_result(id, result)` for each; return totals.
+
+    Requests still running in a batch after `batch_wait_s` get no callback: they stay to do, and the
+    next run polls the same batch."""
     totals = RunTotals()
 
     async def main() -> None:
         async with LLMClient(cfg, cache_dir, stage=stage) as client:
             try:
-                await _run(client, requests, model_cls, on_result, totals)
+                await _run(client, requests, model_cls, on_result, totals, batch_wait_s)
             finally:
                 client.cache.close()
 
