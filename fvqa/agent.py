@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -249,20 +250,27 @@ class Job:
 
 
 def run_many(jobs: Sequence[Job], generator: Generator, tools: SearchTools | None, limits: Limits,
-             prompts: Prompts, *, on_turn: Callable[[int], None] | None = None) -> list[Trajectory]:
-    """Run rollouts together, one batched generator call per round; trajectories in job order."""
+             prompts: Prompts, *, tool_workers: int = 8,
+             on_turn: Callable[[int], None] | None = None) -> list[Trajectory]:
+    """Run rollouts together, one batched generator call per round; trajectories in job order.
+
+    The tool calls of a round run on up to `tool_workers` threads (web searches are slow; each
+    rollout only touches its own state, and the search facade is thread-safe).
+    """
     rollouts = [Rollout(j.item, j.mode, prompts, limits, generator.name, j.sampling) for j in jobs]
-    while True:
-        active = [r for r in rollouts if not r.done]
-        if not active:
-            break
-        gens = generator.generate([r.request() for r in active])
-        if len(gens) != len(active):
-            raise RuntimeError(f"generator {generator.name} returned {len(gens)} turns for {len(active)} requests")
-        for r, g in zip(active, gens, strict=True):
-            r.step(g, tools if r.mode == "search" else None)
-        if on_turn is not None:
-            on_turn(len(active))
+    with ThreadPoolExecutor(max_workers=max(1, tool_workers)) as pool:
+        while True:
+            active = [r for r in rollouts if not r.done]
+            if not active:
+                break
+            gens = generator.generate([r.request() for r in active])
+            if len(gens) != len(active):
+                raise RuntimeError(
+                    f"generator {generator.name} returned {len(gens)} turns for {len(active)} requests")
+            list(pool.map(lambda rg: rg[0].step(rg[1], tools if rg[0].mode == "search" else None),
+                          zip(active, gens, strict=True)))
+            if on_turn is not None:
+                on_turn(len(active))
     return [r.traj for r in rollouts]
 
 

@@ -83,7 +83,21 @@ def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, An
     if tools is None:
         from fvqa.search.tools import make_search_tools
 
-        tools = make_search_tools(ctx.config.search, cache_dir=ctx.ws.cache_dir / "search")
+        def search_cost(kind: str, n_calls: int, usd: float) -> None:
+            ctx.stats.paid_calls += n_calls
+            ctx.stats.cost_usd += usd
+
+        tools = make_search_tools(ctx.config.search, cache_dir=ctx.ws.cache_dir / "search", cost_hook=search_cost)
+    try:
+        _probe(ctx, cfg, rows, method, generator, tools)
+    finally:
+        close = getattr(tools, "close", None)
+        if callable(close):
+            close()
+
+
+def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], method: str, generator: Generator,
+           tools: Any) -> None:
     prompts = load_prompts(cfg.prompts)
     limits = Limits(max_rounds=cfg.max_rounds, max_image_search=cfg.max_image_search,
                     max_text_search=cfg.max_text_search)
@@ -92,11 +106,9 @@ def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, An
                  "prompts": sorted(set(prompts.source.values()))}
     chunk = max(1, ctx.batch_size // max(1, 2 * cfg.k))
     labels: dict[str, int] = {}
-    bar = iter(ctx.progress(range(len(rows)), description=f"probe: {generator.name}"))
-    for start in range(0, len(rows), chunk):
+    for start in ctx.progress(range(0, len(rows), chunk), description=f"probe: {generator.name} ({chunk}/step)"):
         items: list[tuple[dict[str, Any], AgentItem]] = []
         for r in rows[start:start + chunk]:
-            next(bar, None)
             try:
                 image = ctx.ws.find_image(r["image_sha256"]).read_bytes() if r["image_sha256"] else None
             except (KeyError, OSError) as exc:
