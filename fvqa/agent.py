@@ -55,6 +55,7 @@ class AgentItem:
     item_id: str
     question: str
     image: bytes
+    image_url: str | None = None  # lets URL-keyed backends (upstream's replay cache, web Lens by URL) find it
 
 
 @dataclass
@@ -214,7 +215,8 @@ class Rollout:
     def _image_search(self, tools: SearchTools, rnd: int) -> tuple[str, list[Any], ToolCall]:
         t0 = time.perf_counter()
         try:
-            hits = list(tools.image_search(self.item.image))
+            extra = {"image_url": self.item.image_url} if self.item.image_url else {}
+            hits = list(tools.image_search(self.item.image, **extra))
             error = None
         except Exception as exc:  # noqa: BLE001 - any search failure becomes upstream's error text
             hits, error = [], f"{type(exc).__name__}: {exc}"

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS probe_rollouts (
     completion_tokens BIGINT, stop_reason VARCHAR, trajectory VARCHAR,
     PRIMARY KEY (item_id, mode, rollout))
 """
-ITEM_COLUMNS = ("item_id", "source", "question", "answer", "aliases", "image_sha256", "concept",
+ITEM_COLUMNS = ("item_id", "source", "question", "answer", "aliases", "image_sha256", "image_url", "concept",
                 "concept_count", "entity_text")
 
 

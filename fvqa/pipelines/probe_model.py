@@ -118,7 +118,7 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
             if image is None:
                 ctx.reject(r["item_id"], "image missing", why)
                 continue
-            items.append((r, AgentItem(r["item_id"], r["question"], image)))
+            items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"))))
         jobs = [j for _, it in items for j in jobs_for(it, cfg)]
         trajs = run_many(jobs, generator, tools, limits, prompts) if jobs else []
         for n, (r, _) in enumerate(items):
