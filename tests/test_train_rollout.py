@@ -81,6 +81,10 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             dict(item_id="e-empty", source="manual", question="  ", answer="y", aliases=[],
                  image_sha256=small.sha256),
         ]
+        corrupt = ws.put_image(png((9, 9, 9), (50, 50)))
+        corrupt.path.write_bytes(b"not an image any more")
+        items.append(dict(item_id="f-corrupt", source="manual", question="What?", answer="z", aliases=[],
+                          image_sha256=corrupt.sha256))
         ws.insert("items", items)
         ws.insert("splits", [dict(item_id=i["item_id"], split="test" if i["item_id"] == "c-test" else "train")
                              for i in items])
@@ -94,7 +98,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_prepare_writes_both_splits_and_rejects_with_reasons(prepared: dict[str, Any]) -> None:
     result = prepared["result"]
     assert result.rows == {"train": 2, "test": 1}
-    assert prepared["rejects"] == [("d-noimage", "item has no image"), ("e-empty", "empty question")]
+    assert prepared["rejects"] == [("d-noimage", "item has no image"), ("e-empty", "empty question"),
+                                   ("f-corrupt", "not a decodable image")]
     train = pq.read_table(result.files["train"]).to_pylist()
     val = pq.read_table(result.files["test"]).to_pylist()
     assert result.files["test"].name == "val.parquet"
@@ -115,14 +120,30 @@ def test_prepare_writes_both_splits_and_rejects_with_reasons(prepared: dict[str,
     assert len(set(indices)) == len(indices)
     manifest = json.loads(result.manifest.read_text())
     assert manifest["rows"] == {"train": 2, "test": 1} and manifest["rejected"] == {
-        "item has no image": 1, "empty question": 1}
+        "item has no image": 1, "empty question": 1, "not a decodable image": 1}
 
 
-def test_prepare_rerun_writes_identical_files(prepared: dict[str, Any]) -> None:
+def test_prepare_cli_rerun_writes_identical_files(prepared: dict[str, Any]) -> None:
+    from typer.testing import CliRunner
+
+    from fvqa.cli import app
+
     before = prepared["result"].files["train"].read_bytes()
-    with Workspace(prepared["root"]) as ws:
-        again = prepare(ws, image_max_pixels=IMAGE_MAX_PIXELS)
-    assert pq.read_table(again.files["train"]).equals(pq.read_table(io.BytesIO(before)))
+    result = CliRunner().invoke(app, ["train", "prepare", "--workspace", str(prepared["root"]),
+                                      "--image-max-pixels", str(IMAGE_MAX_PIXELS)])
+    assert result.exit_code == 0, result.output
+    assert "train.parquet" in result.stdout and "not a decodable image" in result.stdout
+    assert pq.read_table(prepared["result"].files["train"]).equals(pq.read_table(io.BytesIO(before)))
+    with Workspace(prepared["root"], read_only=True) as ws:
+        n = ws.execute("SELECT count(*) FROM rejects WHERE stage = 'train_prepare'")[0][0]
+    assert n == 3  # the re-run replaced its rejects, it did not repeat them
+
+
+def test_prepare_refuses_an_empty_workspace(tmp_path: Path) -> None:
+    from fvqa.errors import FvqaError
+
+    with Workspace(tmp_path / "empty") as ws, pytest.raises(FvqaError, match="no items in split train or test"):
+        prepare(ws)
 
 
 def _dataset(prepared: dict[str, Any], processor: Any, split: str = "train") -> Any:
@@ -334,9 +355,13 @@ def test_full_episode_image_then_text_search_then_answer(prepared: dict[str, Any
     assert torch.all(grad_per_token[resp_mask[0] == 0] == 0)
     assert torch.all(grad_per_token[resp_mask[0] == 1] > 0)
 
-    # The reward veRL computes from these extra fields: correct after searching -> 0.91.
+    # The reward's fallback (cutting veRL's decoded response into turns) agrees with the loop's turns,
+    # and the reward veRL computes from the loop's extra fields: correct after searching -> 0.91.
+    from fvqa.train.reward import split_turns
     from fvqa.train.verl_reward import compute_score
 
+    decoded = tok.decode(out.response_ids, skip_special_tokens=True)
+    assert [t.strip() for t in split_turns(decoded)] == [t.strip() for t in out.extra_fields["assistant_turns"]]
     info = {"candidate_answers": ["Gustave Eiffel", "Eiffel"], **out.extra_fields}
     score = compute_score("mmsearch_r1/fvqa_train", tok.decode(out.response_ids), "Gustave Eiffel", info)
     assert score["score"] == pytest.approx(0.91) and score["n_image_search"] == 1 and score["n_text_search"] == 1
@@ -493,3 +518,40 @@ def test_episode_over_http_search_service(prepared: dict[str, Any], processor: A
     cfg = OmegaConf.create({"fvqa": {"search_url": search_service.url}})
     check = launcher.check_search_service(cfg)
     assert check.ok and "backend scripted" in check.detail
+
+
+def test_verl_reward_manager_scores_our_rollout(prepared: dict[str, Any], processor: Any) -> None:
+    """veRL's own reward path: the agent loop's extra fields reach our reward through extra_info."""
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    out, _ = _run(prepared, processor, [IMG, TXT, ANS], ScriptedSearch())
+    row = next(r for r in (_dataset(prepared, processor)[i] for i in range(2))
+               if r["extra_info"]["item_id"] == "a-tower")
+    cfg = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://fvqa.train.verl_reward", "name": "compute_score",
+        "reward_kwargs": {"alpha": 0.1, "search_penalty": 0.1, "mode": "EM", "format_rule": "limits"}}}})
+    prompts = torch.tensor([out.prompt_ids])
+    responses = torch.tensor([out.response_ids])
+    data = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses,
+                 "attention_mask": torch.ones(1, prompts.shape[1] + responses.shape[1], dtype=torch.int64)},
+        non_tensors={
+            "data_source": np.array([row["data_source"]], dtype=object),
+            "reward_model": np.array([row["reward_model"]], dtype=object),
+            "extra_info": np.array([dict(row["extra_info"])], dtype=object),
+            "tool_extra_fields": np.array([out.extra_fields], dtype=object),
+            "__num_turns__": np.array([out.num_turns]),
+        },
+    )
+
+    async def score() -> dict[str, Any]:
+        manager = NaiveRewardManager(cfg, processor.tokenizer, get_custom_reward_fn(cfg))
+        return await manager.run_single(data)
+
+    result = asyncio.run(score())
+    assert result["reward_score"] == pytest.approx(0.91)
+    info = result["reward_extra_info"]
+    assert (info["acc"], info["format"], info["n_image_search"], info["n_text_search"], info["searched"]) == (
+        1.0, 1.0, 1, 1, 1)

@@ -27,7 +27,6 @@ def prepare_cmd(
 ) -> None:
     """Write train.parquet (split train) and val.parquet (split test) in veRL's layout."""
     from rich.console import Console
-    from rich.table import Table
 
     from fvqa.protocol import load_prompts
     from fvqa.store import Workspace
@@ -36,14 +35,11 @@ def prepare_cmd(
     with Workspace(workspace) as ws:
         result = prepare(ws, out, prompts=load_prompts(prompts) if prompts else None,
                          image_max_pixels=image_max_pixels, limit=limit)
-    table = Table(title="fvqa train prepare")
-    for col in ("split", "rows", "file"):
-        table.add_column(col)
+    console = Console()
     for split, path in result.files.items():
-        table.add_row(split, str(result.rows[split]), str(path))
+        console.print(f"{split}: {result.rows[split]} rows -> {path}", highlight=False, soft_wrap=True)
     for reason, n in result.rejected.items():
-        table.add_row("rejected", str(n), reason)
-    Console().print(table)
+        console.print(f"rejected: {n} ({reason}); see `fvqa status`", highlight=False, soft_wrap=True)
 
 
 @train_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

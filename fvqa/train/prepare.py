@@ -222,7 +222,9 @@ def prepare(
             reason = str(exc).split(" (")[0]
             result.rejected[reason] += 1
             rejects.append((STAGE, item["item_id"], reason, str(exc)))
-    ws.add_rejects(rejects)
+    with ws.transaction():  # a re-run replaces the previous run's rejects instead of repeating them
+        ws.execute("DELETE FROM rejects WHERE stage = ?", [STAGE])
+        ws.add_rejects(rejects)
     for split, records in by_split.items():
         path = out_dir / SPLIT_FILES[split]
         if not records:
