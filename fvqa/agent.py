@@ -55,7 +55,8 @@ class AgentItem:
     item_id: str
     question: str
     image: bytes
-    image_url: str | None = None  # lets URL-keyed backends (upstream's replay cache, web Lens by URL) find it
+    image_url: str | None = None  # lets URL-keyed backends (web Lens by URL, replay) find the image
+    data_id: str | None = None  # upstream's data_id: the key of its released image-search cache (replay)
 
 
 @dataclass
@@ -215,7 +216,7 @@ class Rollout:
     def _image_search(self, tools: SearchTools, rnd: int) -> tuple[str, list[Any], ToolCall]:
         t0 = time.perf_counter()
         try:
-            extra = {"image_url": self.item.image_url} if self.item.image_url else {}
+            extra = {k: v for k, v in (("image_url", self.item.image_url), ("data_id", self.item.data_id)) if v}
             hits = list(tools.image_search(self.item.image, **extra))
             error = None
         except Exception as exc:  # noqa: BLE001 - any search failure becomes upstream's error text

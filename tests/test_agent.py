@@ -288,3 +288,17 @@ def test_vllm_backend_converts_requests_and_explains_a_missing_install(world, en
     if importlib.util.find_spec("vllm") is None:  # the CPU test machine: a clear error, not an ImportError
         with pytest.raises(ConfigError, match="pip install vllm"):
             make_generator("vllm", model_path="/models/qwen")
+
+
+def test_image_search_gets_the_items_url_and_upstream_data_id(world, entity):
+    seen: list[dict[str, Any]] = []
+
+    class Recording(FailingTools):
+        def image_search(self, image: bytes, **kw: Any) -> list:
+            seen.append(kw)
+            return []
+
+    item = AgentItem("x", "Who?", _item(world, entity).image, image_url="http://img/1.jpg", data_id="fvqa_train_7")
+    turns = ["<reason>a</reason><search><img></search>", "<reason>b</reason><answer>c</answer>"]
+    run(item, Scripted(lambda m: turns[sum(x["role"] == "assistant" for x in m)]), Recording(), Limits(), PROMPTS)
+    assert seen == [{"image_url": "http://img/1.jpg", "data_id": "fvqa_train_7"}]

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS probe_rollouts (
     PRIMARY KEY (item_id, mode, rollout))
 """
 ITEM_COLUMNS = ("item_id", "source", "question", "answer", "aliases", "image_sha256", "image_url", "concept",
-                "concept_count", "entity_text")
+                "concept_count", "entity_text", "provenance")
 
 
 def probe_method(cfg: ProbeConfig) -> str:

@@ -33,6 +33,16 @@ def rollout_seed(base_seed: int, item_id: str, index: int) -> int:
     return (int(digest[:8], 16) + index) % (2**31 - 1)
 
 
+def upstream_data_id(row: dict[str, Any]) -> str | None:
+    """The upstream data_id of an imported item (its provenance), for the replayed image-search cache."""
+    try:
+        prov = json.loads(row.get("provenance") or "{}")
+    except json.JSONDecodeError:
+        return None
+    data_id = prov.get("import", {}).get("data_id") if isinstance(prov.get("import"), dict) else None
+    return str(data_id) if data_id else None
+
+
 def jobs_for(item: AgentItem, cfg: ProbeConfig) -> list[Job]:
     """k search rollouts then k direct ones, each with its own seed."""
     def sampling(i: int) -> Sampling:
@@ -118,7 +128,7 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
             if image is None:
                 ctx.reject(r["item_id"], "image missing", why)
                 continue
-            items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"))))
+            items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"), upstream_data_id(r))))
         jobs = [j for _, it in items for j in jobs_for(it, cfg)]
         trajs = run_many(jobs, generator, tools, limits, prompts) if jobs else []
         for n, (r, _) in enumerate(items):
