@@ -136,3 +136,38 @@ def test_bad_requests_and_backend_failures_are_clear_errors(tmp_path: Path) -> N
     assert tools.counters["image_failures"] == 1
     backend.fail_images = False
     assert len(tools.image_search(_png("green"))) == 5  # the failure was not cached
+
+
+def test_custom_summariser_is_used_cached_and_failures_replaced(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def summarise(page: str, question: str) -> str:
+        calls.append(page)
+        if "Page A" in page:
+            raise ValueError("LLM refused")
+        return f"summary for {question}: {page[:10]}"
+
+    cfg = SearchConfig.model_validate({"backend": "local", "top_k": 3})
+    backend = FakeBackend()
+    tools = SearchTools(cfg, backend, cache_dir=tmp_path / "c", summarizer=summarise, summarizer_id="test-llm")
+    hits = tools.text_search("q", "who?")
+    assert [h.title for h in hits] == ["B", "C", "D"]  # gone, A (summariser failed), flaky skipped
+    assert hits[0].summary == "summary for who?: Page B ope"
+    n = len(calls)
+    tools.text_search("q", "who?")
+    assert len(calls) == n + 1  # only page A is re-summarised (failures are not cached)
+
+
+def test_ledger_hook_records_paid_calls() -> None:
+    from fvqa.search.tools import ledger_hook
+
+    class Ledger:
+        def __init__(self) -> None:
+            self.rows: list[tuple] = []
+
+        def record(self, stage: str, kind: str, *, usd: float) -> None:
+            self.rows.append((stage, kind, usd))
+
+    ledger = Ledger()
+    ledger_hook(ledger, "probe")("search_text", 2, 0.015)
+    assert ledger.rows == [("probe", "search", 0.015)] * 2

@@ -322,3 +322,13 @@ def make_search_tools(
         return SearchClient(config.service.url, timeout_s=config.service.timeout_s)
     backend = make_backend(config, cost_hook=cost_hook)
     return SearchTools(config, backend, cache_dir=cache_dir, cost_hook=cost_hook, summarizer=summarizer)
+
+
+def ledger_hook(ledger: Any, stage: str) -> CostHook:
+    """A `CostHook` that records each paid search call in a `CostLedger` (kind "search")."""
+
+    def hook(kind: str, n_calls: int, usd: float) -> None:
+        for _ in range(n_calls):
+            ledger.record(stage, "search", usd=usd)
+
+    return hook
