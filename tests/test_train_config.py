@@ -128,6 +128,7 @@ def test_dry_run_prints_command_config_and_checks(tmp_path: Path, monkeypatch: p
     assert "fvqa train prepare" in err
     assert "check search service: FAIL http://127.0.0.1:8765 unreachable" in err
     assert "check package verl: ok" in err
+    assert "check prompts: warn no manifest.json" in err
     assert "dry run: nothing launched" in err
 
 

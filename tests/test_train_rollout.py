@@ -555,3 +555,16 @@ def test_verl_reward_manager_scores_our_rollout(prepared: dict[str, Any], proces
     info = result["reward_extra_info"]
     assert (info["acc"], info["format"], info["n_image_search"], info["n_text_search"], info["searched"]) == (
         1.0, 1.0, 1, 1, 1)
+
+
+def test_launch_check_catches_data_prepared_with_other_prompts(prepared: dict[str, Any], tmp_path: Path) -> None:
+    from fvqa.train import launcher
+
+    train = str(prepared["result"].files["train"])
+    same = OmegaConf.create({"data": {"train_files": train}, "fvqa": {"prompts": None}})
+    assert launcher.check_prompts(same).ok
+    other = tmp_path / "prompts.yaml"
+    other.write_text("round_1: 'Answer the question about this image: <image>'\n")
+    mixed = OmegaConf.create({"data": {"train_files": train}, "fvqa": {"prompts": str(other)}})
+    check = launcher.check_prompts(mixed)
+    assert not check.ok and check.required and "fvqa train prepare --prompts" in check.detail

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -130,6 +131,35 @@ def check_data(cfg: Any) -> list[Check]:
     return out
 
 
+def check_prompts(cfg: Any) -> Check:
+    """The rows were prepared with the same opening prompt the rollout's follow-up prompts belong to.
+
+    `train prepare` bakes the round-1 prompt into every row; the agent loop adds the follow-up
+    prompts from ``fvqa.prompts``. Mixing upstream's prompts with ours would train on a protocol
+    nobody wrote, so a mismatch fails the check.
+    """
+    from fvqa.protocol import load_prompts
+    from fvqa.train.agent_loop import LoopSettings
+    from fvqa.train.prepare import prompt_fingerprint
+
+    files = _files(cfg.data.get("train_files"))
+    manifest = Path(files[0]).expanduser().parent / "manifest.json" if files else None
+    if manifest is None or not manifest.is_file():
+        return Check("prompts", False, "no manifest.json next to data.train_files (written by `fvqa train prepare`)",
+                     required=False)
+    try:
+        made_with = json.loads(manifest.read_text(encoding="utf-8")).get("round_1_sha256")
+    except (OSError, ValueError) as exc:
+        return Check("prompts", False, f"{manifest} unreadable: {exc}", required=False)
+    settings = LoopSettings.from_trainer_config(cfg)
+    paths = [settings.prompts] if isinstance(settings.prompts, str) else settings.prompts
+    ours = prompt_fingerprint(load_prompts([Path(p) for p in paths] if paths else None))
+    if made_with != ours:
+        return Check("prompts", False, "data was prepared with another round-1 prompt than fvqa.prompts gives: "
+                     "re-run `fvqa train prepare --prompts ...` with the same prompts")
+    return Check("prompts", True, "data and rollout use the same prompt set")
+
+
 def check_packages(cfg: Any) -> list[Check]:
     """Packages the run imports: veRL, Ray, TransferQueue, the rollout engine, flash-attn (optional)."""
     engine = str(cfg.actor_rollout_ref.rollout.name)
@@ -183,6 +213,7 @@ def run_checks(cfg: Any, ray_address: str | None = None) -> list[Check]:
         check_gpus(cfg, ray_address),
         *check_packages(cfg),
         *check_data(cfg),
+        check_prompts(cfg),
         check_search_service(cfg),
     ]
 

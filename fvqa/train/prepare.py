@@ -13,6 +13,7 @@ repeat) and ``agent_name`` (our agent loop). Items that cannot become a row are 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -105,6 +106,11 @@ def bounded_image_bytes(data: bytes, max_pixels: int) -> tuple[bytes, int, int]:
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return buf.getvalue(), size[0], size[1]
+
+
+def prompt_fingerprint(prompts: Prompts) -> str:
+    """Hash of the opening prompt baked into the rows; the launcher checks the rollout uses the same set."""
+    return hashlib.sha256(prompts.round_1.encode("utf-8")).hexdigest()
 
 
 def _candidates(row: dict[str, Any]) -> list[str]:
@@ -240,6 +246,7 @@ def prepare(
         "agent_name": AGENT_NAME,
         "image_max_pixels": image_max_pixels,
         "prompt_source": prompts.source.get("round_1", "fvqa-default"),
+        "round_1_sha256": prompt_fingerprint(prompts),
     }
     result.manifest = out_dir / "manifest.json"
     result.manifest.parent.mkdir(parents=True, exist_ok=True)
