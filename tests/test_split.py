@@ -160,7 +160,7 @@ def test_balance_reports_short_cells_and_takes_what_exists(ws: Workspace):
                               "AND source <> 'manual'")[0][0]
     free_left = 8 - free_in_test
     assert f"train/search_free: {free_left}/12 (SHORT by {12 - free_left}" in text
-    assert "cells below even share" in text and "search_free/Arts/infoseek 2/3" in text
+    assert "cells below even share" in text and "search_free/Arts/infoseek 2/3.0" in text
     assert stats.extra["cells"]["train/search_required"][0]["target"] == 7.0
     assert Counter(splits(ws).values())["train"] == 28 + free_left
 

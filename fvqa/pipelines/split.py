@@ -291,7 +291,7 @@ class SplitStage(Stage):
             line += f" (SHORT by {quota - achieved}: only {sum(supply.values())} usable items)"
         if short:
             line += "; cells below even share " + ", ".join(
-                f"{'/'.join(r.cell)} {r.achieved}/{r.target:.0f}" for r in short)
+                f"{'/'.join(r.cell)} {r.achieved}/{r.target:.1f}" for r in short)
         ctx.stats.notes.append(line)
         ctx.stats.extra.setdefault("cells", {})[name] = [
             {"cell": list(r.cell), "target": round(r.target, 2), "supply": r.supply, "achieved": r.achieved}
