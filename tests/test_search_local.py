@@ -125,3 +125,24 @@ def test_cli_builds_and_queries_the_index(world: Path, tmp_path: Path) -> None:
         p.name for p in (world / "web/images").glob("Q*_0.jpg"))[2], *opts])
     assert res.exit_code == 0 and res.output.startswith("1. ")
     assert (tmp_path / "ws/cache/search/search_cache.sqlite").is_file()
+
+
+def test_ensure_index_reuses_a_fresh_index_and_rebuilds_a_stale_one(world: Path, tmp_path: Path, embedder) -> None:
+    import asyncio
+
+    from fvqa.search.config import SearchConfig
+    from fvqa.search.local_index import ensure_index
+    from fvqa.search.tools import make_search_tools
+
+    pages = tmp_path / "pages.jsonl"
+    pages.write_text((world / "web/pages.jsonl").read_text())
+    out = tmp_path / "ix"
+    assert ensure_index(pages, None, out, config=CFG) is not None
+    assert ensure_index(pages, None, out, config=CFG) is None  # unchanged inputs: kept
+    pages.write_text(pages.read_text() + json.dumps({"url": "https://n.test/x", "title": "Newcomer Qwerty",
+                                                     "text": "Newcomer Qwerty is new."}) + "\n")
+    assert ensure_index(pages, None, out, config=CFG).pages == 7  # changed corpus: rebuilt
+    cfg = SearchConfig.from_section({"backend": "local", "options": {"local": {"index_dir": str(out)}}})
+    tools = make_search_tools(cfg, cache_dir=tmp_path / "cache")
+    hits = asyncio.run(tools.atext_search("qwerty", "what is new?"))
+    assert hits[0].title == "Newcomer Qwerty" and hits[0].url == "https://n.test/x"

@@ -7,6 +7,7 @@ unreachable service -> SearchError.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -60,6 +61,15 @@ class SearchClient:
     def text_search(self, query: str, question: str = "") -> list[TextHit]:
         body = self._post("/text_search", {"query": query, "question": question})
         return [text_hit_from_dict(d) for d in body["hits"]]
+
+    async def aimage_search(self, image: Any, *, image_url: str | None = None,
+                            data_id: str | None = None) -> list[ImageHit]:
+        """`image_search` for async callers (runs in a worker thread)."""
+        return await asyncio.to_thread(self.image_search, image, image_url=image_url, data_id=data_id)
+
+    async def atext_search(self, query: str, question: str = "") -> list[TextHit]:
+        """`text_search` for async callers (runs in a worker thread)."""
+        return await asyncio.to_thread(self.text_search, query, question)
 
     def stats(self) -> dict[str, Any]:
         try:

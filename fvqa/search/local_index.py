@@ -284,6 +284,7 @@ def build_index(
     db.close()
     stats.seconds = time.perf_counter() - t0
     meta = dict(format_version=FORMAT_VERSION, pages=stats.pages, images=stats.images,
+                sources=_fingerprint(corpus, images),
                 clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, embedder=stats.embedder,
                 rejected=dict(stats.rejected), built_at=time.time(), seconds=round(stats.seconds, 2))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -294,6 +295,40 @@ def build_index(
     tmp.rename(out)
     stats.bytes_on_disk = _dir_size(out)
     return stats
+
+
+def _fingerprint(corpus: Path, images: Path | str | None) -> dict[str, Any]:
+    """Paths, sizes and mtimes of the inputs: enough to tell whether an index is stale."""
+    out: dict[str, Any] = {}
+    for name, path in (("corpus", corpus), ("images", images)):
+        if path is None:
+            out[name] = None
+            continue
+        p = Path(path).resolve()
+        st = p.stat()
+        out[name] = {"path": str(p), "size": st.st_size, "mtime": st.st_mtime}
+    return out
+
+
+def ensure_index(corpus: Path | str, images: Path | str | None, out: Path | str, *,
+                 config: LocalConfig | None = None, progress: Progress | None = None) -> IndexStats | None:
+    """Build the index unless `out` already holds one from the same inputs and CLIP model.
+
+    Returns the build stats, or None when the existing index was kept (what the demo build calls on
+    every run: the first run builds, later runs cost nothing).
+    """
+    cfg = config or LocalConfig()
+    meta_path = Path(out) / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if (meta.get("format_version") == FORMAT_VERSION
+                and meta.get("sources") == _fingerprint(Path(corpus), images)
+                and meta.get("clip_model") == cfg.clip_model and meta.get("clip_pretrained") == cfg.clip_pretrained):
+            return None
+    return build_index(corpus, images, out, config=cfg, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ in `stats()`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -276,6 +277,15 @@ class SearchTools:
                 continue
             hits.append(TextHit(url=cand.url, title=cand.title, summary=summary))
         return hits
+
+    async def aimage_search(self, image: Any, *, image_url: str | None = None,
+                            data_id: str | None = None) -> list[ImageHit]:
+        """`image_search` for async callers (agent loops): runs in a worker thread."""
+        return await asyncio.to_thread(self.image_search, image, image_url=image_url, data_id=data_id)
+
+    async def atext_search(self, query: str, question: str = "") -> list[TextHit]:
+        """`text_search` for async callers: runs in a worker thread."""
+        return await asyncio.to_thread(self.text_search, query, question)
 
     def close(self) -> None:
         if self.cache:
