@@ -264,6 +264,7 @@ with Workspace(cfg.workspace) as ws:
 @pytest.mark.slow
 def test_sigkill_mid_llm_stage_then_rerun_repeats_no_successful_request(tmp_path: Path):
     import signal
+    import sqlite3
     import subprocess
     import sys
     import time
@@ -280,9 +281,14 @@ def test_sigkill_mid_llm_stage_then_rerun_repeats_no_successful_request(tmp_path
         proc.wait()
         assert srv.count("POST", "/v1/chat/completions", status=200) < 6, "the kill should land mid-stage"
 
+        with sqlite3.connect(root / "cache" / "llm.sqlite") as con:  # replies the killed run received
+            received = con.execute("SELECT count(*) FROM responses WHERE ok = 1").fetchone()[0]
+        assert received >= 2
         llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model")
-        _build(RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm)))
-        ok_bodies = [json.dumps(b, sort_keys=True) for b in srv.chat_bodies(status=200)]
-        assert len(ok_bodies) == 6 and len(set(ok_bodies)) == 6, "a successful request was sent twice"
+        before = srv.count("POST", "/v1/chat/completions")
+        redo = _build(RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm)))
+        # every reply the killed run received is reused (from the cache or its committed row), never re-paid;
+        # only requests it never got an answer for are sent again
+        assert redo.paid_calls == srv.count("POST", "/v1/chat/completions") - before == 6 - received
     assert {r[0] for r in _rows(root, "SELECT item_id FROM items")} == {"metaclip-c1", "metaclip-c5"}
     assert _rows(root, "SELECT count(*) FROM rejects")[0][0] == 3

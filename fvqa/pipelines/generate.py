@@ -18,7 +18,7 @@ from fvqa.llm.structured import StructuredResult
 from fvqa.pipelines.base import Estimate, Stage, StageContext
 from fvqa.store import now
 from fvqa.textgen import qa
-from fvqa.textgen.llm_run import cached_count, is_transient, run_structured
+from fvqa.textgen.llm_run import LazyRequests, cached_count, is_transient, run_structured
 from fvqa.textgen.rules import question_type, rule_violations
 
 STAGE = "generate"
@@ -83,18 +83,20 @@ class GenerateStage(Stage):
             question = qa.template_question(row["concept_id"], row["category"])
             self._accept(ctx, row, question, row["concept"], [], prov, raw=question)
 
-    def _requests(self, ctx: StageContext, rows: list[dict[str, Any]], prompt: str) -> dict[str, Any]:
+    def _requests(self, ctx: StageContext, rows: list[dict[str, Any]], prompt: str, *,
+                  reject_missing: bool = True) -> LazyRequests:
+        """item id -> messages, built (image read) only when a request is about to be sent."""
         cfg: GenerateConfig = ctx.cfg
-        requests = {}
+        specs: dict[str, tuple[dict[str, Any], Path | None]] = {}
         for row in rows:
             image = self._image(ctx, row) if cfg.send_image else None
-            if cfg.send_image and image is None:
+            if cfg.send_image and image is None and reject_missing:
                 ctx.reject(item_id(row["concept_id"]), "image file missing",
                            f"crawled image {row['image_sha256']} is not in the workspace image store")
                 continue
-            requests[item_id(row["concept_id"])] = qa.build_messages(
-                prompt, row["concept"], row["page_title"], row["page_text"], image)
-        return requests
+            specs[item_id(row["concept_id"])] = (row, image)
+        return LazyRequests(specs, lambda spec: qa.build_messages(
+            prompt, spec[0]["concept"], spec[0]["page_title"], spec[0]["page_text"], spec[1]))
 
     def _run_llm(self, ctx: StageContext, rows: list[dict[str, Any]]) -> None:
         cfg: GenerateConfig = ctx.cfg
@@ -116,7 +118,8 @@ class GenerateStage(Stage):
                 reason = "unparseable reply" if res.raw is not None else "LLM request failed"
                 ctx.reject(rid, reason, f"{res.error_reason}\nraw reply: {res.raw}")
 
-        totals = run_structured(llm, ctx.ws.cache_dir, STAGE, requests, qa.QAReply, on_result, batch_wait_s=cfg.batch_wait_s)
+        totals = run_structured(llm, ctx.ws.cache_dir, STAGE, requests, qa.QAReply, on_result,
+                                batch_wait_s=cfg.batch_wait_s)
         ctx.stats.paid_calls += totals.paid_calls
         ctx.stats.cache_hits += totals.cache_hits
         ctx.stats.cost_usd += totals.usd
@@ -154,11 +157,7 @@ class GenerateStage(Stage):
         llm = llm_config(cfg)
         prompt = qa.load_prompt(cfg.prompt_path)
         todo = self._todo(ctx, self._inputs(ctx))
-        requests = {}
-        for row in todo:
-            image = self._image(ctx, row) if cfg.send_image else None
-            requests[item_id(row["concept_id"])] = qa.build_messages(
-                prompt, row["concept"], row["page_title"], row["page_text"], image)
+        requests = self._requests(ctx, todo, prompt, reject_missing=False)
         if not requests and ctx.ws.count("crawled") == 0:
             # nothing crawled yet: price the concepts the config asks for, with a full page excerpt
             n = ctx.config.concepts.n if ctx.config.concepts.enabled else 0
@@ -167,8 +166,10 @@ class GenerateStage(Stage):
             note = f"{n} concepts expected (concepts.n; nothing crawled yet); {llm.model}"
         else:
             cached = cached_count(llm, ctx.ws.cache_dir, requests, qa.QAReply) if requests else 0
-            text_chars = sum(len(m[0]["content"][0]["text"]) for m in requests.values())
-            n_images = sum(len(m[0]["content"]) - 1 for m in requests.values())
+            text_chars = n_images = 0
+            for messages in requests.values():
+                text_chars += len(messages[0]["content"][0]["text"])
+                n_images += len(messages[0]["content"]) - 1
             avg_prompt = (text_chars / 4 + n_images * IMAGE_TOKENS) / max(1, len(requests))
             est = estimate_cost(len(requests), avg_prompt, COMPLETION_TOKENS, llm.price, cached=cached,
                                 batch=llm.batch)

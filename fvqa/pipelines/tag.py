@@ -102,7 +102,8 @@ class TagStage(Stage):
                 reason = "unparseable reply" if res.raw is not None else "LLM request failed"
                 ctx.reject(rid, reason, f"{res.error_reason}\nraw reply: {res.raw}")
 
-        totals = run_structured(llm, ctx.ws.cache_dir, STAGE, requests, model_cls, on_result, batch_wait_s=cfg.batch_wait_s)
+        totals = run_structured(llm, ctx.ws.cache_dir, STAGE, requests, model_cls, on_result,
+                                batch_wait_s=cfg.batch_wait_s)
         ctx.stats.paid_calls += totals.paid_calls
         ctx.stats.cache_hits += totals.cache_hits
         ctx.stats.cost_usd += totals.usd

@@ -8,7 +8,7 @@ pass then finds every first request in the cache and pays only for repair retrie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +92,7 @@ async def _run(client: LLMClient, requests: Mapping[str, Messages], model_cls: t
         skip = set(outcome.pending)
         served_by_batch = sum(client.cache.has(r.key) for r in outcome.results.values())
     window = 4 * client.cfg.max_concurrency
-    todo = iter([(rid, m) for rid, m in requests.items() if rid not in skip])
+    todo = ((rid, m) for rid, m in requests.items() if rid not in skip)  # built lazily
     running: dict[asyncio.Task[StructuredResult[Any]], str] = {}
 
     def fill() -> None:
@@ -135,3 +135,20 @@ def run_structured(cfg: LLMConfig, cache_dir: Any, stage: str, requests: Mapping
 
     asyncio.run(main())
     return totals
+
+
+class LazyRequests(Mapping[str, Messages]):
+    """id -> messages built on access, so 10k requests with images never sit in memory at once."""
+
+    def __init__(self, specs: dict[str, Any], build: Callable[[Any], Messages]) -> None:
+        self._specs = specs
+        self._build = build
+
+    def __getitem__(self, rid: str) -> Messages:
+        return self._build(self._specs[rid])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
