@@ -177,7 +177,8 @@ class FakeOpenAI:
 
     def close(self) -> None:
         self._stop.set()  # releases hangs
-        self._httpd.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a loop that never ran
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     @property
@@ -194,6 +195,13 @@ class FakeOpenAI:
         """Faults answered, in order, to the next chat requests (before the responder)."""
         with self._lock:
             self._faults.extend(replies)
+
+    def clear_faults(self) -> int:
+        """Drop faults not yet served; returns how many there were."""
+        with self._lock:
+            n = len(self._faults)
+            self._faults.clear()
+            return n
 
     @property
     def requests(self) -> list[Recorded]:

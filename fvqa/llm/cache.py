@@ -82,7 +82,9 @@ class BatchJob:
 class ResponseCache:
     """`cache_dir/llm.sqlite`: request key -> reply (or deterministic error), plus batch jobs."""
 
-    def __init__(self, cache_dir: Path | str) -> None:
+    def __init__(self, cache_dir: Path | str, *, secrets: list[str] | None = None) -> None:
+        """`secrets` (API keys) are scrubbed from everything written, e.g. an error echoing the key."""
+        self.secrets = [s for s in (secrets or []) if s]
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "llm.sqlite"
@@ -120,9 +122,18 @@ class ResponseCache:
     def put_error(self, key: str, error_class: str, error: str, model: str) -> None:
         self._put(key, False, None, error_class, error, model)
 
+    def scrub(self, text: str | None) -> str | None:
+        """The text with every secret replaced by ***."""
+        if text is None:
+            return None
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def _put(
         self, key: str, ok: bool, body: str | None, ecls: str | None, err: str | None, model: str
     ) -> None:
+        body, err = self.scrub(body), self.scrub(err)
         with self._lock:
             self._con.execute(
                 "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -138,12 +138,12 @@ class LLMClient:
         retry_cached_errors: bool = False,
     ) -> None:
         self.cfg = cfg
-        self.cache = ResponseCache(cache_dir)
+        self._eps = [_EndpointState(ep, ep.api_key()) for ep in cfg.endpoints]  # ConfigError if unset
+        self.cache = ResponseCache(cache_dir, secrets=[ep.key for ep in self._eps if ep.key])
         self.ledger = ledger if ledger is not None else CostLedger()
         self.stage = stage
         self.retry_cached_errors = retry_cached_errors
         self.encoder = DataUrlEncoder(cfg.image_max_side)
-        self._eps = [_EndpointState(ep, ep.api_key()) for ep in cfg.endpoints]  # ConfigError if unset
         self._rr = itertools.count()
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -315,29 +315,28 @@ class LLMClient:
         body = json.dumps(payload, ensure_ascii=False).encode()
         attempts = 0
         failure: _Failure | None = None
-        for attempt in range(self.cfg.max_retries + 1):
-            ep, wait = self._pick()
-            if wait > 0:
+        attempt = 0
+        while attempt <= self.cfg.max_retries:
+            reply: dict[str, Any] | None = None
+            async with self._sem:  # pick inside, so the pick sees the outcome of earlier attempts
+                ep, wait = self._pick()
+                if wait <= 0:
+                    attempts += 1
+                    try:
+                        reply = await self._attempt(ep, body)
+                    except _Failure as exc:
+                        failure = exc
+            if wait > 0:  # every endpoint asked us to wait (Retry-After)
                 await asyncio.sleep(wait)
-            attempts += 1
-            try:
-                async with self._sem:
-                    reply = await self._attempt(ep, body)
-            except _Failure as exc:
-                failure = exc
-                if (
-                    exc.error_class == "timeout"
-                    or exc.error_class == "connection"
-                    or exc.error_class.startswith("http_5")
-                ):
-                    ep.failures += 1
-                    ep.down_until = time.monotonic() + self.cfg.health_cooldown_s
-                if exc.retry_after is not None:
-                    ep.not_before = time.monotonic() + min(exc.retry_after, MAX_RETRY_AFTER_S)
-                if not exc.retry or attempt == self.cfg.max_retries:
+                continue
+            if reply is None:
+                assert failure is not None
+                self._note_failure(ep, failure)
+                if not failure.retry or attempt == self.cfg.max_retries:
                     break
                 delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                attempt += 1
                 continue
             ep.failures = 0
             ep.down_until = 0.0
@@ -350,6 +349,14 @@ class LLMClient:
         elif failure.error_class.startswith("http_") and int(failure.error_class[5:]) in CACHEABLE_STATUS:
             self.cache.put_error(key, failure.error_class, message, self.cfg.model)
         return LLMResult(ok=False, key=key, error_class=failure.error_class, error=message, attempts=attempts)
+
+    def _note_failure(self, ep: _EndpointState, exc: _Failure) -> None:
+        """Mark an endpoint unhealthy (timeouts, connection errors, 5xx) and record its Retry-After."""
+        if exc.error_class in ("timeout", "connection") or exc.error_class.startswith("http_5"):
+            ep.failures += 1
+            ep.down_until = time.monotonic() + self.cfg.health_cooldown_s
+        if exc.retry_after is not None:
+            ep.not_before = time.monotonic() + min(exc.retry_after, MAX_RETRY_AFTER_S)
 
     async def _attempt(self, ep: _EndpointState, body: bytes) -> dict[str, Any]:
         """One HTTP round trip, classified into a reply body or a `_Failure`."""
