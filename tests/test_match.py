@@ -1,0 +1,144 @@
+"""MetaCLIP-exact matching: agreement with the naive reference, hand cases, scale, processes."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fvqa.pipelines.match import EntryMatcher, match_texts, spacing
+
+
+def reference(entries: list[str], text: str) -> list[int]:
+    """MetaCLIP's naive definition, written independently of the implementation."""
+    spaced = " " + text + " "
+    for p in ",.;:?!`":
+        spaced = spaced.replace(p, f" {p} ")
+    for c in "\t\n\r":
+        spaced = spaced.replace(c, " ")
+    return [i for i, e in enumerate(entries) if f" {e} " in spaced]
+
+
+# Small alphabets so that generated entries actually occur in generated captions.
+ALPHABET = st.sampled_from(list("ab ,.;:?!`\t\n\r-'é日😀") + ["\x00", "\u00a0"])
+WORD = st.text(ALPHABET, min_size=0, max_size=6)
+ENTRIES = st.lists(WORD, min_size=0, max_size=25)
+TEXTS = st.lists(st.text(ALPHABET, max_size=40), min_size=0, max_size=15)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=ENTRIES, texts=TEXTS)
+def test_agrees_with_naive_reference(entries: list[str], texts: list[str]) -> None:
+    assert match_texts(entries, texts, processes=1) == [reference(entries, t) for t in texts]
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(st.text(max_size=8), max_size=20), text=st.text(max_size=60))
+def test_agrees_with_reference_on_arbitrary_unicode(entries: list[str], text: str) -> None:
+    # Entries that are substrings of the text, so matches are frequent.
+    entries = entries + [text[i:j] for i in range(0, len(text), 7) for j in (i + 3, i + 11)]
+    assert match_texts(entries, [text], processes=1) == [reference(entries, text)]
+
+
+def test_spacing_matches_metaclip_normalisation() -> None:
+    assert spacing("a,b") == " a , b "
+    assert spacing("x.y;z:w?v!u`t") == " x . y ; z : w ? v ! u ` t "
+    assert spacing("tab\there\nnew\rline") == " tab here new line "
+    assert spacing("") == "  "
+    # Other whitespace and punctuation stay as they are (MetaCLIP does not touch them).
+    assert spacing("a\u00a0b-c'd\x0be") == " a\u00a0b-c'd\x0be "
+
+
+@pytest.mark.parametrize(
+    ("entries", "text", "expected"),
+    [
+        # overlapping entries sharing a word are all reported
+        (["a b", "b c", "b", "a b c", "c"], "a b c", [0, 1, 2, 3, 4]),
+        # duplicates: every index of a repeated string
+        (["dog", "cat", "dog", "dog"], "a dog.", [0, 2, 3]),
+        # whole words only: no match inside a longer word
+        (["cat"], "concatenate cats", []),
+        # punctuation separates words ...
+        (["new york", "york"], "New York, new york!", [0, 1]),
+        # ... and entries containing wrapped punctuation can never match
+        (["st. louis", "u.s.", "st"], "st. louis in the u.s.", [2]),
+        # case-sensitive, as MetaCLIP
+        (["Paris"], "paris", []),
+        # tabs and newlines act as spaces
+        (["golden gate", "gate bridge"], "the golden\tgate\nbridge", [0, 1]),
+        # the empty entry matches wherever spacing produced two adjacent spaces
+        (["", "x"], "x.", [0, 1]),
+        (["", "x"], "x", [1]),
+        # entries with edge spaces need double spaces in the spaced text
+        ([" x", "x "], "a, x", [0]),
+        # unicode, including astral characters
+        (["東京", "😀 party", "café"], "東京 😀 party at the café!", [0, 1, 2]),
+    ],
+)
+def test_hand_cases(entries: list[str], text: str, expected: list[int]) -> None:
+    assert reference(entries, text) == expected  # the hand expectation is MetaCLIP's answer
+    assert match_texts(entries, [text], processes=1) == [expected]
+
+
+def test_empty_inputs() -> None:
+    assert match_texts([], ["anything"]) == [[]]
+    assert match_texts(["a"], []) == []
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(TypeError, match=r"entry #1 is int"):
+        EntryMatcher(["ok", 3])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"text #2 is NoneType"):
+        match_texts(["a"], ["a", "b", None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        match_texts(["a"], ["a"], processes=0)
+
+
+def test_processes_give_identical_results_in_order() -> None:
+    rng = random.Random(1)
+    words = ["red", "car", "blue", "sky", "new", "york", "big", "apple", "é", "日本"]
+    entries = words + [f"{a} {b}" for a in words for b in words] + ["red"]
+    texts = [
+        " ".join(rng.choices(words, k=rng.randint(0, 12))) + rng.choice(["", ".", "!", ",\tx"])
+        for _ in range(3_000)
+    ]
+    single = match_texts(entries, texts, processes=1)
+    assert single == [reference(entries, t) for t in texts]
+    # a lazy generator input, small chunks so several are in flight at once
+    multi = match_texts(entries, (t for t in texts), processes=2, chunk_size=97)
+    assert multi == single
+    assert any(len(m) > 5 for m in multi)
+
+
+def test_worker_errors_surface_with_global_position() -> None:
+    texts: list[object] = ["a b"] * 250 + [b"bytes"] + ["a"] * 10
+    with pytest.raises(TypeError, match=r"text #250 is bytes"):
+        match_texts(["a"], texts, processes=2, chunk_size=100)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow  # ~8 s idle; building a 500k-key automaton is slower on a loaded machine
+def test_scale_500k_entries() -> None:
+    """The real vocabulary size: build, match a few hundred captions, find planted entries."""
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = sorted({"".join(rng.choices(letters, k=rng.randint(3, 8))) for _ in range(720)})[:710]
+    entries = words + [f"{a} {b}" for a in words for b in words][: 500_000 - len(words)]
+    rng.shuffle(entries)
+    planted = {7: 123_456, 99: 499_999, 300: 0}
+    texts = []
+    for i in range(400):
+        words = ["".join(rng.choices("xyz", k=12)) for _ in range(10)]
+        if i in planted:
+            words.insert(5, entries[planted[i]] + ",")
+        texts.append(" ".join(words))
+    start = time.perf_counter()
+    matcher = EntryMatcher(entries)
+    results = list(matcher.iter_matches(texts))
+    assert time.perf_counter() - start < 30
+    for i, index in planted.items():
+        assert index in results[i]
+        assert results[i] == reference(entries, texts[i])  # sub-phrases of the planted entry too
+    assert all(results[i] == [] for i in range(400) if i not in planted)
