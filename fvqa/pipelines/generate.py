@@ -79,6 +79,8 @@ class GenerateStage(Stage):
 
     def _run_template(self, ctx: StageContext, rows: list[dict[str, Any]]) -> None:
         prov = {"backend": "template", "model": None, "prompt": None}
+        ctx.stats.notes.append("questions come from fixed templates per category (backend=template), not an LLM; "
+                               "set generate.backend=llm for real questions")
         for row in ctx.progress(rows, description="generate (template)"):
             question = qa.template_question(row["concept_id"], row["category"])
             self._accept(ctx, row, question, row["concept"], [], prov, raw=question)

@@ -246,7 +246,12 @@ class InfoseekStage(Stage):
         kt_source = self._knowledge_types(ctx, rows)
         sample = balanced_sample(rows, cfg.n, strata=cfg.stratify, seed=cfg.seed, id_field="data_id",
                                  cap_field="entity_id", cap=cfg.per_entity)
-        ctx.stats.extra["strata"] = stratum_counts(sample, cfg.stratify)
+        ctx.stats.extra["strata"] = counts = stratum_counts(sample, cfg.stratify)
+        if counts:
+            ctx.stats.notes.append(
+                f"sampled {len(sample)} of {len(rows)} usable rows over {len(counts)} strata "
+                f"({' x '.join(cfg.stratify)}; {min(counts.values())}-{max(counts.values())} per stratum)"
+                + (f"; knowledge type from {kt_source}" if kt_source else ""))
         todo = set(ctx.todo([f"infoseek-{r['data_id']}" for r in sample]))
         for row in ctx.progress(sample, description="infoseek"):
             item_id = f"infoseek-{row['data_id']}"
