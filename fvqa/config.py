@@ -35,20 +35,28 @@ class WorldConfig(Section):
 
 
 class ConceptsConfig(Section):
-    """MetaCLIP vocabulary -> sampled head/tail concepts."""
+    """MetaCLIP vocabulary -> sampled head/tail concepts (fvqa.pipelines.concepts)."""
 
     enabled: bool = True
-    metadata_path: Path | None = None  # MetaCLIP metadata.json; default: the demo world's
-    counts_path: Path | None = None  # entry_counts_*.json (list or dict); default: the demo world's
-    use_match_counts: bool = False  # take counts from the `match` stage instead
-    threshold: int = 20_000  # MetaCLIP's head/tail threshold t
-    n: int = 10_000
-    head_fraction: float = 0.5
-    include_zero: bool = False
-    min_chars: int = 3
-    allow_list: Path | None = None
-    deny_list: Path | None = None
+    metadata_path: Path | None = None  # MetaCLIP metadata.json (list of strings); default: the demo world's
+    counts_path: Path | None = None  # entry counts json: list aligned with entries, or dict entry -> count
+    use_match_counts: bool = False  # take counts from the `match` stage's `entry_counts` table instead
+    categories_path: Path | None = None  # optional json/jsonl concept -> category; demo: entities.jsonl
+    threshold: int = Field(20_000, ge=1)  # MetaCLIP's head/tail threshold t: head = count >= t
+    n: int = Field(10_000, ge=0)  # concepts to sample (paper: 10,000)
+    head_fraction: float = Field(0.5, ge=0, le=1)  # share of n drawn from the head; the rest from the tail
+    zero_fraction: float = Field(0.0, ge=0, le=1)  # share of n drawn from never-matched entries
+    min_chars: int = Field(3, ge=1)  # shorter entries are dropped ("too short")
+    max_chars: int = Field(100, ge=1)  # longer entries are dropped ("too long")
+    allow_list: Path | None = None  # text file, one entry per line: keep only these
+    deny_list: Path | None = None  # text file, one entry per line: drop these
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> ConceptsConfig:
+        if self.head_fraction + self.zero_fraction > 1:
+            raise ValueError("head_fraction + zero_fraction must be <= 1")
+        return self
 
 
 class MatchConfig(Section):
@@ -63,25 +71,43 @@ class MatchConfig(Section):
 
 
 class CrawlConfig(Section):
-    """Find, download, dedup and CLIP-verify one image (and its page) per concept."""
+    """Find, download, dedup and CLIP-verify one image (and its page) per concept (fvqa.pipelines.crawl)."""
 
     enabled: bool = True
     source: Literal["local", "urls", "web_search"] = "local"
-    manifest: Path | None = None  # local source: image manifest jsonl; default: the demo world's
-    candidates_per_concept: int = 4
-    max_side: int = 768
-    max_bytes: int = 20_000_000
-    min_side: int = 64
-    timeout_s: float = 20.0
-    retries: int = 3
-    concurrency: int = 32
-    per_host_concurrency: int = 4
-    allow_private: bool = False
-    phash_distance: int = 4
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = None
-    clip_threshold: float | None = None  # None: keep best image regardless of score
-    search_api_key_env: str | None = None
+    manifest: Path | None = None  # local: image manifest jsonl {path, title, url, page_url}; default: demo world
+    pages: Path | None = None  # local: pages jsonl {url, html_path | wikipedia_content}; default: beside manifest
+    candidates_table: str = "match_candidates"  # urls: table with (concept_id | entry_id), url[, page_url]
+    candidates_per_concept: int = Field(4, ge=1)
+    # image checks and re-encoding
+    max_side: int = Field(768, ge=16)  # resize so the longer side is at most this
+    min_side: int = Field(64, ge=1)  # smaller images are rejected ("too small")
+    max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked before decoding
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    phash_distance: int = Field(4, ge=-1)  # near-duplicate if perceptual-hash Hamming distance <= this (-1: off)
+    # downloader
+    max_bytes: int = Field(20_000_000, ge=1)
+    timeout_s: float = Field(20.0, gt=0)  # whole request (connect + all bytes), per attempt
+    retries: int = Field(3, ge=0)  # extra attempts on 429/5xx/timeouts/connection errors
+    backoff_s: float = Field(0.5, ge=0)  # first retry delay; doubles per attempt
+    max_retry_after_s: float = Field(60.0, ge=0)  # a longer Retry-After gives up instead of waiting
+    concurrency: int = Field(32, ge=1)
+    per_host_concurrency: int = Field(4, ge=1)
+    per_host_interval_s: float = Field(0.0, ge=0)  # minimum gap between request starts on one host
+    respect_robots: bool = True
+    user_agent: str = "fvqa-crawler/0.1 (research dataset builder)"
+    allow_private: bool = False  # allow loopback/private/link-local addresses (tests, intranets)
+    fetch_pages: bool = True  # download the source page and extract its main text
+    # CLIP verification
+    clip_model: str = "ViT-B-32"  # any open_clip model name, or fvqa-tiny (random-weight mechanics)
+    clip_pretrained: str | None = "openai"  # None: random weights (scores then mean nothing)
+    clip_threshold: float | None = None  # None: keep the best image regardless of score
+    clip_prompts: list[str] = Field(default_factory=lambda: ["a photo of {concept}.", "{concept}"])
+    clip_threads: int | None = Field(None, ge=1)  # torch intra-op threads while scoring (None: torch's own)
+    # web_search source (SerpAPI Google Images wire format)
+    search_url: str = "https://serpapi.com/search.json"
+    search_engine: str = "google_images"
+    search_api_key_env: str | None = "SERPAPI_API_KEY"
 
 
 class LLMSection(Section):

@@ -1,0 +1,1 @@
+"""Polite, bounded HTTP fetching: async downloader, private-address guard, robots.txt."""

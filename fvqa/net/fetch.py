@@ -1,0 +1,243 @@
+"""Async downloader (httpx + asyncio): bounded, polite, and every failure is a reason, not an exception.
+
+- a global concurrency limit and a per-host one (plus an optional minimum gap between requests to a
+  host), held only while a request is on the wire, never while a retry sleeps;
+- a deadline for the whole attempt (connect + headers + every byte), so a server that trickles bytes
+  cannot hold a slot forever;
+- retries with exponential backoff on 429/5xx, timeouts and dropped connections, honouring
+  `Retry-After` (seconds or HTTP date) up to a cap;
+- a maximum body size, enforced from Content-Length and again while streaming;
+- redirects followed by hand so every hop passes the private-address guard (fvqa.net.ssrf);
+- robots.txt respected when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from fvqa.net.robots import RobotsCache
+from fvqa.net.ssrf import BadURL, BlockedAddress, ResolveError, check_url
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Limits for one downloader; `from_config` maps a CrawlConfig onto it."""
+
+    concurrency: int = 32
+    per_host_concurrency: int = 4
+    per_host_interval_s: float = 0.0
+    timeout_s: float = 20.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_retry_after_s: float = 60.0
+    max_bytes: int = 20_000_000
+    max_redirects: int = 5
+    allow_private: bool = False
+    respect_robots: bool = True
+    user_agent: str = "fvqa-crawler/0.1 (research dataset builder)"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> FetchOptions:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
+
+
+@dataclass
+class FetchResult:
+    """Outcome of one URL: bytes on success, else a short `reason` (counted) and a `detail`."""
+
+    url: str
+    ok: bool
+    data: bytes = b""
+    status: int | None = None
+    final_url: str = ""
+    content_type: str | None = None
+    reason: str = ""
+    detail: str = ""
+    attempts: int = 0
+    retryable: bool = False
+    retry_after: float | None = None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Downloader:
+    """`async with Downloader(opts) as d: await d.fetch(url)` or `await d.fetch_many(urls)`."""
+
+    def __init__(self, opts: FetchOptions, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.opts = opts
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._global = asyncio.Semaphore(opts.concurrency)
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._next_start: dict[str, float] = {}
+        self._robots = RobotsCache(self._fetch_robots, opts.user_agent) if opts.respect_robots else None
+
+    async def __aenter__(self) -> Downloader:
+        limits = httpx.Limits(max_connections=self.opts.concurrency,
+                              max_keepalive_connections=self.opts.concurrency)
+        self._client = httpx.AsyncClient(
+            follow_redirects=False, timeout=httpx.Timeout(self.opts.timeout_s), limits=limits,
+            headers={"User-Agent": self.opts.user_agent}, transport=self._transport, trust_env=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- public ------------------------------------------------------------------------------
+    async def fetch_many(self, urls: Iterable[str], *, max_bytes: int | None = None) -> list[FetchResult]:
+        """Fetch all URLs concurrently (within the limits); results in input order."""
+        return list(await asyncio.gather(*(self.fetch(u, max_bytes=max_bytes) for u in urls)))
+
+    async def fetch(self, url: str, *, max_bytes: int | None = None) -> FetchResult:
+        """GET with retries; never raises for network or HTTP problems."""
+        attempts = 0
+        while True:
+            attempts += 1
+            result = await self._attempt(url, max_bytes or self.opts.max_bytes)
+            result.attempts = attempts
+            if result.ok or not result.retryable or attempts > self.opts.retries:
+                if not result.ok and result.retryable and attempts > 1:
+                    result.detail = f"{result.detail} (gave up after {attempts} attempts)".strip()
+                return result
+            if result.retry_after is not None:
+                if result.retry_after > self.opts.max_retry_after_s:
+                    result.detail = (f"{result.detail} (Retry-After {result.retry_after:.0f}s exceeds "
+                                     f"max_retry_after_s {self.opts.max_retry_after_s:.0f})").strip()
+                    return result
+                delay = result.retry_after
+            else:
+                delay = self.opts.backoff_s * (2 ** (attempts - 1))
+                delay += random.uniform(0, delay * 0.1)
+            await asyncio.sleep(delay)
+
+    # -- one attempt -------------------------------------------------------------------------
+    async def _attempt(self, url: str, max_bytes: int) -> FetchResult:
+        current = url
+        for _ in range(self.opts.max_redirects + 1):
+            try:
+                await check_url(current, allow_private=self.opts.allow_private)
+            except BadURL as exc:
+                return FetchResult(url, False, final_url=current, reason="bad URL", detail=str(exc))
+            except BlockedAddress as exc:
+                return FetchResult(url, False, final_url=current, reason="private address refused",
+                                   detail=str(exc))
+            except ResolveError as exc:
+                return FetchResult(url, False, final_url=current, reason="DNS lookup failed", detail=str(exc))
+            if self._robots is not None:
+                ok, why = await self._robots.allowed(current)
+                if not ok:
+                    return FetchResult(url, False, final_url=current, reason="disallowed by robots.txt",
+                                       detail=why)
+            result = await self._request(url, current, max_bytes)
+            if isinstance(result, FetchResult):
+                return result
+            current = result  # a redirect target
+        return FetchResult(url, False, final_url=current, reason="too many redirects",
+                           detail=f"more than {self.opts.max_redirects} redirects")
+
+    async def _request(self, url: str, current: str, max_bytes: int) -> FetchResult | str:
+        """One HTTP exchange; returns a result, or the next URL for a redirect."""
+        assert self._client is not None, "use `async with Downloader(...)`"
+        host = urlsplit(current).netloc
+        per_host = self._hosts.setdefault(host, asyncio.Semaphore(self.opts.per_host_concurrency))
+        async with self._global, per_host:
+            await self._pace(host)
+            try:
+                async with asyncio.timeout(self.opts.timeout_s):
+                    return await self._exchange(url, current, max_bytes)
+            except TimeoutError:
+                return FetchResult(url, False, final_url=current, reason="timeout", retryable=True,
+                                   detail=f"no complete response within {self.opts.timeout_s:g}s")
+            except httpx.TimeoutException as exc:
+                return FetchResult(url, False, final_url=current, reason="timeout", retryable=True,
+                                   detail=f"{exc.__class__.__name__}")
+            except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+                return FetchResult(url, False, final_url=current, reason="connection error", retryable=True,
+                                   detail=f"{exc.__class__.__name__}: {exc}")
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+                return FetchResult(url, False, final_url=current, reason="bad URL", detail=str(exc))
+            except httpx.HTTPError as exc:
+                return FetchResult(url, False, final_url=current, reason="network error",
+                                   detail=f"{exc.__class__.__name__}: {exc}")
+
+    async def _exchange(self, url: str, current: str, max_bytes: int) -> FetchResult | str:
+        assert self._client is not None
+        async with self._client.stream("GET", current) as resp:
+            if resp.is_redirect and "location" in resp.headers:
+                return urljoin(current, resp.headers["location"])
+            ctype = resp.headers.get("content-type")
+            if resp.status_code >= 400:
+                return FetchResult(
+                    url, False, status=resp.status_code, final_url=current, content_type=ctype,
+                    reason=f"HTTP {resp.status_code}", detail=resp.reason_phrase or "",
+                    retryable=resp.status_code in RETRY_STATUS,
+                    retry_after=parse_retry_after(resp.headers.get("retry-after")))
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                return FetchResult(url, False, status=resp.status_code, final_url=current, content_type=ctype,
+                                   reason="too large", detail=f"Content-Length {declared} > max_bytes {max_bytes}")
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    return FetchResult(url, False, status=resp.status_code, final_url=current,
+                                       content_type=ctype, reason="too large",
+                                       detail=f"body exceeds max_bytes {max_bytes} (stopped reading)")
+                chunks.append(chunk)
+            return FetchResult(url, True, b"".join(chunks), status=resp.status_code, final_url=current,
+                               content_type=ctype)
+
+    async def _pace(self, host: str) -> None:
+        """Keep at least `per_host_interval_s` between request starts on one host."""
+        gap = self.opts.per_host_interval_s
+        if gap <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        start = max(loop.time(), self._next_start.get(host, 0.0))
+        self._next_start[host] = start + gap
+        await asyncio.sleep(max(0.0, start - loop.time()))
+
+    async def _fetch_robots(self, url: str) -> tuple[int | None, str]:
+        assert self._client is not None
+        try:
+            await check_url(url, allow_private=self.opts.allow_private)
+            async with asyncio.timeout(min(self.opts.timeout_s, 10.0)):
+                resp = await self._client.get(url)
+        except (BadURL, BlockedAddress, ResolveError, TimeoutError, httpx.HTTPError):
+            return None, ""
+        return resp.status_code, resp.text[:500_000]
+
+
+def run_fetches(opts: FetchOptions, urls: list[str], *, max_bytes: int | None = None) -> list[FetchResult]:
+    """Synchronous convenience: fetch a list of URLs with a fresh downloader."""
+
+    async def go() -> list[FetchResult]:
+        async with Downloader(opts) as d:
+            return await d.fetch_many(urls, max_bytes=max_bytes)
+
+    return asyncio.run(go())

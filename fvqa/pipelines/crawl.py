@@ -1,0 +1,207 @@
+"""crawl: concepts -> one verified image and its source page per concept (table `crawled`).
+
+For each concept the source (local manifest, `match` URLs or an image-search API) gives candidates;
+each is downloaded (fvqa.net.fetch), checked and normalised (fvqa.vision.imageproc), deduplicated
+against everything kept so far (sha256 + perceptual hash) and scored with CLIP against prompts for
+the concept. The best candidate (above `clip_threshold`, when one is set) is stored with its page
+text; every other candidate lands in `rejects` keyed by its URL, and a concept without any usable
+image is rejected under its concept id with the candidates' reasons in the detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from fvqa.config import CrawlConfig
+from fvqa.net.fetch import Downloader, FetchOptions, FetchResult
+from fvqa.net.sources import Candidate, Source, make_source
+from fvqa.pipelines.base import Stage, StageContext
+from fvqa.store import now
+from fvqa.vision.dedup import DedupIndex, phash_hex, sha256_hex
+from fvqa.vision.imageproc import ImageReject, Processed, process_image
+
+STAGE = "crawl"
+CHUNK = 16  # concepts per download wave; the next wave downloads while this one is checked
+
+
+@dataclass
+class Checked:
+    """A candidate that decoded, passed the size checks and is not a duplicate."""
+
+    cand: Candidate
+    image: Processed
+    sha256: str
+    phash: str
+    score: float | None = None
+
+
+class CrawlStage(Stage):
+    """concepts -> crawled (+ images, + rejects by reason)."""
+
+    name = STAGE
+    inputs = ("concepts",)
+    outputs = ("crawled",)
+    description = "download, dedup and CLIP-verify one image (and page) per concept"
+
+    def run(self, ctx: StageContext) -> None:
+        rows = ctx.ws.execute("SELECT concept_id, concept FROM concepts ORDER BY concept_id")
+        todo = set(ctx.todo([r[0] for r in rows], column="concept_id"))
+        concepts = [(cid, concept) for cid, concept in rows if cid in todo]
+        ctx.stats.n_in = len(concepts)
+        if concepts:
+            asyncio.run(self._run(ctx, concepts))
+
+    async def _run(self, ctx: StageContext, concepts: list[tuple[str, str]]) -> None:
+        cfg: CrawlConfig = ctx.cfg
+        self.dedup = _load_dedup(ctx, cfg.phash_distance)
+        self.scorer: Any = None
+        # importing open_clip takes seconds: start it now, overlapping the first downloads
+        self._scorer_task = asyncio.create_task(asyncio.to_thread(_load_scorer, cfg, ctx))
+        async with Downloader(FetchOptions.from_config(cfg)) as downloader:
+            source = make_source(cfg, ctx.config, ctx.ws, downloader)
+            chunks = [concepts[i: i + CHUNK] for i in range(0, len(concepts), CHUNK)]
+            prefetch = asyncio.create_task(self._gather(source, chunks[0]))
+            for i, _ in enumerate(ctx.progress(chunks, total=len(chunks), description="crawl")):
+                batch = await prefetch
+                if i + 1 < len(chunks):
+                    prefetch = asyncio.create_task(self._gather(source, chunks[i + 1]))
+                with ctx.ws.transaction():  # one commit per chunk instead of one per stored image
+                    await self._settle(ctx, source, batch)
+        if self.scorer is None:  # surface a load error (e.g. unknown model) even if nothing needed scoring
+            await self._scorer_task
+        _record_source_stats(ctx, source)
+
+    async def _gather(
+        self, source: Source, chunk: list[tuple[str, str]]
+    ) -> list[tuple[str, str, list[Candidate], list[FetchResult], tuple[str, str] | None]]:
+        """Candidates and their bytes for a chunk of concepts (the network part)."""
+        cands, failures = await source.candidates(chunk)
+        flat = [c for cid, _ in chunk for c in cands.get(cid, [])]
+        results = iter(await source.fetch(flat))
+        return [(cid, concept, cands.get(cid, []), [next(results) for _ in cands.get(cid, [])],
+                 failures.get(cid)) for cid, concept in chunk]
+
+    async def _settle(self, ctx: StageContext, source: Source, batch: list[Any]) -> None:
+        """Check, dedup, score and keep or reject every candidate of a chunk (the CPU part)."""
+        cfg: CrawlConfig = ctx.cfg
+        for cid, concept, cands, results, failure in batch:
+            why: Counter[str] = Counter()
+            if failure is not None:
+                why[failure[0]] += 1
+            checked = await asyncio.to_thread(self._check, ctx, cid, cands, results, why)
+            if checked:
+                if self.scorer is None:
+                    self.scorer = await self._scorer_task
+                scores = await asyncio.to_thread(self.scorer.score, concept, [c.image.image for c in checked])
+                for c, s in zip(checked, scores, strict=True):
+                    c.score = s
+                checked = self._apply_threshold(ctx, cid, checked, cfg.clip_threshold, why)
+            if not checked:
+                if not cands and failure is None:
+                    ctx.reject(cid, "no candidates", f"{concept!r}: the {source.name} source has no image for it")
+                else:
+                    detail = failure[1] if failure and not cands else ", ".join(f"{r}: {n}" for r, n in why.items())
+                    ctx.reject(cid, "no usable image", f"{concept!r}: {detail}")
+                continue
+            best = max(checked, key=lambda c: c.score if c.score is not None else float("-inf"))
+            for other in checked:
+                if other is not best:
+                    ctx.reject(other.cand.url, "lower CLIP score than chosen image",
+                               f"{cid}: {other.score:.4f} < {best.score:.4f} ({best.cand.url})")
+            await self._keep(ctx, source, cid, best, len(cands))
+
+    def _check(
+        self, ctx: StageContext, cid: str, cands: list[Candidate], results: list[FetchResult], why: Counter[str]
+    ) -> list[Checked]:
+        cfg: CrawlConfig = ctx.cfg
+        local = DedupIndex(cfg.phash_distance)
+        out = []
+        for cand, res in zip(cands, results, strict=True):
+            if not res.ok:
+                why[res.reason] += 1
+                ctx.reject(cand.url, res.reason, f"{cid}: {res.detail}".strip())
+                continue
+            try:
+                img = process_image(res.data, max_side=cfg.max_side, min_side=cfg.min_side,
+                                    max_pixels=cfg.max_pixels, quality=cfg.jpeg_quality)
+            except ImageReject as exc:
+                why[exc.reason] += 1
+                ctx.reject(cand.url, exc.reason, f"{cid}: {exc.detail}")
+                continue
+            sha, ph = sha256_hex(img.data), phash_hex(img.image)
+            dup = self.dedup.check(sha, ph) or local.check(sha, ph)
+            if dup is not None:
+                kind = "exact duplicate" if dup[0] == "exact duplicate" else "near-duplicate"
+                why[kind] += 1
+                ctx.reject(cand.url, kind, f"{cid}: {dup[0]} of {dup[1]}")
+                continue
+            local.add(sha, ph, f"{cid} candidate {cand.url}")
+            out.append(Checked(cand, img, sha, ph))
+        return out
+
+    @staticmethod
+    def _apply_threshold(
+        ctx: StageContext, cid: str, checked: list[Checked], threshold: float | None, why: Counter[str]
+    ) -> list[Checked]:
+        if threshold is None:
+            return checked
+        keep = []
+        for c in checked:
+            if c.score is not None and c.score >= threshold:
+                keep.append(c)
+            else:
+                why["low CLIP score"] += 1
+                ctx.reject(c.cand.url, "low CLIP score", f"{cid}: {c.score:.4f} < clip_threshold {threshold:g}")
+        return keep
+
+    async def _keep(self, ctx: StageContext, source: Source, cid: str, best: Checked, n_cands: int) -> None:
+        cfg: CrawlConfig = ctx.cfg
+        page, page_failure = await source.page(best.cand)
+        if page_failure is not None:  # the image is kept; the generator falls back to the title
+            ctx.reject(page.url or f"{cid} page", page_failure[0], f"{cid}: {page_failure[1]}")
+        ref = ctx.ws.put_image(best.image.data, provenance={"stage": STAGE, "url": best.cand.url})
+        ctx.ws.execute("UPDATE images SET phash = ? WHERE sha256 = ? AND phash IS NULL", [best.phash, ref.sha256])
+        self.dedup.add(ref.sha256, best.phash, f"{cid} ({best.cand.url})")
+        clip = self.scorer.describe() if self.scorer is not None else {}
+        clip["threshold"] = cfg.clip_threshold
+        ctx.emit("crawled", dict(
+            concept_id=cid, image_sha256=ref.sha256, image_url=best.cand.url, page_url=page.url,
+            page_title=page.title, page_text=page.text, clip_score=best.score,
+            provenance=json.dumps({STAGE: {
+                "source": source.name, "candidates": n_cands, "original_format": best.image.kind,
+                "original_size": list(best.image.orig_size), "phash": best.phash, "clip": clip,
+                "time": now().isoformat()}}),
+        ))
+
+
+def _load_scorer(cfg: CrawlConfig, ctx: StageContext) -> Any:
+    """Build the CLIP model once per run (only when some candidate needs scoring)."""
+    t0 = time.perf_counter()
+    from fvqa.vision.clip_score import ClipScorer
+
+    scorer = ClipScorer(cfg.clip_model, cfg.clip_pretrained, cfg.clip_prompts, threads=cfg.clip_threads)
+    if cfg.clip_pretrained is None:
+        ctx.stats.notes.append(f"CLIP {cfg.clip_model} has random weights (clip_pretrained: null): "
+                               "scores are recorded but not semantic")
+    ctx.stats.extra["clip_load_seconds"] = round(time.perf_counter() - t0, 2)
+    return scorer
+
+
+def _load_dedup(ctx: StageContext, distance: int) -> DedupIndex:
+    """Images kept by earlier runs, so a resumed crawl deduplicates against them too."""
+    index = DedupIndex(distance)
+    for cid, sha, ph, url in ctx.ws.execute(
+            "SELECT k.concept_id, k.image_sha256, im.phash, k.image_url FROM crawled k "
+            "LEFT JOIN images im ON im.sha256 = k.image_sha256 ORDER BY k.concept_id"):
+        index.add(sha, ph, f"{cid} ({url})")
+    return index
+
+
+def _record_source_stats(ctx: StageContext, source: Source) -> None:
+    ctx.stats.cache_hits += getattr(source, "cache_hits", 0)
+    ctx.stats.paid_calls += getattr(source, "paid_calls", 0)

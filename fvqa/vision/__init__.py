@@ -1,0 +1,1 @@
+"""Image checks for crawled candidates: decode and normalise, dedup, CLIP verification."""
