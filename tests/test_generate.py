@@ -292,3 +292,14 @@ def test_sigkill_mid_llm_stage_then_rerun_repeats_no_successful_request(tmp_path
         assert redo.paid_calls == srv.count("POST", "/v1/chat/completions") - before == 6 - received
     assert {r[0] for r in _rows(root, "SELECT item_id FROM items")} == {"metaclip-c1", "metaclip-c5"}
     assert _rows(root, "SELECT count(*) FROM rejects")[0][0] == 3
+
+
+def test_missing_image_file_is_a_reject_not_an_item(tmp_path: Path):
+    root = _workspace(tmp_path / "ws")
+    with Workspace(root) as ws:
+        sha = ws.execute("SELECT image_sha256 FROM crawled WHERE concept_id = 'c2'")[0][0]
+        ws.find_image(sha).unlink()
+    stats = _build(RunConfig(workspace=root, generate=GenerateConfig(backend="template")))
+    assert stats.n_out == 4 and stats.rejected == {"image file missing": 1}
+    detail = _rows(root, "SELECT key, detail FROM rejects")
+    assert detail[0][0] == "metaclip-c2" and sha in detail[0][1]

@@ -71,7 +71,13 @@ class GenerateStage(Stage):
         cfg: GenerateConfig = ctx.cfg
         rows = self._inputs(ctx)
         ctx.stats.n_in = len(rows)
-        todo = self._todo(ctx, rows)
+        todo = []
+        for row in self._todo(ctx, rows):  # an item without its image is no visual question
+            if self._image(ctx, row) is None:
+                ctx.reject(item_id(row["concept_id"]), "image file missing",
+                           f"crawled image {row['image_sha256']} is not in the workspace image store")
+            else:
+                todo.append(row)
         if cfg.backend == "template":
             self._run_template(ctx, todo)
         else:
@@ -85,18 +91,10 @@ class GenerateStage(Stage):
             question = qa.template_question(row["concept_id"], row["category"])
             self._accept(ctx, row, question, row["concept"], [], prov, raw=question)
 
-    def _requests(self, ctx: StageContext, rows: list[dict[str, Any]], prompt: str, *,
-                  reject_missing: bool = True) -> LazyRequests:
+    def _requests(self, ctx: StageContext, rows: list[dict[str, Any]], prompt: str) -> LazyRequests:
         """item id -> messages, built (image read) only when a request is about to be sent."""
         cfg: GenerateConfig = ctx.cfg
-        specs: dict[str, tuple[dict[str, Any], Path | None]] = {}
-        for row in rows:
-            image = self._image(ctx, row) if cfg.send_image else None
-            if cfg.send_image and image is None and reject_missing:
-                ctx.reject(item_id(row["concept_id"]), "image file missing",
-                           f"crawled image {row['image_sha256']} is not in the workspace image store")
-                continue
-            specs[item_id(row["concept_id"])] = (row, image)
+        specs = {item_id(r["concept_id"]): (r, self._image(ctx, r) if cfg.send_image else None) for r in rows}
         return LazyRequests(specs, lambda spec: qa.build_messages(
             prompt, spec[0]["concept"], spec[0]["page_title"], spec[0]["page_text"], spec[1]))
 
@@ -159,7 +157,7 @@ class GenerateStage(Stage):
         llm = llm_config(cfg)
         prompt = qa.load_prompt(cfg.prompt_path)
         todo = self._todo(ctx, self._inputs(ctx))
-        requests = self._requests(ctx, todo, prompt, reject_missing=False)
+        requests = self._requests(ctx, todo, prompt)
         if not requests and ctx.ws.count("crawled") == 0:
             # nothing crawled yet: price the concepts the config asks for, with a full page excerpt
             n = ctx.config.concepts.n if ctx.config.concepts.enabled else 0
