@@ -32,6 +32,8 @@ CHARS_TO_SPACE: tuple[str, ...] = ("\t", "\n", "\r")
 #: Below this many texts a worker pool costs more than it saves.
 MIN_TEXTS_FOR_POOL = 5_000
 DEFAULT_CHUNK_SIZE = 1_000
+#: Chunks queued per worker: deep enough that workers never wait for a busy parent to feed them.
+IN_FLIGHT_PER_PROCESS = 8
 
 
 def spacing(text: str) -> str:
@@ -106,7 +108,7 @@ class EntryMatcher:
         """Lazily yield `match(text)` per text, in input order, using worker processes if worthwhile.
 
         `processes=None` picks one process for fewer than MIN_TEXTS_FOR_POOL texts and otherwise
-        all usable CPUs. At most `2 * processes` chunks are in flight, so memory stays bounded for
+        all usable CPUs. At most IN_FLIGHT_PER_PROCESS chunks per worker are in flight, so memory stays bounded for
         inputs larger than RAM.
         """
         if processes is not None and processes < 1:
@@ -136,7 +138,7 @@ class EntryMatcher:
             for chunk in _chunks(texts, chunk_size):
                 pending.append(pool.apply_async(_match_chunk, (chunk, offset)))
                 offset += len(chunk)
-                while len(pending) >= 2 * processes:
+                while len(pending) >= IN_FLIGHT_PER_PROCESS * processes:
                     yield from pending.popleft().get()
             while pending:
                 yield from pending.popleft().get()
