@@ -146,3 +146,13 @@ def test_ensure_index_reuses_a_fresh_index_and_rebuilds_a_stale_one(world: Path,
     tools = make_search_tools(cfg, cache_dir=tmp_path / "cache")
     hits = asyncio.run(tools.atext_search("qwerty", "what is new?"))
     assert hits[0].title == "Newcomer Qwerty" and hits[0].url == "https://n.test/x"
+
+
+def test_term_at_a_time_scores_match_bm25s(index) -> None:
+    out, _ = index
+    ix = LocalIndex(out)
+    for query in ("sonata tower", "festival france visitors", "created 1732 photographs", "crystal density"):
+        tokens = [t for t in ix._bm25.vocab_dict if t in query.split()]
+        docs, scores = ix._bm25.retrieve([tokens], k=3, show_progress=False)
+        expected = [round(float(s), 5) for s in scores[0] if s > 0]
+        assert [round(s, 5) for _, s in ix.search_pages(query, 3)] == expected

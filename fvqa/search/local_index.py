@@ -415,8 +415,30 @@ class LocalIndex:
         if not tokens:
             return []
         k = min(k, int(self._bm25.scores["num_docs"]))
-        docs, scores = self._bm25.retrieve([tokens], k=k, show_progress=False, n_threads=0)
-        return [(int(d), float(s)) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
+        if self._bm25.nonoccurrence_array is not None:  # BM25L/BM25+ score every page: use bm25s itself
+            docs, scores = self._bm25.retrieve([tokens], k=k, show_progress=False, n_threads=0)
+            return [(int(d), float(s)) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
+        return self._term_at_a_time([self._bm25.vocab_dict[t] for t in tokens], k)
+
+    def _term_at_a_time(self, term_ids: list[int], k: int) -> list[tuple[int, float]]:
+        """Sum the query terms' posting lists over only the pages that hold them.
+
+        Same scores as bm25s's `retrieve` (its precomputed BM25 weights), but without allocating and
+        ranking a dense array of every page per query, which dominates latency at millions of pages.
+        """
+        sc = self._bm25.scores
+        indptr, indices, data = sc["indptr"], sc["indices"], sc["data"]
+        spans = [(int(indptr[t]), int(indptr[t + 1])) for t in term_ids]
+        docs = np.concatenate([np.asarray(indices[a:b]) for a, b in spans])
+        if docs.size == 0:
+            return []
+        weights = np.concatenate([np.asarray(data[a:b], dtype=np.float64) for a, b in spans])
+        pages, inverse = np.unique(docs, return_inverse=True)
+        scores = np.bincount(inverse, weights=weights)
+        k = min(k, scores.size)
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.lexsort((pages[top], -scores[top]))]  # score desc, then page id for stable ties
+        return [(int(pages[i]), float(scores[i])) for i in top if scores[i] > 0]
 
     def page(self, page_id: int) -> tuple[str, str, str]:
         """(url, title, text) of one page."""
