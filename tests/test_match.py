@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import time
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
-from fvqa.pipelines.match import EntryMatcher, match_texts, spacing
+from fvqa.config import RunConfig
+from fvqa.errors import ConfigError
+from fvqa.pipelines.match import EntryMatcher, keep_probability, match_texts, spacing
+from fvqa.store import Workspace
 
 
 def reference(entries: list[str], text: str) -> list[int]:
@@ -142,3 +151,97 @@ def test_scale_500k_entries() -> None:
         assert index in results[i]
         assert results[i] == reference(entries, texts[i])  # sub-phrases of the planted entry too
     assert all(results[i] == [] for i in range(400) if i not in planted)
+
+
+# -- the `match` stage ----------------------------------------------------------------------------
+ENTRIES = ["dog", "red car", "car", "new york", "dog", 42, "x.y", "cat"]
+POOL = [
+    dict(url="http://a/1.jpg", caption="A dog in a red car.", page_url="http://a/1"),
+    dict(url="http://a/2.jpg", caption="dog, dog, dog", page_url=None),
+    dict(url="http://a/3.jpg", caption="New York at night", page_url="http://a/3"),
+    dict(url="http://a/4.jpg", caption="new york\tcar dog", page_url="http://a/4"),
+    dict(url="", caption="dog without url", page_url=None),
+    dict(url="http://a/6.jpg", caption=None, page_url=None),
+    dict(url="http://a/7.jpg", caption="nothing here", page_url=None),
+]
+
+
+def _stage_config(tmp_path: Path, pool: list[dict], entries: list, **match: object) -> RunConfig:
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps(entries))
+    pq.write_table(pa.Table.from_pylist(pool), tmp_path / "pool.parquet")
+    return RunConfig.model_validate({
+        "workspace": str(tmp_path / "ws"),
+        "concepts": {"metadata_path": str(meta), "threshold": 2},
+        "match": {"enabled": True, "pool": str(tmp_path / "pool.parquet"), "processes": 1, **match},
+    })
+
+
+def _run(config: RunConfig, force: tuple[str, ...] = ()) -> dict:
+    from fvqa.pipelines.runner import run_build
+
+    return run_build(config, only=["match"], force=force, console=Console(file=io.StringIO()))
+
+
+def test_stage_counts_candidates_and_rejects(tmp_path: Path) -> None:
+    config = _stage_config(tmp_path, POOL, ENTRIES, candidates_per_concept=2)
+    stats = _run(config)["match"]
+    strs = [e if isinstance(e, str) else "\n" for e in ENTRIES]  # "\n" can never match
+    usable = [r for r in POOL if r["url"] and r["caption"] is not None]
+    expected = [sum(i in reference(strs, r["caption"]) for r in usable) for i in range(len(ENTRIES))]
+    with Workspace(config.workspace) as ws:
+        counts = dict(ws.execute("SELECT entry_id, count FROM entry_counts ORDER BY entry_id"))
+        assert [counts[i] for i in range(len(ENTRIES))] == expected == [3, 1, 2, 1, 3, 0, 0, 0]
+        cands = ws.execute("SELECT entry_id, rank, url, page_url FROM match_candidates ORDER BY 1, 2")
+        by_entry: dict[int, list[str]] = {}
+        for eid, _rank, url, _page in cands:
+            by_entry.setdefault(eid, []).append(url)
+        assert by_entry[3] == ["http://a/4.jpg"]  # "New York" is case-sensitive: only row 4
+        assert set(by_entry[2]) == {"http://a/1.jpg", "http://a/4.jpg"}
+        assert len(by_entry[0]) == 2 and set(by_entry[0]) <= {"http://a/1.jpg", "http://a/2.jpg", "http://a/4.jpg"}
+        rejects = dict(ws.execute("SELECT key, reason FROM rejects WHERE stage = 'match'"))
+    assert rejects == {"entry:5": "entry is not a string", "pool:pool.parquet:4": "missing url",
+                       "pool:pool.parquet:5": "missing caption"}
+    assert stats.n_in == len(POOL) and stats.n_out == 3  # rows 1, 2 and 4 match an entry
+
+    # a re-run is a no-op; --force recomputes the same thing without duplicates
+    assert "already computed" in " ".join(_run(config)["match"].notes)
+    _run(config, force=("match",))
+    with Workspace(config.workspace) as ws:
+        assert ws.count("entry_counts") == len(ENTRIES)
+        assert dict(ws.execute("SELECT entry_id, count FROM entry_counts")) == counts
+
+
+def test_keep_probability_is_metaclip_formula() -> None:
+    assert keep_probability([1, 2], threshold=2) == 1.0  # tail entries keep everything
+    assert keep_probability([8], threshold=2) == pytest.approx(0.25)
+    assert keep_probability([8, 4], threshold=2) == pytest.approx(1 - 0.75 * 0.5)
+    assert keep_probability([], threshold=2) == 0.0
+
+
+def test_stage_balancing_caps_head_entries_and_is_seeded(tmp_path: Path) -> None:
+    pool = [dict(url=f"http://h/{i}.jpg", caption=f"photo of a dog number {i}") for i in range(400)]
+    pool += [dict(url=f"http://t/{i}.jpg", caption=f"a rare cat {i}") for i in range(2)]
+    config = _stage_config(tmp_path, pool, ["dog", "cat"], balance=True, seed=3)
+    stats = _run(config)["match"]
+    with Workspace(config.workspace) as ws:
+        rows = ws.execute("SELECT entry, count, balanced_count FROM entry_counts ORDER BY entry_id")
+    (_, dog, dog_kept), (_, cat, cat_kept) = rows
+    assert (dog, cat, cat_kept) == (400, 2, 2)  # raw counts stay raw; the tail keeps everything
+    assert 0 < dog_kept < 12  # expected t = 2 of 400
+    assert stats.n_out == dog_kept + cat_kept
+    _run(config, force=("match",))
+    with Workspace(config.workspace) as ws:
+        assert ws.execute("SELECT entry, count, balanced_count FROM entry_counts ORDER BY entry_id") == rows
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [(None, "not found"), ([dict(link="x", caption="y")], "lacks column.*url")],
+)
+def test_stage_bad_pool_is_a_clear_config_error(tmp_path: Path, pool: list | None, message: str) -> None:
+    config = _stage_config(tmp_path, pool or [dict(url="u", caption="c")], ["dog"])
+    if pool is None:
+        (tmp_path / "pool.parquet").unlink()
+    with pytest.raises(ConfigError, match=message):
+        _run(config)

@@ -15,14 +15,27 @@ inherit the automaton through `fork` instead of rebuilding it.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from multiprocessing.pool import AsyncResult
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ahocorasick
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fvqa.errors import ConfigError
+from fvqa.pipelines.base import Stage, StageContext
+from fvqa.store import Workspace, now
+
+if TYPE_CHECKING:
+    from fvqa.config import RunConfig
 
 # MetaCLIP's normalisation: these characters get a space on each side ...
 PUNCTS_TO_WRAP: tuple[str, ...] = (",", ".", ";", ":", "?", "!", "`")
@@ -104,22 +117,25 @@ class EntryMatcher:
         *,
         processes: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        min_pool_texts: int | None = None,
     ) -> Iterator[list[int]]:
         """Lazily yield `match(text)` per text, in input order, using worker processes if worthwhile.
 
-        `processes=None` picks one process for fewer than MIN_TEXTS_FOR_POOL texts and otherwise
-        all usable CPUs. At most IN_FLIGHT_PER_PROCESS chunks per worker are in flight, so memory stays bounded for
+        `processes=None` means all usable CPUs. A pool is only started for at least `min_pool_texts`
+        texts (default: MIN_TEXTS_FOR_POOL when `processes` is None, else always). At most IN_FLIGHT_PER_PROCESS chunks per worker are in flight, so memory stays bounded for
         inputs larger than RAM.
         """
         if processes is not None and processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if min_pool_texts is None:
+            min_pool_texts = MIN_TEXTS_FOR_POOL if processes is None else 0
         iterator = iter(texts)
-        head = list(islice(iterator, MIN_TEXTS_FOR_POOL))
+        head = list(islice(iterator, min_pool_texts))
         if processes is None:
-            processes = 1 if len(head) < MIN_TEXTS_FOR_POOL else default_processes()
-        if processes == 1:
+            processes = default_processes()
+        if processes == 1 or len(head) < min_pool_texts:
             for i, text in enumerate(head):
                 yield self.match(text, position=i)
             for i, text in enumerate(iterator, start=len(head)):
@@ -185,16 +201,224 @@ def _chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:
 
 
 # -- stage ----------------------------------------------------------------------------------------
-from fvqa.errors import ConfigError  # noqa: E402
-from fvqa.pipelines.base import Stage, StageContext  # noqa: E402
+# The stage matches the whole vocabulary (not only sampled concepts), so `concepts` can take its
+# tiers from these counts and `crawl` can join candidates to whichever concepts were sampled.
+
+ENTRY_COUNTS_DDL = """CREATE TABLE IF NOT EXISTS entry_counts (
+    entry_id BIGINT PRIMARY KEY, entry VARCHAR, count BIGINT, balanced_count BIGINT, provenance VARCHAR)"""
+CANDIDATES_DDL = """CREATE TABLE IF NOT EXISTS match_candidates (
+    entry_id BIGINT, rank INTEGER, url VARCHAR, page_url VARCHAR, caption VARCHAR,
+    PRIMARY KEY (entry_id, rank))"""
+POOL_BATCH_ROWS = 65_536
+
+
+def keep_probability(counts: Sequence[int], threshold: int) -> float:
+    """MetaCLIP balancing: a pair is kept unless every matched entry independently drops it.
+
+    Entry i keeps a pair with probability min(1, t / count_i), so tail entries keep all their pairs
+    and head entries are capped at about t; a pair survives with 1 - prod(1 - min(1, t / count_i)).
+    """
+    drop = 1.0
+    for count in counts:
+        if count > 0:
+            drop *= 1.0 - min(1.0, threshold / count)
+    return 1.0 - drop if counts else 0.0
+
+
+class Reservoir:
+    """Up to k uniformly sampled candidates per entry in one pass (seeded, so re-runs agree)."""
+
+    def __init__(self, k: int, seed: int) -> None:
+        self.k = k
+        self.rng = random.Random(seed)
+        self.seen: dict[int, int] = {}
+        self.kept: dict[int, list[tuple[str, str | None, str]]] = {}
+
+    def offer(self, entry_id: int, row: tuple[str, str | None, str]) -> None:
+        n = self.seen.get(entry_id, 0) + 1
+        self.seen[entry_id] = n
+        slots = self.kept.setdefault(entry_id, [])
+        if len(slots) < self.k:
+            slots.append(row)
+        else:
+            j = self.rng.randrange(n)
+            if j < self.k:
+                slots[j] = row
+
+
+def _load_entries(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise ConfigError(f"MetaCLIP metadata not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: MetaCLIP metadata must be a JSON list of strings")
+    return data
+
+
+def _resolve_paths(config: RunConfig) -> tuple[Path, Path]:
+    world = config.world.path if config.world else None
+    metadata = config.concepts.metadata_path or (world / "metaclip" / "metadata.json" if world else None)
+    pool = config.match.pool or (world / "web" / "caption_pool.parquet" if world else None)
+    if metadata is None:
+        raise ConfigError("concepts.metadata_path is not set (and no demo world is configured)")
+    if pool is None:
+        raise ConfigError("match.pool is not set: a Parquet file with url, caption[, page_url] columns")
+    if not pool.is_file():
+        raise ConfigError(f"match.pool not found: {pool}")
+    return metadata, pool
+
+
+def _pool_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any]]:
+    """(row number, url, caption, page_url) for every row of the Parquet pool, streamed in batches."""
+    try:
+        reader = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"match.pool {path} is not a readable Parquet file: {exc}") from exc
+    names = set(reader.schema_arrow.names)
+    missing = {"url", "caption"} - names
+    if missing:
+        raise ConfigError(f"match.pool {path} lacks column(s) {', '.join(sorted(missing))} "
+                          f"(has: {', '.join(sorted(names))})")
+    columns = ["url", "caption"] + (["page_url"] if "page_url" in names else [])
+    row_no = 0
+    for batch in reader.iter_batches(batch_size=POOL_BATCH_ROWS, columns=columns):
+        data = batch.to_pydict()
+        pages = data.get("page_url") or [None] * batch.num_rows
+        for url, caption, page in zip(data["url"], data["caption"], pages, strict=True):
+            yield row_no, url, caption, page
+            row_no += 1
 
 
 class MatchStage(Stage):
-    """Caption pool -> per-entry counts and candidate URLs (being written; not usable yet)."""
+    """Caption pool -> per-entry match counts (`entry_counts`) and candidate URLs (`match_candidates`)."""
 
     name = "match"
-    outputs = ("entry_counts",)
+    outputs = ("entry_counts", "match_candidates")
     description = "MetaCLIP substring matching over a caption pool"
 
+    def __init__(self) -> None:
+        self._bad_rows = [0]  # pool rows rejected during the current scan (a mutable cell)
+
+    def prepare(self, ws: Workspace) -> None:
+        ws.ensure_table(ENTRY_COUNTS_DDL)
+        ws.ensure_table(CANDIDATES_DDL)
+
+    def reset(self, ws: Workspace) -> None:
+        self.prepare(ws)
+        super().reset(ws)
+
     def run(self, ctx: StageContext) -> None:
-        raise ConfigError("the match stage is not implemented yet; set match.enabled: false")
+        cfg = ctx.cfg
+        if cfg.processes < 1 or cfg.candidates_per_concept < 0:
+            raise ConfigError("match.processes must be >= 1 and match.candidates_per_concept >= 0")
+        if ctx.ws.count("entry_counts"):
+            ctx.stats.notes.append("entry_counts already computed; `--force match` recomputes them")
+            return
+        metadata, pool = _resolve_paths(ctx.config)
+        threshold = ctx.config.concepts.threshold
+        entries = _load_entries(metadata)
+        valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
+        for i in sorted(set(range(len(entries))) - set(valid)):
+            ctx.reject(f"entry:{i}", "entry is not a string", f"{entries[i]!r:.200} in {metadata}")
+        matcher = EntryMatcher([entries[i] for i in valid])
+        counts = [0] * len(entries)
+        reservoir = Reservoir(cfg.candidates_per_concept, cfg.seed)
+        # pass 1: raw counts (and candidates, unless balancing changes which rows survive)
+        n_rows = n_matched = 0
+        self._bad_rows = [0]
+        for url, page, caption, ids in self._scan(ctx, matcher, pool, valid, reject=True):
+            n_rows += 1
+            if ids:
+                n_matched += 1
+            for eid in ids:
+                counts[eid] += 1
+                if not cfg.balance:
+                    reservoir.offer(eid, (url, page, caption))
+        ctx.stats.n_in = n_rows + self._bad_rows[0]
+        balanced: list[int] | None = None
+        n_kept = n_matched
+        if cfg.balance:
+            # pass 2: MetaCLIP balancing needs the final counts, so the pool is matched again
+            balanced, n_kept = [0] * len(entries), 0
+            rng = random.Random(cfg.seed)
+            for url, page, caption, ids in self._scan(ctx, matcher, pool, valid, reject=False):
+                if ids and rng.random() < keep_probability([counts[i] for i in ids], threshold):
+                    n_kept += 1
+                    for eid in ids:
+                        balanced[eid] += 1
+                        reservoir.offer(eid, (url, page, caption))
+        self._write(ctx, entries, counts, balanced, reservoir, metadata, pool, threshold)
+        ctx.stats.n_out = n_kept
+        ctx.stats.notes.append(
+            f"{n_matched} of {n_rows} captions matched at least one of {len(valid)} entries"
+            + (f"; balancing (t={threshold}) kept {n_kept}" if cfg.balance else "")
+        )
+        ctx.stats.extra.update(matched_rows=n_matched, kept_rows=n_kept,
+                               entries_matched=sum(1 for c in counts if c))
+
+    def _scan(
+        self, ctx: StageContext, matcher: EntryMatcher, pool: Path, valid: list[int], *, reject: bool
+    ) -> Iterator[tuple[str, str | None, str, list[int]]]:
+        """(url, page_url, caption, matched entry ids) per usable row, bad rows rejected with a reason."""
+        meta: deque[tuple[str, str | None, str]] = deque()
+        bad_rows = self._bad_rows
+
+        def captions() -> Iterator[str]:
+            for row_no, url, caption, page in _pool_rows(pool):
+                problem = _row_problem(url, caption, page)
+                if problem:
+                    bad_rows[0] += 1
+                    if reject:
+                        ctx.reject(f"pool:{pool.name}:{row_no}", problem, f"url={url!r:.200} caption={caption!r:.200}")
+                    continue
+                meta.append((url, page, caption))
+                yield caption
+
+        identity = len(valid) == matcher.n_entries and (not valid or valid[-1] == len(valid) - 1)
+        for ids in matcher.iter_matches(captions(), processes=ctx.cfg.processes, min_pool_texts=MIN_TEXTS_FOR_POOL):
+            url, page, caption = meta.popleft()
+            yield url, page, caption, ids if identity else [valid[i] for i in ids]
+
+    def _write(
+        self,
+        ctx: StageContext,
+        entries: list[Any],
+        counts: list[int],
+        balanced: list[int] | None,
+        reservoir: Reservoir,
+        metadata: Path,
+        pool: Path,
+        threshold: int,
+    ) -> None:
+        """All outputs in one transaction: a crash leaves nothing half-written, the re-run starts over."""
+        provenance = json.dumps({"stage": "match", "metadata": str(metadata), "pool": str(pool),
+                                 "balance": ctx.cfg.balance, "threshold": threshold, "seed": ctx.cfg.seed,
+                                 "time": now().isoformat()})
+        count_rows = [
+            dict(entry_id=i, entry=e if isinstance(e, str) else None, count=counts[i],
+                 balanced_count=balanced[i] if balanced is not None else None, provenance=provenance)
+            for i, e in enumerate(entries)
+        ]
+        candidate_rows = [
+            dict(entry_id=eid, rank=rank, url=url, page_url=page, caption=caption)
+            for eid, rows in sorted(reservoir.kept.items())
+            for rank, (url, page, caption) in enumerate(rows)
+        ]
+        ctx.commit()  # rejects first, so the outputs below are the transaction's last word
+        with ctx.ws.transaction():
+            ctx.ws.insert("entry_counts", count_rows)
+            ctx.ws.insert("match_candidates", candidate_rows)
+
+
+def _row_problem(url: Any, caption: Any, page: Any) -> str:
+    """Why a pool row cannot be used ('' if it can)."""
+    if not isinstance(url, str) or not url.strip():
+        return "missing url"
+    if not isinstance(caption, str):
+        return "missing caption"
+    if page is not None and not isinstance(page, str):
+        return "page_url is not a string"
+    return ""
