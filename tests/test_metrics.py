@@ -62,14 +62,18 @@ def test_exact_match_over_ground_truth_and_candidates() -> None:
 def test_a_bare_string_gold_is_one_answer_not_letters() -> None:
     assert exact_match("e", "Eiffel") == 0.0
     assert exact_match("Eiffel", "Eiffel") == 1.0
-    assert sub_exact_match("e", "Eiffel") == 1.0  # 'e' is inside 'eiffel': two-way containment
+    assert sub_exact_match("e", "Eiffel") == 0.0  # one-way: the gold must occur in the prediction
+    assert sub_exact_match("Eiffel Tower, Paris", "Eiffel Tower") == 1.0
 
 
 def test_sub_exact_match() -> None:
     assert sub_exact_match("It is the Eiffel Tower in Paris", ["Eiffel Tower"]) == 1.0
-    assert sub_exact_match("Eiffel", ["Eiffel Tower"]) == 1.0
+    assert sub_exact_match("Eiffel", ["Eiffel Tower"]) == 0.0  # a part of the gold is not the gold
     assert sub_exact_match("Big Ben", ["Eiffel Tower"]) == 0.0
+    assert sub_exact_match("Big Ben", ["Eiffel Tower", "big ben"]) == 1.0  # any gold may match
     assert sub_exact_match("the", ["Eiffel Tower"]) == 0.0  # normalises to nothing
+    assert sub_exact_match("anything at all", ["", "The"]) == 0.0  # empty golds never match
+    assert sub_exact_match("", ["Eiffel Tower"]) == 0.0
 
 
 # --------------------------------------------------------------------------- InfoSeek numbers

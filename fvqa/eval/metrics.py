@@ -50,13 +50,16 @@ def exact_match(prediction: str, golds: Iterable[str]) -> float:
 
 
 def sub_exact_match(prediction: str, golds: Iterable[str]) -> float:
-    """1.0 if any normalised gold answer occurs inside the normalised prediction (or vice versa)."""
+    """1.0 if any normalised gold answer occurs inside the normalised prediction (upstream's SubEM).
+
+    One-way on purpose: the reverse direction would pay a one-letter answer that happens to occur
+    in the gold ("e" inside "eiffel"). A gold that normalises to nothing never matches (``"" in x``
+    is always true).
+    """
     pred = normalize_answer(prediction)
-    if not pred:
-        return 0.0
     for gold in _gold_list(golds):
         g = normalize_answer(gold)
-        if g and (g in pred or pred in g):
+        if g and g in pred:
             return 1.0
     return 0.0
 
