@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from fvqa.errors import FvqaError
 from fvqa.llm.cache import TERMINAL
@@ -141,12 +141,15 @@ class BatchRunner:
     async def _upload(self, job: str, keys: list[str]) -> list[str]:
         path = self.work_dir / f"{job}.jsonl"
         self.cache.add_job(job, self.ep.endpoint.base_url, keys)
-        data = await self._call(
-            "POST",
-            "/files",
-            files={"file": (path.name, path.read_bytes(), "application/jsonl")},
-            data={"purpose": "batch"},
-        )
+        content = path.read_bytes()
+
+        def form() -> aiohttp.FormData:  # a FormData is consumed by one send: build one per attempt
+            fd = aiohttp.FormData()
+            fd.add_field("purpose", "batch")
+            fd.add_field("file", content, filename=path.name, content_type="application/jsonl")
+            return fd
+
+        data = await self._call("POST", "/files", data=form)
         self.cache.update_job(job, input_file_id=data["id"], status="uploaded")
         path.unlink(missing_ok=True)
         return keys
@@ -288,25 +291,28 @@ class BatchRunner:
         assert http is not None
         cfg = self.client.cfg
         last = ""
+        url = self.ep.endpoint.base_url + path
         for attempt in range(cfg.max_retries + 1):
             wait = 0.0
+            args = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
             try:
-                resp = await http.request(method, path, **kwargs)
-            except httpx.HTTPError as exc:
+                async with http.request(method, url, **args) as resp:
+                    status, headers, text = resp.status, resp.headers, await resp.text(errors="replace")
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 last = f"{type(exc).__name__}"
             else:
-                if resp.status_code == 200:
+                if status == 200:
                     if raw:
-                        return resp.text
+                        return text
                     try:
-                        return resp.json()
+                        return json.loads(text)
                     except ValueError:
-                        last = f"non-JSON reply {resp.text[:100]!r}"
+                        last = f"non-JSON reply {text[:100]!r}"
                 else:
-                    last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                    if resp.status_code < 500 and resp.status_code not in (408, 409, 429):
+                    last = f"HTTP {status}: {text[:300]}"
+                    if status < 500 and status not in (408, 409, 429):
                         break
-                    wait = parse_retry_after(resp.headers) or 0.0
+                    wait = parse_retry_after(headers) or 0.0
             if attempt < cfg.max_retries:
                 backoff = min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(max(wait, backoff))
