@@ -303,3 +303,20 @@ def test_missing_image_file_is_a_reject_not_an_item(tmp_path: Path):
     assert stats.n_out == 4 and stats.rejected == {"image file missing": 1}
     detail = _rows(root, "SELECT key, detail FROM rejects")
     assert detail[0][0] == "metaclip-c2" and sha in detail[0][1]
+
+
+def test_transient_failure_is_retried_on_the_next_run_not_rejected(tmp_path: Path):
+    from fake_openai import server_error
+
+    root = _workspace(tmp_path / "ws")
+    with FakeOpenAI(_responder) as srv:
+        srv.inject(server_error(503))
+        llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model",
+                        max_retries=0, max_concurrency=1)
+        cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm))
+        first = _build(cfg)
+        assert first.n_out + first.n_rejected == 4  # one concept neither emitted nor rejected...
+        assert any("1 concepts not done" in n and "HTTP 503" in n for n in first.notes)  # ...but reported
+        second = _build(cfg)
+        assert second.n_out + second.n_rejected == 1 and second.paid_calls >= 1
+    assert _rows(root, "SELECT count(*) FROM items")[0][0] + _rows(root, "SELECT count(*) FROM rejects")[0][0] == 5
