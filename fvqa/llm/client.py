@@ -259,21 +259,31 @@ class LLMClient:
         never holds the rest. At most `window` (default 4 x max_concurrency) tasks exist at a time."""
         window = window or 4 * self.cfg.max_concurrency
         items = iter(requests.items())
-        pending: dict[asyncio.Task[LLMResult], str] = {}
+        done: asyncio.Queue[tuple[str, LLMResult | BaseException]] = asyncio.Queue()
+        running: dict[str, asyncio.Task[None]] = {}  # a task leaves when its result is taken
+
+        async def one(rid: str, messages: Messages) -> None:
+            try:
+                res: LLMResult | BaseException = await self.complete(messages, **params)
+            except Exception as exc:  # a bug, not an API failure: surface it to the caller
+                res = exc
+            done.put_nowait((rid, res))
 
         def fill() -> None:
-            for rid, messages in itertools.islice(items, window - len(pending)):
-                pending[asyncio.ensure_future(self.complete(messages, **params))] = rid
+            for rid, messages in itertools.islice(items, window - len(running)):
+                running[rid] = asyncio.ensure_future(one(rid, messages))
 
         fill()
         try:
-            while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    yield pending.pop(task), task.result()
+            while running:
+                rid, res = await done.get()
+                del running[rid]
+                if isinstance(res, BaseException):
+                    raise res
                 fill()
+                yield rid, res
         finally:
-            for task in pending:
+            for task in running.values():
                 task.cancel()
 
     async def complete_many(self, requests: Mapping[str, Messages], **params: Any) -> dict[str, LLMResult]:
