@@ -1,0 +1,419 @@
+"""Benchmark loaders: local files in each benchmark's official format -> validated `EvalItem`s.
+
+Every row either becomes an item or a `Reject` with a reason a person can act on; rows left out on
+purpose (another split, a non-English SimpleVQA item, a text-only MMSearch query) are counted in
+`filtered` with the reason, so the numbers always add up. Formats:
+
+* ``fvqa``: the released ``lmms-lab/FVQA`` test parquet (upstream's veRL layout: ``prompt``,
+  ``images``, ``reward_model``, ``data_id``, ``image_urls``, ``category``), or fvqa's native export
+  (``fvqa_items.parquet``; images by sha256 under ``image_dir``, the workspace's ``images/``).
+* ``infoseek``: the val/test jsonl (``data_id, image_id, question, answer, answer_eval,
+  data_split``) with its ``_qtype`` companion (``data_id, question_type``); images
+  ``<image_dir>/<image_id>.jpg``; an optional subset file of data ids (the paper's 2k test subset).
+* ``mmsearch``: end-to-end fields ``sample_id, query, query_image, gt_answer,
+  alternative_gt_answers, area, subfield`` (json/jsonl/parquet); image questions only by default.
+* ``simplevqa``: ``data_id, image, question, answer, language`` (image as an HF image, base64 or a
+  path); English only by default, as the paper.
+* ``livevqa``: ``id, image, question, answer`` (json/jsonl/parquet; ``img_path``/``image_path``
+  accepted; a list answer gives aliases).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fvqa.errors import ConfigError
+from fvqa.eval.config import BenchmarkSpec
+from fvqa.eval.metrics import infoseek_gold_range, infoseek_question_type
+from fvqa.store import ImageError, sniff_image
+
+IMAGE_IN_PROMPT = "<image>"
+
+
+@dataclass
+class EvalItem:
+    """One benchmark question ready for a workflow and its scorers."""
+
+    item_id: str
+    benchmark: str
+    kind: str
+    question: str
+    image: bytes
+    answer: str
+    aliases: list[str]  # every accepted answer, the ground truth first
+    answer_eval: Any = None  # InfoSeek's official gold (strings, or a numeric range)
+    question_type: str | None = None  # InfoSeek: string | numerical | time
+    image_url: str | None = None
+    data_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # knowledge_type, search_label, split, area...
+
+
+@dataclass(frozen=True)
+class Reject:
+    key: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class LoadResult:
+    items: list[EvalItem]
+    rejects: list[Reject]
+    n_rows: int
+    filtered: Counter[str] = field(default_factory=Counter)  # reason -> rows left out on purpose
+    sampled_out: int = 0  # valid items not drawn by --limit
+
+
+class RowError(ValueError):
+    """A row is unusable; the message is the reject reason."""
+
+
+# ------------------------------------------------------------------------------------ file reading
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+    """(position, row) per record of a jsonl, json (list, or {"data": [...]}) or parquet file."""
+    if not path.is_file():
+        raise ConfigError(f"benchmark file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for non-parquet input
+            raise ConfigError(f"{path}: not a readable parquet file ({exc})") from exc
+        for i, row in enumerate(table.to_pylist()):
+            yield f"row {i}", row
+        return
+    if suffix == ".jsonl":
+        from fvqa.pipelines.infoseek import BadLine, read_jsonl
+
+        for rec in read_jsonl(path):
+            if isinstance(rec, BadLine):
+                yield f"line {rec.line_no}", RowError(f"malformed JSON line: {rec.error}")
+            else:
+                yield f"line {rec[0]}", rec[1]
+        return
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not a readable JSON file ({exc})") from exc
+        if isinstance(data, dict):
+            data = data.get("data", data.get("test"))
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+        for i, row in enumerate(data):
+            yield f"record {i}", row if isinstance(row, dict) else RowError("record is not a JSON object")
+        return
+    raise ConfigError(f"{path}: unsupported benchmark file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _text(row: dict[str, Any], *names: str, required: bool = True) -> str | None:
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{value:g}" if isinstance(value, float) else str(value)
+    if required:
+        raise RowError(f"missing or empty {' / '.join(names)}")
+    return None
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):  # a JSON-encoded list (upstream's candidate_answers)
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RowError(f"{what} is not a JSON list: {exc.msg}") from exc
+        else:
+            return [text] if text else []
+    if not isinstance(value, list | tuple):
+        raise RowError(f"{what} must be a list of strings, got {type(value).__name__}")
+    out = []
+    for v in value:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            v = f"{v:g}"
+        if not isinstance(v, str):
+            raise RowError(f"{what} holds a {type(v).__name__}, expected strings")
+        if v.strip():
+            out.append(v.strip())
+    return out
+
+
+def _dedupe(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(v for v in values if v))
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long to be a path: base64 text
+        return False
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RowError(f"image is neither an existing file nor valid base64 ({exc})") from exc
+
+
+def image_bytes(value: Any, base: Path) -> bytes:
+    """Image bytes from an HF image dict, raw bytes, a data URL, base64 text or a path under `base`."""
+    if isinstance(value, list | tuple):
+        if not value:
+            raise RowError("no image")
+        value = value[0]
+    data: bytes | None = None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            data = bytes(value["bytes"])
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise RowError("image entry has neither bytes nor path")
+    if isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    if data is None:
+        if not isinstance(value, str) or not value.strip():
+            raise RowError("no image")
+        text = value.strip()
+        path = Path(text) if len(text) < 1024 else None
+        if path is not None and not path.is_absolute():
+            path = base / text
+        if text.startswith("data:"):
+            data = _b64(text.split(",", 1)[-1])
+        elif path is not None and _is_file(path):
+            data = path.read_bytes()
+        elif len(text) > 256:  # SimpleVQA's json ships images as base64 text
+            data = _b64(text)
+        else:
+            raise RowError(f"image file not found: {path}")
+    try:
+        sniff_image(data)
+    except ImageError as exc:
+        raise RowError(f"bad image: {exc}") from exc
+    return data
+
+
+# ----------------------------------------------------------------------------------------- loaders
+
+
+def _fvqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counter[str]) -> EvalItem | None:
+    if "reward_model" in row or "prompt" in row:  # upstream / lmms-lab layout
+        prompt = row.get("prompt") or []
+        user = next((m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"), None)
+        if not isinstance(user, str) or not user.replace(IMAGE_IN_PROMPT, "").strip():
+            raise RowError("no user question in prompt")
+        reward = row.get("reward_model") or {}
+        answer = _text(reward, "ground_truth")
+        aliases = _str_list(reward.get("candidate_answers"), "reward_model.candidate_answers")
+        data_id = _text(row, "data_id", required=False)
+        urls = row.get("image_urls") or []
+        return EvalItem(
+            item_id=data_id or "", benchmark=spec.name, kind="fvqa",
+            question=user.replace(IMAGE_IN_PROMPT, "").strip(), image=image_bytes(row.get("images"), base),
+            answer=answer or "", aliases=_dedupe([answer or "", *aliases]), data_id=data_id,
+            image_url=urls[0] if isinstance(urls, list) and urls and isinstance(urls[0], str) else None,
+            meta={"search_label": row.get("category"), "data_source": row.get("data_source")},
+        )
+    # fvqa's native export
+    split = spec.split or "test"
+    if row.get("split") is not None and row["split"] != split:
+        filtered[f"split is not {split}"] += 1
+        return None
+    sha = _text(row, "image_sha256")
+    ext = row.get("image_ext")
+    candidates = [base / sha[:2] / f"{sha}.{ext}"] if ext else sorted((base / sha[:2]).glob(f"{sha}.*"))
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise RowError(f"image {sha} not found under {base} (point image_dir at the workspace's images/)")
+    answer = _text(row, "answer")
+    return EvalItem(
+        item_id=_text(row, "item_id") or "", benchmark=spec.name, kind="fvqa", question=_text(row, "question") or "",
+        image=image_bytes(str(path), base), answer=answer or "",
+        aliases=_dedupe([answer or "", *_str_list(row.get("aliases"), "aliases")]),
+        image_url=row.get("image_url"),
+        meta={k: row.get(k) for k in ("knowledge_type", "search_label", "source", "concept_tier")},
+    )
+
+
+def _companion(path: Path, suffix: str) -> Path:
+    return path.with_name(path.stem + suffix + path.suffix)
+
+
+def _id_set(path: Path) -> set[str]:
+    if not path.is_file():
+        raise ConfigError(f"subset file not found: {path}")
+    if path.suffix.lower() == ".txt":
+        return {ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()}
+    ids = set()
+    for _, row in read_rows(path):
+        if isinstance(row, dict):
+            value = _text(row, "data_id", "sample_id", "id", required=False)
+            if value:
+                ids.add(value)
+    return ids
+
+
+def _qtypes(spec: BenchmarkSpec) -> dict[str, str]:
+    path = spec.qtype or _companion(spec.path, "_qtype")
+    if not path.is_file():
+        if spec.qtype is not None:
+            raise ConfigError(f"InfoSeek qtype file not found: {path}")
+        return {}
+    out = {}
+    for _, row in read_rows(path):
+        if isinstance(row, dict) and row.get("data_id") is not None and row.get("question_type"):
+            out[str(row["data_id"])] = str(row["question_type"])
+    return out
+
+
+def _infoseek(spec: BenchmarkSpec, row: dict[str, Any], base: Path, qtypes: dict[str, str]) -> EvalItem:
+    from fvqa.pipelines.infoseek import aliases_of, check_answer_eval, find_image
+
+    data_id = _text(row, "data_id") or ""
+    question = _text(row, "question") or ""
+    image_id = _text(row, "image_id") or ""
+    answers = _str_list(row.get("answer"), "answer")
+    if not answers:
+        raise RowError("missing or empty answer")
+    answer_eval = row.get("answer_eval")
+    if answer_eval is None or answer_eval == []:
+        answer_eval = answers
+    problem = check_answer_eval(answer_eval)
+    if problem:
+        raise RowError(problem)
+    raw_type = row.get("question_type") or qtypes.get(data_id)
+    if not raw_type:
+        raise RowError("no question type (give the _qtype file: data_id, question_type)")
+    try:
+        qtype = infoseek_question_type(raw_type).value
+        if qtype == "numerical":
+            infoseek_gold_range(answer_eval)
+    except ValueError as exc:
+        raise RowError(str(exc)) from exc
+    path = find_image(base, "{image_id}.jpg", image_id)
+    if path is None:
+        raise RowError(f"image {image_id} not found in {base}")
+    return EvalItem(
+        item_id=data_id, benchmark=spec.name, kind="infoseek", question=question, image=image_bytes(str(path), base),
+        answer=answers[0], aliases=aliases_of(answers, answer_eval), answer_eval=answer_eval,
+        question_type=qtype, data_id=data_id,
+        meta={"split": row.get("data_split"), "entity_id": row.get("entity_id")},
+    )
+
+
+def _mmsearch(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counter[str]) -> EvalItem | None:
+    sample_id = _text(row, "sample_id", "id")
+    image = row.get("query_image")
+    if spec.image_only and (image is None or image == "" or (isinstance(image, dict) and not any(image.values()))):
+        filtered["text-only query (image_only)"] += 1
+        return None
+    answer = _text(row, "gt_answer")
+    alts = _str_list(row.get("alternative_gt_answers"), "alternative_gt_answers")
+    return EvalItem(
+        item_id=sample_id or "", benchmark=spec.name, kind="mmsearch", question=_text(row, "query") or "",
+        image=image_bytes(image, base), answer=answer or "", aliases=_dedupe([answer or "", *alts]),
+        meta={"area": row.get("area"), "subfield": row.get("subfield")},
+    )
+
+
+def _simplevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counter[str]) -> EvalItem | None:
+    language = (spec.language or "EN").lower()
+    row_lang = str(row.get("language") or "").strip().lower()
+    if language != "all" and row_lang and row_lang != language:
+        filtered[f"language is not {language.upper()}"] += 1
+        return None
+    answer = _text(row, "answer")
+    return EvalItem(
+        item_id=_text(row, "data_id", "id") or "", benchmark=spec.name, kind="simplevqa",
+        question=_text(row, "question") or "", image=image_bytes(row.get("image"), base), answer=answer or "",
+        aliases=[answer or ""],
+        meta={"language": row.get("language"), "category": row.get("vqa_category") or row.get("original_category")},
+    )
+
+
+def _livevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path) -> EvalItem:
+    answers = _str_list(row.get("answer", row.get("answers")), "answer")
+    if not answers:
+        raise RowError("missing or empty answer")
+    image = next((row[k] for k in ("image", "img_path", "image_path", "images") if row.get(k)), None)
+    return EvalItem(
+        item_id=_text(row, "id", "sample_id", "data_id", "question_id") or "", benchmark=spec.name, kind="livevqa",
+        question=_text(row, "question", "query") or "", image=image_bytes(image, base), answer=answers[0],
+        aliases=_dedupe(answers + _str_list(row.get("aliases"), "aliases")),
+        meta={"topic": row.get("topic") or row.get("category"), "level": row.get("level")},
+    )
+
+
+def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int = 0) -> LoadResult:
+    """Read, validate and (with `limit`) sample a benchmark file. Bad rows become rejects."""
+    base = spec.image_dir or spec.path.parent
+    if spec.image_dir is not None and not spec.image_dir.is_dir():
+        raise ConfigError(f"benchmark {spec.name}: image_dir not found: {spec.image_dir}")
+    keep = _id_set(spec.subset) if spec.subset else None
+    qtypes = _qtypes(spec) if spec.kind == "infoseek" else {}
+    items: list[EvalItem] = []
+    rejects: list[Reject] = []
+    filtered: Counter[str] = Counter()
+    seen: set[str] = set()
+    n_rows = 0
+    for pos, row in read_rows(spec.path):
+        n_rows += 1
+        if isinstance(row, RowError):
+            rejects.append(Reject(pos, str(row)))
+            continue
+        try:
+            if keep is not None:
+                rid = _text(row, "data_id", "sample_id", "id", required=False)
+                if rid not in keep:
+                    filtered["not in subset"] += 1
+                    continue
+            if spec.kind == "fvqa":
+                item = _fvqa(spec, row, base, filtered)
+            elif spec.kind == "infoseek":
+                item = _infoseek(spec, row, base, qtypes)
+            elif spec.kind == "mmsearch":
+                item = _mmsearch(spec, row, base, filtered)
+            elif spec.kind == "simplevqa":
+                item = _simplevqa(spec, row, base, filtered)
+            else:
+                item = _livevqa(spec, row, base)
+        except RowError as exc:
+            key = _text(row, "data_id", "sample_id", "id", "item_id", required=False) or pos
+            rejects.append(Reject(key, str(exc), pos))
+            continue
+        if item is None:
+            continue
+        if not item.item_id:
+            item.item_id = f"{spec.name}-{pos.replace(' ', '')}"
+        if item.item_id in seen:
+            rejects.append(Reject(item.item_id, "duplicate id", pos))
+            continue
+        seen.add(item.item_id)
+        items.append(item)
+    sampled_out = 0
+    if limit is not None and len(items) > limit:
+        chosen = set(random.Random(seed).sample(range(len(items)), limit))
+        sampled_out = len(items) - limit
+        items = [it for i, it in enumerate(items) if i in chosen]
+    return LoadResult(items, rejects, n_rows, filtered, sampled_out)
