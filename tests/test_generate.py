@@ -320,3 +320,12 @@ def test_transient_failure_is_retried_on_the_next_run_not_rejected(tmp_path: Pat
         second = _build(cfg)
         assert second.n_out + second.n_rejected == 1 and second.paid_calls >= 1
     assert _rows(root, "SELECT count(*) FROM items")[0][0] + _rows(root, "SELECT count(*) FROM rejects")[0][0] == 5
+
+
+def test_finished_llm_stage_needs_no_api_key(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("FVQA_UNSET_KEY", raising=False)
+    root = _workspace(tmp_path / "ws")
+    _build(RunConfig(workspace=root, generate=GenerateConfig(backend="template")))
+    llm = LLMConfig(endpoints=[Endpoint(base_url="http://127.0.0.1:9/v1", api_key_env="FVQA_UNSET_KEY")])
+    again = _build(RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm)))
+    assert again.n_in == 5 and again.n_out == 0 and again.paid_calls == 0

@@ -78,6 +78,8 @@ class GenerateStage(Stage):
                            f"crawled image {row['image_sha256']} is not in the workspace image store")
             else:
                 todo.append(row)
+        if not todo:
+            return  # nothing to do: no client, so a finished stage needs no API key
         if cfg.backend == "template":
             self._run_template(ctx, todo)
         else:
