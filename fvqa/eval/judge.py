@@ -1,0 +1,181 @@
+"""The LLM judge: our own prompt implementing the paper's ten judging rules (App. D.6), pinned.
+
+Published numbers move by 10-15 points with the scoring protocol, so the judge is part of the
+result: its model, prompt hash, temperature (0) and top_p (0.1) are recorded with every score, and
+each verdict is cached by the LLM layer (the request is the cache key), so re-scoring the same
+predictions costs nothing and gives the same verdicts. The prompt texts are ours and can be
+replaced from a YAML file (`judge`, `simplevqa_grader`) to run the paper's exact wording.
+
+Replies: ``<judge>Yes</judge> <reason>...</reason>`` for the binary judge;
+``<grade>correct|incorrect|not_attempted</grade> <reason>...</reason>`` for SimpleVQA's grader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fvqa.errors import ConfigError
+from fvqa.eval.metrics import Grade, parse_grade
+from fvqa.llm.client import LLMClient
+from fvqa.llm.config import LLMConfig
+
+JUDGE_PROMPT = """\
+You are grading an answer to a question about an image. Decide whether the model's answer is \
+correct with respect to the ground truth, following these rules:
+
+1. The answer is correct if it means the same as the ground truth or as any one of the candidate \
+answers; wording, word order and letter case do not matter.
+2. A more specific form of the ground truth is correct (ground truth "bird", answer "blue jay"; \
+ground truth "1990s", answer "1994" only if the question asks for the decade's member).
+3. Extra details are fine as long as the core answer is there and nothing added contradicts it.
+4. Units may differ if the quantities are equal (1.5 km and 1500 m), and numbers may be written \
+as digits or words.
+5. For people, the first name and the last name must both match; a title or middle name may be \
+added or left out.
+6. For yes/no questions the answer must give the same yes or no as the ground truth.
+7. Dates and numbers must match at the precision the ground truth gives (a different year is wrong).
+8. An answer that lists several alternatives or hedges between them is wrong unless every option \
+is correct.
+9. A refusal, "I don't know", or an answer that is empty or only restates the question is wrong.
+10. Judge only the final answer against the ground truth; do not use your own knowledge to \
+overrule the ground truth.
+
+Question: {question}
+Ground truth: {ground_truth}
+Candidate answers: {candidates}
+Model's answer: {prediction}
+
+Reply in exactly this form: <judge>Yes</judge> or <judge>No</judge>, followed by \
+<reason>one short sentence</reason>."""
+
+SIMPLEVQA_PROMPT = """\
+You are grading an answer to a factual question about an image, in SimpleQA's three grades:
+
+- correct: the answer contains the ground truth's meaning fully and contradicts nothing in it \
+(extra consistent detail, different wording or letter case are fine; for names the first and \
+last name must match; numbers must match at the precision of the ground truth);
+- incorrect: the answer states something that contradicts the ground truth, or hedges between \
+alternatives of which one is wrong;
+- not_attempted: the answer does not commit to a specific answer (a refusal, "I don't know", \
+missing information) and contradicts nothing.
+
+Question: {question}
+Ground truth: {ground_truth}
+Model's answer: {prediction}
+
+Reply in exactly this form: <grade>correct</grade>, <grade>incorrect</grade> or \
+<grade>not_attempted</grade>, followed by <reason>one short sentence</reason>."""
+
+_JUDGE = re.compile(r"<judge>\s*(yes|no)\s*</judge>", re.IGNORECASE)
+_GRADE = re.compile(r"<grade>\s*([a-z _-]+?)\s*</grade>", re.IGNORECASE)
+_REASON = re.compile(r"<reason>(.*?)</reason>", re.DOTALL | re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    question: str
+    ground_truth: str
+    candidates: tuple[str, ...]
+    prediction: str
+    three_way: bool = False  # SimpleVQA's grader instead of Yes/No
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's decision: score 1/0, a SimpleVQA grade if asked, the reason, or why it failed."""
+
+    score: float
+    grade: str | None
+    reason: str
+    error: str | None = None
+    cached: bool = False
+
+
+def parse_judge_reply(text: str) -> tuple[float, str]:
+    """(1.0 | 0.0, reason) from ``<judge>Yes/No</judge> <reason>..</reason>``; ValueError if absent."""
+    m = _JUDGE.search(text or "")
+    if m is None:
+        raise ValueError(f"no <judge>Yes/No</judge> in the judge's reply: {(text or '')[:200]!r}")
+    reason = _REASON.search(text)
+    return float(m.group(1).lower() == "yes"), reason.group(1).strip() if reason else ""
+
+
+def parse_grade_reply(text: str) -> tuple[Grade, str]:
+    """(grade, reason) from ``<grade>..</grade> <reason>..</reason>``; ValueError if absent/unknown."""
+    m = _GRADE.search(text or "")
+    if m is None:
+        raise ValueError(f"no <grade>...</grade> in the grader's reply: {(text or '')[:200]!r}")
+    reason = _REASON.search(text)
+    return parse_grade(m.group(1)), reason.group(1).strip() if reason else ""
+
+
+def load_judge_prompts(path: Path | None) -> dict[str, str]:
+    """The two prompt texts, overridden from a YAML file with `judge` and/or `simplevqa_grader`."""
+    prompts = {"judge": JUDGE_PROMPT, "simplevqa_grader": SIMPLEVQA_PROMPT}
+    if path is None:
+        return prompts
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read judge prompts {path}: {exc}") from exc
+    if not isinstance(data, dict) or not set(data) <= set(prompts):
+        raise ConfigError(f"{path}: expected a mapping with keys judge and/or simplevqa_grader")
+    for name, text in data.items():
+        needed = ["{question}", "{ground_truth}", "{prediction}"]
+        if not isinstance(text, str) or any(n not in text for n in needed):
+            raise ConfigError(f"{path}: prompt {name!r} must be a string containing {', '.join(needed)}")
+        prompts[name] = text
+    return prompts
+
+
+class Judge:
+    """Pinned LLM judge over the cached LLM client; `judge_many` is synchronous for the runner."""
+
+    def __init__(self, cfg: LLMConfig, cache_dir: Path, *, temperature: float = 0.0, top_p: float = 0.1,
+                 max_tokens: int = 256, prompt_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.client = LLMClient(cfg, cache_dir, stage="eval-judge")
+        self.params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        self.prompts = load_judge_prompts(prompt_path)
+        digest = hashlib.sha256("\x00".join(self.prompts[k] for k in sorted(self.prompts)).encode())
+        self.prompt_hash = digest.hexdigest()[:12]
+        self.id = f"{cfg.model}@t{temperature:g}-p{top_p:g}-{self.prompt_hash}"
+
+    def _messages(self, req: JudgeRequest) -> list[dict[str, str]]:
+        template = self.prompts["simplevqa_grader" if req.three_way else "judge"]
+        text = template.format(
+            question=req.question, ground_truth=req.ground_truth, prediction=req.prediction,
+            candidates="; ".join(req.candidates) if req.candidates else "(none)")
+        return [{"role": "user", "content": text}]
+
+    async def _one(self, req: JudgeRequest) -> Verdict:
+        res = await self.client.complete(self._messages(req), **self.params)
+        if not res.ok:
+            return Verdict(0.0, Grade.NOT_ATTEMPTED.value if req.three_way else None, "",
+                           error=f"judge request failed: {res.error}", cached=res.cached)
+        try:
+            if req.three_way:
+                grade, reason = parse_grade_reply(res.text or "")
+                return Verdict(float(grade is Grade.CORRECT), grade.value, reason, cached=res.cached)
+            score, reason = parse_judge_reply(res.text or "")
+            return Verdict(score, None, reason, cached=res.cached)
+        except ValueError as exc:
+            return Verdict(0.0, Grade.NOT_ATTEMPTED.value if req.three_way else None, "", error=str(exc),
+                           cached=res.cached)
+
+    async def ajudge_many(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        async with self.client:
+            return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def judge_many(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        """Verdicts in request order; failures are verdicts with `error` set (scored 0), never raised."""
+        if not requests:
+            return []
+        return asyncio.run(self.ajudge_many(requests))

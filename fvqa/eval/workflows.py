@@ -1,0 +1,173 @@
+"""The three evaluation workflows: direct answer, fixed RAG, on-demand search.
+
+* ``direct`` (paper App. D.4): one turn, no tools (`fvqa.agent`, mode ``direct``).
+* ``on_demand``: the search agent (`fvqa.agent`, mode ``search``) up to the configured limits.
+* ``rag`` (paper App. D.5): a fixed two-search pipeline. Image search always runs first; round 1
+  shows its results and asks the model for a text query; the text search always runs; round 2
+  shows its results and asks for the answer. If the model writes no usable query, the question
+  itself is searched (recorded in ``stop_detail``), so every item makes exactly two searches and
+  the workflow's search ratio is 100% by construction, as in the paper's Table 1.
+
+Every workflow returns one `fvqa.agent.Trajectory` per item, so predictions, search counts and
+transcripts are stored the same way whatever produced them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fvqa.agent import AgentItem, Job, SearchTools, ToolCall, Trajectory, TurnRecord, run_many
+from fvqa.generators.base import Generation, Generator, Message, Request, Sampling, image_to_bytes
+from fvqa.protocol import (
+    IMAGE_PLACEHOLDER,
+    QWEN_IMAGE_PAD,
+    Limits,
+    Prompts,
+    extract_answer,
+    is_search_error,
+    parse_turn,
+    rag_query_user_text,
+    render_image_results,
+    render_text_results,
+    to_content_parts,
+    tool_response_text,
+)
+
+RAG_SEARCHES = 2
+
+
+def max_search_steps(workflow: str, limits: Limits) -> int:
+    """The denominator of the paper's search ratio for one item of this workflow.
+
+    On-demand: the calls the limits allow before the last round, which must answer
+    (defaults: min(3 - 1, 1 + 2) = 2). RAG: its two fixed searches. Direct: none.
+    """
+    if workflow == "direct":
+        return 0
+    if workflow == "rag":
+        return RAG_SEARCHES
+    return min(limits.max_rounds - 1, limits.max_image_search + limits.max_text_search)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Rag:
+    """One RAG item's state: messages, trajectory, and its two searches."""
+
+    def __init__(self, item: AgentItem, prompts: Prompts, generator_name: str, sampling: Sampling) -> None:
+        self.item, self.prompts, self.sampling = item, prompts, sampling
+        self.traj = Trajectory(item.item_id, "rag", item.question, generator_name,  # type: ignore[arg-type]
+                               seed=sampling.seed, image_shas=[_sha(item.image)])
+        self.messages: list[Message] = []
+
+    def _add(self, msg: Message) -> None:
+        self.messages.append(msg)
+        content = msg["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "sha256": _sha(p["image"])} if p.get("type") == "image" else dict(p)
+                       for p in content]
+        self.traj.messages.append({"role": msg["role"], "content": content})
+
+    def image_search(self, tools: SearchTools) -> None:
+        t0 = time.perf_counter()
+        try:
+            extra = {k: v for k, v in (("image_url", self.item.image_url), ("data_id", self.item.data_id)) if v}
+            hits, error = list(tools.image_search(self.item.image, **extra)), None
+        except Exception as exc:  # noqa: BLE001 - a failed search becomes upstream's error text
+            hits, error = [], f"{type(exc).__name__}: {exc}"
+        text, images = render_image_results(hits)
+        thumbs = [image_to_bytes(im) for im in images]
+        self.traj.image_shas.extend(_sha(b) for b in thumbs)
+        shown = iter(_sha(b) for b in thumbs)
+        records = [{"title": h.title, "url": h.url, "thumbnail_sha256": next(shown, None) if h.thumbnail else None}
+                   for h in hits]
+        self.traj.tool_calls.append(ToolCall(1, "image_search", None, error is None and bool(hits), records, text,
+                                             error, time.perf_counter() - t0))
+        user_text = rag_query_user_text(self.prompts.rag_query, self.item.question, text)
+        head, tail = user_text.split(IMAGE_PLACEHOLDER, 1)
+        parts: list[dict[str, Any]] = [{"type": "text", "text": head}] if head else []
+        parts.append({"type": "image", "image": self.item.image})
+        parts.extend(to_content_parts(tail, thumbs, QWEN_IMAGE_PAD))
+        self._add({"role": "user", "content": parts})
+
+    def take_turn(self, gen: Generation, rnd: int) -> bool:
+        """Record one generated turn; False if generation failed (the item stops with the error)."""
+        if gen.error is not None:
+            self.traj.stop_reason, self.traj.stop_detail = "error", gen.error
+            return False
+        turn = parse_turn(gen.text)
+        self.traj.turns.append(TurnRecord(rnd, gen.text, turn.kind, gen.prompt_tokens, gen.completion_tokens,
+                                          gen.finish_reason, turn.problem))
+        self._add({"role": "assistant", "content": gen.text})
+        return True
+
+    def text_search(self, tools: SearchTools) -> None:
+        turn = parse_turn(self.traj.turns[-1].text)
+        query = turn.query if turn.kind == "text_search" and turn.query else None
+        if query is None:
+            query = self.item.question
+            self.traj.stop_detail = f"no usable query in round 1 ({turn.problem or turn.kind}): searched the question"
+        t0 = time.perf_counter()
+        try:
+            hits, error = list(tools.text_search(query, self.item.question)), None
+        except Exception as exc:  # noqa: BLE001
+            hits, error = [], f"{type(exc).__name__}: {exc}"
+        text = render_text_results(hits)
+        records = [{"url": h.url, "title": h.title, "summary": h.summary} for h in hits]
+        self.traj.tool_calls.append(ToolCall(2, "text_search", query, error is None and bool(hits), records, text,
+                                             error, time.perf_counter() - t0))
+        if is_search_error(text):  # upstream passes errors bare; RAG still needs the answer instruction
+            user_text = f"{text}\nOriginal user's question: {self.item.question.strip()}\n{self.prompts.rag_answer}"
+        else:
+            user_text = tool_response_text(text, self.item.question, self.prompts.rag_answer)
+        self._add({"role": "user", "content": [{"type": "text", "text": user_text}]})
+
+    def finish(self) -> None:
+        last = self.traj.turns[-1].text
+        answer = extract_answer(last)
+        self.traj.answer = answer
+        if answer is not None:
+            self.traj.stop_reason = "answer"
+        else:
+            self.traj.stop_reason = "invalid"
+            problem = parse_turn(last).problem or "no <answer> in the final turn"
+            self.traj.stop_detail = "; ".join(x for x in (self.traj.stop_detail, problem) if x)
+
+
+def run_rag(items: Sequence[AgentItem], generator: Generator, tools: SearchTools, prompts: Prompts,
+            sampling: Sampling, *, tool_workers: int = 8) -> list[Trajectory]:
+    """The fixed RAG workflow for a batch of items (two batched generator calls in all)."""
+    states = [_Rag(it, prompts, generator.name, sampling) for it in items]
+    with ThreadPoolExecutor(max_workers=max(1, tool_workers)) as pool:
+        list(pool.map(lambda s: s.image_search(tools), states))
+        gens = generator.generate([Request(list(s.messages), sampling) for s in states])
+        alive = [s for s, g in zip(states, gens, strict=True) if s.take_turn(g, 1)]
+        list(pool.map(lambda s: s.text_search(tools), alive))
+        gens = generator.generate([Request(list(s.messages), sampling) for s in alive])
+        for s, g in zip(alive, gens, strict=True):
+            if s.take_turn(g, 2):
+                s.finish()
+    return [s.traj for s in states]
+
+
+def run_workflow(workflow: str, items: Sequence[AgentItem], generator: Generator, tools: SearchTools | None,
+                 prompts: Prompts, limits: Limits, sampling: Sampling,
+                 on_turn: Callable[[int], None] | None = None) -> list[Trajectory]:
+    """Run one workflow over a batch of items; trajectories in item order."""
+    if workflow == "direct":
+        return run_many([Job(it, "direct", sampling) for it in items], generator, None, limits, prompts,
+                        on_turn=on_turn)
+    if tools is None:
+        raise ValueError(f"workflow {workflow} needs search tools")
+    if workflow == "rag":
+        return run_rag(items, generator, tools, prompts, sampling)
+    if workflow == "on_demand":
+        return run_many([Job(it, "search", sampling) for it in items], generator, tools, limits, prompts,
+                        on_turn=on_turn)
+    raise ValueError(f"unknown workflow {workflow!r} (direct, rag, on_demand)")
