@@ -123,6 +123,12 @@ def main() -> int:
           f"to naive on {n_naive} sampled: {identical_naive}")
     print(f"# CPU seconds: ours {ours_cpu:.1f} (all processes), anchor {anchor_cpu:.1f}; "
           f"load average now {os.getloadavg()[0]:.2f} (wall-clock ratios need an otherwise idle machine)")
+    ours_per_cpu, anchor_per_cpu = n_texts / max(ours_cpu, 1e-9), n_texts / max(anchor_cpu, 1e-9)
+    print(f"match_texts_per_cpu_s_vs_metaclip_ahocorasick: ours={ours_per_cpu:.0f} anchor={anchor_per_cpu:.0f} "
+          f"ratio={ours_per_cpu / anchor_per_cpu:.2f}")
+    usable = min(args.processes, len(os.sched_getaffinity(0)))
+    print(f"# projection for an idle machine (not a measurement): {usable} x CPU ratio = "
+          f"{usable * ours_per_cpu / anchor_per_cpu:.2f}x the single-process anchor")
     print(f"match_texts_per_s_vs_metaclip_ahocorasick_1proc: ours={ours_tps:.0f} anchor={anchor_tps:.0f} "
           f"ratio={ours_tps / anchor_tps:.2f}")
     print(f"match_texts_per_s_vs_metaclip_naive: ours={ours_tps:.0f} anchor={naive_tps:.2f} "

@@ -74,7 +74,9 @@ class EntryMatcher:
 
     def __init__(self, entries: Sequence[str]) -> None:
         self.n_entries = len(entries)
-        automaton = ahocorasick.Automaton()
+        # Plain ints, not Python objects: matching then never writes to the automaton's memory
+        # (no refcount updates), so forked workers keep sharing it instead of copying pages.
+        automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
         first_index: dict[str, int] = {}
         extra: dict[int, list[int]] = {}
         for index, entry in enumerate(entries):
