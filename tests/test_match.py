@@ -245,3 +245,20 @@ def test_stage_bad_pool_is_a_clear_config_error(tmp_path: Path, pool: list | Non
         (tmp_path / "pool.parquet").unlink()
     with pytest.raises(ConfigError, match=message):
         _run(config)
+
+
+def test_stage_with_worker_processes_counts_the_same(tmp_path: Path) -> None:
+    """A pool large enough for workers (forked while the DuckDB catalog is open) gives exact counts."""
+    rng = random.Random(5)
+    words = ["dog", "cat", "red", "car", "sky", "new", "york"]
+    entries = words + ["red car", "new york", "sky"]
+    pool = [dict(url=f"http://p/{i}.jpg", caption=" ".join(rng.choices(words, k=6)) + rng.choice([".", ""]))
+            for i in range(6_000)]
+    config = _stage_config(tmp_path, pool, entries, processes=2)
+    _run(config)
+    expected = [0] * len(entries)
+    for row in pool:
+        for i in reference(entries, row["caption"]):
+            expected[i] += 1
+    with Workspace(config.workspace) as ws:
+        assert [c for (c,) in ws.execute("SELECT count FROM entry_counts ORDER BY entry_id")] == expected

@@ -124,8 +124,9 @@ class EntryMatcher:
         """Lazily yield `match(text)` per text, in input order, using worker processes if worthwhile.
 
         `processes=None` means all usable CPUs. A pool is only started for at least `min_pool_texts`
-        texts (default: MIN_TEXTS_FOR_POOL when `processes` is None, else always). At most IN_FLIGHT_PER_PROCESS chunks per worker are in flight, so memory stays bounded for
-        inputs larger than RAM.
+        texts (default: MIN_TEXTS_FOR_POOL when `processes` is None, else always). At most
+        IN_FLIGHT_PER_PROCESS chunks per worker are in flight, so memory stays bounded for inputs
+        larger than RAM.
         """
         if processes is not None and processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
