@@ -226,3 +226,22 @@ def test_report_cli(first_run) -> None:
     assert "report.html" in res.output
     res = CliRunner().invoke(app, ["eval", "report", "--workspace", str(cfg.workspace), "--run", "nope"])
     assert res.exit_code != 0 and "unknown run 'nope'" in str(res.exception)
+
+
+def test_cli_run_direct_workflow_with_limit(world: Path, servers, tmp_path: Path) -> None:
+    """`fvqa eval run` end to end through the CLI (direct only: no search tools needed)."""
+    from typer.testing import CliRunner
+
+    from fvqa.cli import app
+
+    path = _config(tmp_path, world, servers)
+    args = ["eval", "run", "--config", str(path), "--limit", "2", "--set", "workflows=[direct]",
+            "--set", "primary_metric=official"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "report.html" in res.output and "average" in res.output
+    with Workspace(tmp_path / "ws") as ws:
+        counts = dict(ws.execute("SELECT benchmark, count(*) FROM eval_scores GROUP BY 1"))
+        metrics = {r[0] for r in ws.execute("SELECT DISTINCT metric FROM eval_scores")}
+    assert counts == {"fvqa_test": 2, "infoseek": 2, "mmsearch": 2, "simplevqa": 2, "livevqa": 2}
+    assert metrics == {"official"}

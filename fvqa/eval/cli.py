@@ -45,7 +45,7 @@ def run_cmd(
     if seed is not None:
         cfg.seed = seed
     summary = run_eval(cfg, rescore=rescore, log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
-    out = Console()
+    out = Console(soft_wrap=True)
     with Workspace(cfg.workspace) as ws:
         cs = cells(scored_rows(ws, cfg.run), n_resamples=200)
         table = Table(title=f"eval run {cfg.run} ({cfg.primary_metric})")
@@ -97,4 +97,4 @@ def report_cmd(
         if run is None or run not in known:
             raise FvqaError(f"unknown run {run!r}; runs in this workspace: {', '.join(known) or 'none'}")
         files = build_report(ws, run, out_dir)
-    Console().print(f"report: {files.markdown}  {files.html}  plots: {len(files.plots)}")
+    Console(soft_wrap=True).print(f"report: {files.markdown}  {files.html}  plots: {len(files.plots)}")
