@@ -1,0 +1,233 @@
+"""Annotation rounds against a real Label Studio server (started once per session from its own venv)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from ls_server import LiveServer, ls_server  # noqa: F401  (session fixture)
+from PIL import Image
+
+from fvqa.annotation import server
+from fvqa.annotation.client import Connection, LabelStudioClient
+from fvqa.annotation.rounds import apply, create_manual, pull, push, summarize
+from fvqa.errors import FvqaError
+from fvqa.pipelines.export import export_all
+from fvqa.store import Workspace
+
+from conftest import FVQA, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), ((i * 37) % 256, (i * 91) % 256, (i // 256) % 256)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_workspace(root: Path, n: int, split: str = "test") -> Workspace:
+    """A workspace of n items with distinct images, tags, labels and a split."""
+    ws = Workspace(root)
+    items, tags, labels, splits = [], [], [], []
+    for i in range(n):
+        ref = ws.put_image(_png(i))
+        iid = f"it{i:05d}"
+        items.append(dict(item_id=iid, source="metaclip", question=f"What is shown in picture {i}?",
+                          answer=f"Thing {i}", aliases=[f"Thing {i}"], image_sha256=ref.sha256, provenance="{}"))
+        tags.append(dict(item_id=iid, knowledge_type="Nature", provenance="{}"))
+        labels.append(dict(item_id=iid, search_label="search_free", provenance="{}"))
+        splits.append(dict(item_id=iid, split=split, provenance="{}"))
+    for table, rows in (("items", items), ("tags", tags), ("labels", labels), ("splits", splits)):
+        ws.insert(table, rows)
+    return ws
+
+
+def _client(live: LiveServer) -> LabelStudioClient:
+    return LabelStudioClient(Connection(live.url, live.api_key, live.document_root))
+
+
+def _choice(name, value):
+    return {"from_name": name, "to_name": "image", "type": "choices", "value": {"choices": [value]}}
+
+
+def _text(name, value):
+    return {"from_name": name, "to_name": "image", "type": "textarea", "value": {"text": [value]}}
+
+
+def _annotate(client, task_id, user_id, *result, lead_time=2.0):
+    client.sdk.annotations.create(task_id, result=list(result), completed_by=user_id, lead_time=lead_time)
+
+
+def _user(client, name):
+    existing = {u.email: u.id for u in client.sdk.users.list()}
+    email = f"{name}@fvqa.test"
+    return existing.get(email) or client.sdk.users.create(username=name, email=email, password="pw-123456!").id
+
+
+def test_two_annotator_round_trip(ls_server: LiveServer, tmp_path_factory):  # noqa: F811
+    ws = make_workspace(tmp_path_factory.mktemp("rt") / "ws", 9)
+    ws.insert("splits", [dict(item_id="it00008", split="train", provenance="{}")], replace=True)
+    client = _client(ls_server)
+    res = push(ws, client, "r1", split="test", annotators=2)
+    assert res["pushed"] == 8
+    ws.insert("splits", [dict(item_id="it00008", split="test", provenance="{}")], replace=True)
+    again = push(ws, client, "r1", split="test", annotators=2)
+    assert (again["pushed"], again["already"]) == (1, 8), "re-push adds only the new item"
+    tasks = dict(ws.execute("SELECT item_id, task_id FROM annotation_tasks WHERE round = 'r1'"))
+    exported = {t["data"]["item_id"]: t for t in client.export_tasks(res["project_id"])}
+    assert len(exported) == 9 and all(exported[i]["id"] == t for i, t in tasks.items())
+    first = exported["it00000"]
+    assert first["data"]["image"].startswith("/data/local-files/?d=")
+    image = client.http.get(first["data"]["image"])  # local-file serving of the workspace image store
+    assert image.status_code == 200 and image.content == _png(0)
+    assert first["predictions"], "pipeline values arrive as pre-annotations"
+
+    a1, a2 = _user(client, "ann1"), _user(client, "ann2")
+    keep, fix, rej = _choice("verdict", "keep"), _choice("verdict", "fix"), _choice("verdict", "reject")
+    plan = {  # item: (annotator 1, annotator 2)
+        "it00000": ([keep, _choice("knowledge_type", "Nature")], [keep, _choice("knowledge_type", "Nature")]),
+        "it00001": ([keep], [keep]),
+        "it00002": ([fix, _text("answer", "Corrected thing")], [fix, _text("answer", "corrected  thing!")]),
+        "it00003": ([rej], [rej]),
+        "it00004": ([keep], [fix, _text("answer", "Other")]),
+        "it00005": ([keep], [keep]),
+        "it00006": ([_choice("verdict", "maybe")], [fix]),  # unknown choice value; fix without an answer
+        "it00008": ([keep], [keep]),  # removed from the workspace before the pull
+    }
+    for item, (r1, r2) in plan.items():
+        _annotate(client, tasks[item], a1, *r1)
+        _annotate(client, tasks[item], a2, *r2, lead_time=5.5)
+    client.sdk.tasks.delete(str(tasks["it00007"]))  # deleted in the UI
+    ws.execute("DELETE FROM items WHERE item_id = 'it00008'")
+
+    counts = pull(ws, client, "r1")
+    assert counts["annotations"] == 12
+    rejects = {(r[0], r[1]) for r in ws.execute("SELECT key, reason FROM rejects WHERE stage = 'annotate'")}
+    reasons = sorted(r for _, r in rejects)
+    assert any("unknown verdict value ['maybe']" in r for r in reasons)
+    assert "verdict fix without a corrected answer" in reasons
+    assert "task deleted in Label Studio" in reasons
+    assert "item it00008 is no longer in the workspace" in reasons
+    assert pull(ws, client, "r1") == counts, "pull is idempotent"
+    assert ws.count("annotations") == 12 and len(ws.execute(
+        "SELECT * FROM rejects WHERE stage = 'annotate'")) == len(rejects)
+    row = ws.execute("SELECT annotator, lead_time, verdict, answer FROM annotations WHERE item_id = 'it00002' "
+                     "ORDER BY annotation_id")
+    assert row[0] == ("ann1@fvqa.test", 2.0, "fix", "Corrected thing") and row[1][1] == 5.5
+
+    s = summarize(ws, "r1")
+    assert s.by_annotator == {"ann1@fvqa.test": 6, "ann2@fvqa.test": 6}
+    assert (s.tasks, s.annotated, s.pending) == (9, 6, 3)
+    method, kappa, n = s.agreement["verdict"]
+    assert (method, n) == ("cohen_kappa", 6) and kappa == pytest.approx(15 / 21)  # hand-computed in agreement tests
+    # answers (normalised): it00002 agrees ("corrected thing"), it00004 differs ("thing 4" vs "other");
+    # every other item has its own answer: p_o = 5/6, p_e = 5/36 -> kappa = (30-5)/(36-5) = 25/31
+    assert s.agreement["answer"][1] == pytest.approx(25 / 31)
+    assert [d["item_id"] for d in s.disagreements] == ["it00004"]
+
+    env = {**os.environ, "FVQA_LS_API_KEY": ls_server.api_key}
+    ws.close()
+    shown = subprocess.run([*FVQA, "annotate", "status", "--workspace", str(ws.root)], capture_output=True,
+                           text=True, cwd=REPO, env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "0.714" in shown.stdout and "it00004" in shown.stdout
+    adj = subprocess.run([*FVQA, "annotate", "adjudicate", "--round", "r1", "--workspace", str(ws.root),
+                          "--url", ls_server.url, "--document-root", str(ls_server.document_root)],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert adj.returncode == 0, adj.stderr
+    assert "1 disagreements -> round r1-adj" in adj.stdout
+    ws = Workspace(ws.root)
+
+    senior = _user(client, "senior")
+    adj_task = ws.execute("SELECT task_id FROM annotation_tasks WHERE round = 'r1-adj'")
+    assert len(adj_task) == 1
+    adj_data = client.export_tasks(int(tables_round(ws, "r1-adj")))[0]["data"]
+    assert "ann2@fvqa.test: fix" in adj_data["context"], "the adjudicator sees each annotator's decision"
+    _annotate(client, adj_task[0][0], senior, fix, _text("answer", "Senior answer"), _choice("knowledge_type", "Arts"))
+    pull(ws, client, "r1-adj")
+    assert apply(ws, "r1") == {"kept": 3, "fixed": 1, "rejected": 1, "disagreement": 1, "applied": 5}
+    assert apply(ws, "r1-adj") == {"fixed": 1, "applied": 1}
+    prov = json.loads(ws.execute("SELECT provenance FROM gold WHERE item_id = 'it00004'")[0][0])
+    assert prov["round"] == "r1-adj" and prov["annotators"] == ["senior@fvqa.test"]
+
+    # a pipeline re-run rewrites its own tables; the human decisions still win
+    ws.insert("items", [dict(item_id="it00002", source="metaclip", question="What?", answer="Pipeline again",
+                             image_sha256=None, provenance="{}")], replace=True)
+    export_all(ws, ["native"])
+    rows = {r["item_id"]: r for r in pq.read_table(ws.exports_dir / "native" / "fvqa_items.parquet").to_pylist()}
+    assert rows["it00002"]["answer"] == "Corrected thing" and rows["it00002"]["annotation_status"] == "fixed"
+    assert rows["it00004"]["answer"] == "Senior answer" and rows["it00004"]["knowledge_type"] == "Arts"
+    assert "it00003" not in rows, "the rejected item is gone from the export"
+    assert rows["it00000"]["annotation_status"] == "kept"
+    ws.close()
+
+
+def tables_round(ws: Workspace, name: str) -> int:
+    return ws.execute("SELECT project_id FROM annotation_rounds WHERE round = ?", [name])[0][0]
+
+
+def test_manual_round_creates_items(ls_server: LiveServer, tmp_path_factory):  # noqa: F811
+    ws = make_workspace(tmp_path_factory.mktemp("man") / "ws", 1)
+    client = _client(ls_server)
+    pid = create_manual(ws, client, "m1")
+    upload = ws.root / "uploads" / "new.png"  # stands in for an image an annotator uploads
+    upload.parent.mkdir()
+    upload.write_bytes(_png(500))
+    client.attach_local_storage(pid, upload.parent)
+    rel = upload.relative_to(ls_server.document_root).as_posix()
+    ids = client.import_tasks(pid, [{"data": {"image": f"/data/local-files/?d={rel}"}}] * 2)
+    me = _user(client, "writer")
+    _annotate(client, ids[0], me, _text("question", "Who painted this?"), _text("answer", "Ada Lovelace"),
+              _choice("knowledge_type", "People"))
+    _annotate(client, ids[1], me, _text("question", "Where is this?"), _choice("knowledge_type", "Place"))
+    assert pull(ws, client, "m1")["annotations"] == 1
+    assert ws.execute("SELECT reason FROM rejects WHERE stage = 'annotate'") == [("written item has no answer",)]
+    assert apply(ws, "m1") == {"manual": 1, "applied": 1}
+    row = ws.execute("SELECT source, question, answer, knowledge_type, annotation_status, image_sha256 "
+                     "FROM dataset WHERE source = 'manual'")
+    assert len(row) == 1 and row[0][:5] == ("manual", "Who painted this?", "Ada Lovelace", "People", "manual")
+    assert ws.find_image(row[0][5]).read_bytes() == _png(500)
+    ws.close()
+
+
+def test_server_down_or_wrong_key_is_one_clear_error(ls_server: LiveServer, tmp_path):  # noqa: F811
+    with pytest.raises(FvqaError, match="refused the API key"):
+        LabelStudioClient(Connection(ls_server.url, "wrong-key-123456", None))
+    port = server.free_port()
+    env = {**os.environ, "FVQA_LS_API_KEY": "whatever-123"}
+    make_workspace(tmp_path / "ws", 1).close()
+    res = subprocess.run([*FVQA, "annotate", "push", "--round", "x", "--workspace", str(tmp_path / "ws"),
+                          "--url", f"http://127.0.0.1:{port}"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=120)
+    assert res.returncode == 2 and "cannot reach Label Studio" in res.stderr and "Traceback" not in res.stderr
+    env.pop("FVQA_LS_API_KEY")
+    res = subprocess.run([*FVQA, "annotate", "pull", "--round", "x", "--workspace", str(tmp_path / "ws"),
+                          "--url", ls_server.url], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert res.returncode == 2 and "FVQA_LS_API_KEY is not set" in res.stderr
+
+
+def test_thousand_task_push_and_pull(ls_server: LiveServer, tmp_path_factory):  # noqa: F811
+    ws = make_workspace(tmp_path_factory.mktemp("big") / "ws", 1000)
+    client = _client(ls_server)
+    t0 = time.perf_counter()
+    res = push(ws, client, "big", split="test", annotators=1)
+    t_push = time.perf_counter() - t0
+    assert res["pushed"] == 1000
+    tasks = dict(ws.execute("SELECT item_id, task_id FROM annotation_tasks WHERE round = 'big'"))
+    me = _user(client, "fast")
+    for i in range(20):
+        _annotate(client, tasks[f"it{i:05d}"], me, _choice("verdict", "keep"))
+    t0 = time.perf_counter()
+    counts = pull(ws, client, "big")
+    t_pull = time.perf_counter() - t0
+    assert counts == {"tasks": 1000, "annotations": 20, "rejected": 0}
+    print(f"1000 tasks: push {t_push:.1f}s pull {t_pull:.1f}s")
+    assert t_push < 120 and t_pull < 60
+    ws.close()
