@@ -110,23 +110,6 @@ class CrawlConfig(Section):
     search_api_key_env: str | None = "SERPAPI_API_KEY"
 
 
-class LLMSection(Section):
-    """An OpenAI-compatible endpoint (GPT-4o, vLLM, SGLang...)."""
-
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "gpt-4o"
-    api_key_env: str | None = "OPENAI_API_KEY"
-    max_concurrency: int = 16
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    temperature: float = 0.0
-    max_tokens: int = 512
-    image_max_side: int = 768
-    input_usd_per_1m: float = 2.5
-    output_usd_per_1m: float = 10.0
-    batch: bool = False
-
-
 class GenerateConfig(Section):
     """Question generation for crawled visual concepts (paper App. D.1 rules, enforced in code)."""
 

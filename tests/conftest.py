@@ -24,14 +24,19 @@ def demo_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_world(tmp_path_factory.mktemp("world") / "demo-world", seed=0, n_entities=240)
 
 
-@pytest.fixture
-def demo_config(tmp_path: Path, demo_world: Path) -> Path:
-    """configs/demo.yaml pointed at the session's world and a fresh workspace."""
+def write_demo_config(directory: Path, world: Path) -> Path:
+    """configs/demo.yaml pointed at `world` and a workspace `directory/ws`."""
     import yaml
 
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data["workspace"] = str(tmp_path / "ws")
-    data["world"]["path"] = str(demo_world)
-    path = tmp_path / "demo.yaml"
+    data["workspace"] = str(directory / "ws")
+    data["world"]["path"] = str(world)
+    path = directory / "demo.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture
+def demo_config(tmp_path: Path, demo_world: Path) -> Path:
+    """configs/demo.yaml pointed at the session's world and a fresh workspace."""
+    return write_demo_config(tmp_path, demo_world)

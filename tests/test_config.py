@@ -38,9 +38,11 @@ def test_overrides_and_redaction(tmp_path):
     assert cfg.generate.llm.model == "gpt-4o-mini"
     assert cfg.infoseek.n == 12
     shown = redacted(cfg)
-    assert shown["generate"]["llm"]["api_key_env"] == "OPENAI_API_KEY"  # a name, not a secret
+    assert shown["generate"]["llm"]["endpoints"][0]["api_key_env"] == "OPENAI_API_KEY"  # a name, kept
     with pytest.raises(ConfigError, match="key=value"):
         load_config(p, ["infoseek.n"])
+    leaked = redacted(load_config(p, ["search.options.api_key=sk-live-123"]))
+    assert leaked["search"]["options"]["api_key"] == "***"
 
 
 def test_section_hash_changes_with_settings():
