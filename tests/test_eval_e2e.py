@@ -245,3 +245,30 @@ def test_cli_run_direct_workflow_with_limit(world: Path, servers, tmp_path: Path
         metrics = {r[0] for r in ws.execute("SELECT DISTINCT metric FROM eval_scores")}
     assert counts == {"fvqa_test": 2, "infoseek": 2, "mmsearch": 2, "simplevqa": 2, "livevqa": 2}
     assert metrics == {"official"}
+
+
+@pytest.mark.slow  # model build (~6 s) + three CPU generations; ~25-45 s on a busy 2-core machine
+def test_tiny_qwen_through_transformers_runs_direct_and_rag(world: Path, tools, tmp_path: Path) -> None:
+    """Mechanics with a real (tiny, random) Qwen2.5-VL: chat template, images, thumbnails, token counts."""
+    from tiny_qwen import build_tiny_qwen
+
+    from fvqa.eval.config import EvalConfig
+
+    specs = write_benchmarks(world, tmp_path / "bench", n=2)
+    model_path = build_tiny_qwen(tmp_path / "qwen")
+    cfg = EvalConfig.model_validate({
+        "workspace": str(tmp_path / "ws"), "run": "tiny",
+        "models": [{"name": "tiny-qwen", "backend": "transformers", "model_path": str(model_path)}],
+        "benchmarks": [specs["livevqa"]], "workflows": ["direct", "rag"], "primary_metric": "em",
+        "sampling": {"max_tokens": 6}, "limit": 1,
+    })
+    summary = run_eval(cfg, tools=tools)
+    assert sum(c.generated for c in summary.cells) == 2
+    with Workspace(cfg.workspace) as ws:
+        rows = ws.execute("SELECT workflow, generator, completion_tokens, n_image_search + n_text_search, "
+                          "trajectory FROM eval_predictions ORDER BY workflow")
+        n_scores = ws.count("eval_scores")
+    (d_wf, d_gen, d_tok, d_calls, _), (r_wf, _, r_tok, r_calls, r_traj) = rows
+    assert (d_wf, r_wf) == ("direct", "rag") and d_gen.startswith("transformers:")
+    assert 1 <= d_tok <= 6 and 2 <= r_tok <= 12 and (d_calls, r_calls) == (0, 2)
+    assert len(json.loads(r_traj)["turns"]) == 2 and n_scores == 2
