@@ -184,6 +184,8 @@ def test_rerun_and_rescore_make_no_new_requests(first_run, tools, servers) -> No
     with Workspace(cfg.workspace) as ws:
         before = ws.execute("SELECT model, benchmark, workflow, item_id, score FROM eval_scores ORDER BY ALL")
     again = run_eval(cfg, tools=tools)  # everything predicted and scored: nothing to do
+    with Workspace(cfg.workspace) as ws:  # and the bad rows are not rejected twice
+        assert ws.execute("SELECT count(*) FROM rejects WHERE stage LIKE 'eval:%'")[0][0] == 9
     assert sum(c.generated for c in again.cells) == 0 and again.scored == 0
     rescored = run_eval(cfg, tools=tools, rescore=True)  # every verdict again, from the judge cache
     assert rescored.scored == 5 * 3 * N and rescored.judge_calls == 0 and rescored.judge_cache_hits > 0
