@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -33,18 +34,24 @@ def _png(i: int) -> bytes:
 
 
 def make_workspace(root: Path, n: int, split: str = "test") -> Workspace:
-    """A workspace of n items with distinct images, tags, labels and a split."""
+    """A workspace of n items with distinct images, tags, labels and a split (written in bulk)."""
     ws = Workspace(root)
-    items, tags, labels, splits = [], [], [], []
+    images, items, tags, labels, splits = [], [], [], [], []
     for i in range(n):
-        ref = ws.put_image(_png(i))
+        data = _png(i)
+        sha = hashlib.sha256(data).hexdigest()
+        path = ws.image_path(sha, "png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        images.append(dict(sha256=sha, ext="png", width=8, height=8, n_bytes=len(data), provenance="{}"))
         iid = f"it{i:05d}"
         items.append(dict(item_id=iid, source="metaclip", question=f"What is shown in picture {i}?",
-                          answer=f"Thing {i}", aliases=[f"Thing {i}"], image_sha256=ref.sha256, provenance="{}"))
+                          answer=f"Thing {i}", aliases=[f"Thing {i}"], image_sha256=sha, provenance="{}"))
         tags.append(dict(item_id=iid, knowledge_type="Nature", provenance="{}"))
         labels.append(dict(item_id=iid, search_label="search_free", provenance="{}"))
         splits.append(dict(item_id=iid, split=split, provenance="{}"))
-    for table, rows in (("items", items), ("tags", tags), ("labels", labels), ("splits", splits)):
+    for table, rows in (("images", images), ("items", items), ("tags", tags), ("labels", labels),
+                        ("splits", splits)):
         ws.insert(table, rows)
     return ws
 
@@ -187,8 +194,10 @@ def test_manual_round_creates_items(ls_server: LiveServer, tmp_path_factory):  #
     _annotate(client, ids[0], me, _text("question", "Who painted this?"), _text("answer", "Ada Lovelace"),
               _choice("knowledge_type", "People"))
     _annotate(client, ids[1], me, _text("question", "Where is this?"), _choice("knowledge_type", "Place"))
+    client.sdk.annotations.create(ids[0], result=[], completed_by=_user(client, "skipper"), was_cancelled=True)
     assert pull(ws, client, "m1")["annotations"] == 1
-    assert ws.execute("SELECT reason FROM rejects WHERE stage = 'annotate'") == [("written item has no answer",)]
+    assert sorted(ws.execute("SELECT reason FROM rejects WHERE stage = 'annotate'")) == [
+        ("annotation was skipped (cancelled) in Label Studio",), ("written item has no answer",)]
     assert apply(ws, "m1") == {"manual": 1, "applied": 1}
     row = ws.execute("SELECT source, question, answer, knowledge_type, annotation_status, image_sha256 "
                      "FROM dataset WHERE source = 'manual'")

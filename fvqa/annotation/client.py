@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ class LabelStudioClient:
             body = exc.body if isinstance(exc.body, dict) else {}
             detail = body.get("validation_errors") or body.get("detail") or str(exc.body)[:300]
             raise FvqaError(f"Label Studio refused to {what} (HTTP {exc.status_code}): {detail}") from exc
+        except httpx.HTTPStatusError as exc:
+            raise FvqaError(f"Label Studio refused to {what} (HTTP {exc.response.status_code}): "
+                            f"{exc.response.text[:300]}") from exc
         except httpx.HTTPError as exc:
             raise FvqaError(f"lost the connection to Label Studio at {self.conn.url} while trying to {what}: "
                             f"{exc.__class__.__name__}") from exc
@@ -142,11 +146,46 @@ class LabelStudioClient:
             ids.extend(int(t) for t in (res.task_ids or []))
         return ids
 
-    def export_tasks(self, project_id: int) -> list[dict[str, Any]]:
-        """All tasks of a project with annotations (JSON export, including unannotated tasks)."""
+    def export_tasks(self, project_id: int, poll_s: float = 0.5, timeout: float = 3600) -> list[dict[str, Any]]:
+        """All tasks of a project with all annotations (skipped ones too), as one JSON snapshot.
+
+        The snapshot API is faster than the one-shot export (predictions come as ids only) and is the
+        one Label Studio Enterprise keeps; servers without it fall back to the one-shot export.
+        """
+        body = {"title": "fvqa pull",
+                "task_filter_options": {"only_with_annotations": False},
+                "annotation_filter_options": {"usual": True, "ground_truth": True, "skipped": True},
+                "serialization_options": {"predictions": {"only_id": True}, "drafts": {"only_id": True}}}
         with self._api(f"export project {project_id}"):
-            data = b"".join(self.sdk.projects.exports.download_sync(
-                project_id, export_type="JSON", download_all_tasks=True))
+            created = self.http.post(f"/api/projects/{project_id}/exports", json=body)
+            if created.status_code in (404, 405):
+                return self._export_one_shot(project_id)
+            created.raise_for_status()
+            export_id = created.json()["id"]
+            try:
+                deadline = time.monotonic() + timeout
+                while (state := self.http.get(f"/api/projects/{project_id}/exports/{export_id}").json().get(
+                        "status")) not in ("completed", "failed"):
+                    if time.monotonic() > deadline:
+                        raise FvqaError(f"Label Studio export of project {project_id} still {state} after {timeout:.0f}s")
+                    time.sleep(poll_s)
+                if state == "failed":
+                    raise FvqaError(f"Label Studio failed to export project {project_id} (see its log)")
+                got = self.http.get(f"/api/projects/{project_id}/exports/{export_id}/download",
+                                    params={"exportType": "JSON"})
+                got.raise_for_status()
+                data = got.content
+            finally:
+                self.http.delete(f"/api/projects/{project_id}/exports/{export_id}")
+        return self._parse_export(project_id, data)
+
+    def _export_one_shot(self, project_id: int) -> list[dict[str, Any]]:
+        data = b"".join(self.sdk.projects.exports.download_sync(project_id, export_type="JSON",
+                                                                download_all_tasks=True))
+        return self._parse_export(project_id, data)
+
+    @staticmethod
+    def _parse_export(project_id: int, data: bytes) -> list[dict[str, Any]]:
         try:
             tasks = json.loads(data)
         except ValueError as exc:
