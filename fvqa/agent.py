@@ -37,7 +37,7 @@ from fvqa.protocol import (
     tool_response_text,
 )
 
-Mode = Literal["search", "direct"]
+Mode = Literal["search", "direct", "rag"]  # rag: the fixed two-search workflow (fvqa.eval)
 
 
 class SearchTools(Protocol):

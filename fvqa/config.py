@@ -64,9 +64,9 @@ class MatchConfig(Section):
 
     enabled: bool = False
     pool: Path | None = None  # parquet with url, caption[, page_url]
-    processes: int = 2
+    processes: int = Field(2, ge=1)
     balance: bool = False
-    candidates_per_concept: int = 8
+    candidates_per_concept: int = Field(8, ge=0)
     seed: int = 0
 
 

@@ -62,7 +62,7 @@ class _Rag:
 
     def __init__(self, item: AgentItem, prompts: Prompts, generator_name: str, sampling: Sampling) -> None:
         self.item, self.prompts, self.sampling = item, prompts, sampling
-        self.traj = Trajectory(item.item_id, "rag", item.question, generator_name,  # type: ignore[arg-type]
+        self.traj = Trajectory(item.item_id, "rag", item.question, generator_name,
                                seed=sampling.seed, image_shas=[_sha(item.image)])
         self.messages: list[Message] = []
 

@@ -9,8 +9,8 @@ from fvqa.pipelines.base import Stage
 
 # name -> "module:Class"; order is the build order.
 STAGES: dict[str, str] = {
+    "match": "fvqa.pipelines.match:MatchStage",  # before concepts: it can supply the entry counts
     "concepts": "fvqa.pipelines.concepts:ConceptsStage",
-    "match": "fvqa.pipelines.match:MatchStage",
     "crawl": "fvqa.pipelines.crawl:CrawlStage",
     "generate": "fvqa.pipelines.generate:GenerateStage",
     "infoseek": "fvqa.pipelines.infoseek:InfoseekStage",
