@@ -232,6 +232,14 @@ class SearchSection(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class IndexConfig(Section):
+    """The local search index over a page corpus (`search.backend: local`)."""
+
+    enabled: bool = True
+    corpus: Path | None = None  # Wiki6M-style or {url,title,text} jsonl; default: the demo world's pages
+    images: Path | None = None  # image manifest jsonl or folder; default: the demo world's manifest
+
+
 class RunConfig(Section):
     """A whole `fvqa build` run."""
 
@@ -245,6 +253,7 @@ class RunConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     infoseek: InfoseekConfig = Field(default_factory=InfoseekConfig)
     tag: TagConfig = Field(default_factory=TagConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -31,6 +31,7 @@ def write_demo_config(directory: Path, world: Path) -> Path:
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     data["workspace"] = str(directory / "ws")
     data["world"]["path"] = str(world)
+    data["search"]["options"]["local"]["index_dir"] = str(directory / "search-index")
     path = directory / "demo.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -123,3 +123,14 @@ def test_config_show_redacts_and_help_lists_commands(demo_config: Path):
     helptext = _run("--help").stdout
     for cmd in ("build", "status", "sql", "export", "import-upstream", "demo"):
         assert cmd in helptext
+
+
+def test_demo_build_leaves_a_working_local_search_index(demo_build: tuple[Path, Path, str], demo_world: Path):
+    config, ws, _ = demo_build
+    assert (ws.parent / "search-index" / "meta.json").is_file()
+    entity = json.loads((demo_world / "entities.jsonl").read_text().splitlines()[7])
+    res = _run("search", "text", "--config", str(config), f"{entity['name']} country",
+               "--question", f"Which country is the {entity['name']} from?")
+    assert res.returncode == 0, res.stderr
+    first = res.stdout.split("\n1. ", 1)[1].splitlines()[0]
+    assert f"/wiki/{entity['entity_id']})" in first and entity["country"] in first

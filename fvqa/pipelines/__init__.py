@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "generate": "fvqa.pipelines.generate:GenerateStage",
     "infoseek": "fvqa.pipelines.infoseek:InfoseekStage",
     "tag": "fvqa.pipelines.tag:TagStage",
+    "index": "fvqa.pipelines.index:IndexStage",
     "probe": "fvqa.pipelines.probe:ProbeStage",
     "split": "fvqa.pipelines.split:SplitStage",
     "export": "fvqa.pipelines.export:ExportStage",

@@ -1,0 +1,56 @@
+"""Build (or keep) the local search index that probe, eval and training search against offline.
+
+The index is derived data, not catalog rows: it lives in the folder `search.options.local.index_dir`
+and is rebuilt only when its inputs or CLIP model change (`ensure_index`), so re-runs cost nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fvqa.config import IndexConfig, RunConfig
+from fvqa.errors import ConfigError
+from fvqa.pipelines.base import Stage, StageContext
+
+
+def index_inputs(cfg: IndexConfig, config: RunConfig) -> tuple[Path, Path | None]:
+    """Corpus jsonl and image manifest, defaulting to the demo world's local web."""
+    web = config.world.path / "web" if config.world else None
+    corpus = cfg.corpus or (web / "pages.jsonl" if web else None)
+    if corpus is None:
+        raise ConfigError("index.corpus is not set (and no demo world is configured)")
+    images = cfg.images or (web / "images.jsonl" if web else None)
+    return corpus, images
+
+
+class IndexStage(Stage):
+    """Local text (BM25) + image (CLIP) index over a page corpus, for the `local` search backend."""
+
+    name = "index"
+    outputs = ()
+    description = "build the offline search index"
+
+    def enabled(self, config: RunConfig) -> bool:
+        """On when the local backend is chosen and told where its index lives."""
+        from fvqa.search.config import SearchConfig
+
+        if not config.index.enabled or config.search.backend != "local":
+            return False
+        return SearchConfig.from_section(config.search).local.index_dir is not None
+
+    def run(self, ctx: StageContext) -> None:
+        from fvqa.search.config import SearchConfig
+        from fvqa.search.local_index import ensure_index
+
+        search = SearchConfig.from_section(ctx.config.search)
+        corpus, images = index_inputs(ctx.cfg, ctx.config)
+        stats = ensure_index(corpus, images, search.local.index_dir, config=search.local)
+        if stats is None:
+            ctx.stats.notes.append(f"index up to date: {search.local.index_dir}")
+            return
+        ctx.stats.n_in = stats.pages + stats.images + sum(stats.rejected.values())
+        ctx.stats.n_out = stats.pages + stats.images
+        ctx.stats.rejected.update(stats.rejected)
+        ctx.stats.notes.append(
+            f"{stats.pages} pages, {stats.images} images ({stats.embedder}) -> {search.local.index_dir}"
+        )
