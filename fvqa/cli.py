@@ -72,7 +72,7 @@ def build(
     estimate: Annotated[bool, typer.Option("--estimate", help="Print expected paid calls and cost; run nothing.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run the build stages (concepts -> crawl -> generate -> infoseek -> tag -> probe -> split -> export).
+    """Run the build stages in order (match, concepts, crawl, generate, infoseek, tag, index, probe, split, export).
 
     Re-running the same command continues where a previous (even killed) run stopped: each stage
     processes only keys missing from its output table, so no committed paid call is repeated.
