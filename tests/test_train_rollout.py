@@ -146,15 +146,25 @@ def test_prepare_refuses_an_empty_workspace(tmp_path: Path) -> None:
         prepare(ws)
 
 
+_DATASETS: dict[tuple[str, int], Any] = {}
+
+
 def _dataset(prepared: dict[str, Any], processor: Any, split: str = "train") -> Any:
+    """veRL's RLHFDataset over a prepared file, built once: its overlong-prompt filter forks a
+    process pool, which is best done before later tests start threads (search service, torch)."""
     from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    key = (str(prepared["result"].files[split]), id(processor))
+    if key in _DATASETS:
+        return _DATASETS[key]
 
     config = OmegaConf.create({
         "prompt_key": "prompt", "image_key": "images", "max_prompt_length": 2048, "return_raw_chat": True,
         "filter_overlong_prompts": True, "filter_overlong_prompts_workers": 1, "truncation": "error",
         "cache_dir": str(prepared["root"] / "verl-cache"),
     })
-    return RLHFDataset(str(prepared["result"].files[split]), processor.tokenizer, config, processor)
+    _DATASETS[key] = RLHFDataset(str(prepared["result"].files[split]), processor.tokenizer, config, processor)
+    return _DATASETS[key]
 
 
 def test_prepared_rows_load_through_verl_rlhf_dataset(prepared: dict[str, Any], processor: Any) -> None:
@@ -568,3 +578,65 @@ def test_launch_check_catches_data_prepared_with_other_prompts(prepared: dict[st
     mixed = OmegaConf.create({"data": {"train_files": train}, "fvqa": {"prompts": str(other)}})
     check = launcher.check_prompts(mixed)
     assert not check.ok and check.required and "fvqa train prepare --prompts" in check.detail
+
+
+class RoundRobinServer:
+    """veRL's LLM client stand-in for a batch: each trajectory (request id) walks the same script."""
+
+    def __init__(self, turns: list[str]) -> None:
+        self.turns = turns
+        self.tokenizer: Any = None
+        self.seen: dict[str, int] = {}
+
+    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
+                       image_data: list[Any] | None = None, **kwargs: Any) -> Any:
+        from verl.workers.rollout.replica import TokenOutput
+
+        n = self.seen.get(request_id, 0)
+        self.seen[request_id] = n + 1
+        ids = self.tokenizer.encode(self.turns[n], add_special_tokens=False)
+        return TokenOutput(token_ids=ids, log_probs=[-0.3] * len(ids))
+
+
+def test_verl_agent_loop_worker_runs_a_batch_from_our_config(prepared: dict[str, Any], tiny_path: Path,
+                                                            search_service: Any) -> None:
+    """veRL's own AgentLoopWorker (what each Ray rollout worker runs), built from our composed
+    training config: dataset rows -> our registered loop -> padded batch with masks, M-RoPE position
+    ids and vision inputs for every thumbnail. Only the generation server is scripted."""
+    from verl import DataProto
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+    from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
+
+    from fvqa.train import launcher
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "grpo_qwen2_5_vl_7b.yaml"
+    train = str(prepared["result"].files["train"])
+    cfg = launcher.compose(config, launcher.launch_overrides(config, None, [
+        f"actor_rollout_ref.model.path={tiny_path}", f"data.train_files={train}", f"data.val_files={train}",
+        "data.max_prompt_length=2048", "data.max_response_length=2048", "data.dataloader_num_workers=0",
+        # veRL's length filter forks a process pool; by now this process runs threads (search
+        # service, torch), and forking those can deadlock. The filter itself is exercised above.
+        "data.filter_overlong_prompts=false",
+        f"+data.cache_dir={prepared['root'] / 'verl-cache'}", f"fvqa.search_url={search_service.url}",
+        f"fvqa.thumbnail_max_pixels={THUMB_MAX_PIXELS}",
+    ]))
+    server = RoundRobinServer([IMG, TXT, ANS])
+
+    async def go() -> Any:
+        worker = AgentLoopWorker(cfg, server)
+        server.tokenizer = worker.tokenizer
+        ds = RLHFDataset(train, worker.tokenizer, cfg.data, worker.processor)
+        batch = DataProto.from_single_dict(collate_fn([ds[i] for i in range(len(ds))]))
+        return await worker.generate_sequences(batch.repeat(repeat_times=2, interleave=True))
+
+    out = asyncio.run(go())
+    n, resp_len = 4, 2048
+    assert out.batch["responses"].shape == (n, resp_len)
+    assert out.batch["position_ids"].shape == (n, 4, 2048 + resp_len)  # text + 3 M-RoPE axes
+    assert list(out.non_tensor_batch["stop_reason"]) == ["answer"] * n
+    assert [len(t) for t in out.non_tensor_batch["assistant_turns"]] == [3] * n
+    generated = sum(len(server.tokenizer.encode(t, add_special_tokens=False)) for t in (IMG, TXT, ANS))
+    assert out.batch["response_mask"].sum(-1).tolist() == [generated] * n
+    # Every trajectory carries the user image plus the five thumbnails into training.
+    assert [m["image_grid_thw"].shape[0] for m in out.non_tensor_batch["multi_modal_inputs"]] == [6] * n
+    assert len(search_service.backend.image_queries) >= 1

@@ -84,8 +84,9 @@ def compose(config: Path, overrides: list[str]) -> Any:
         with initialize_config_dir(config_dir=str(config.parent), version_base=None):
             return hydra_compose(config_name=config.stem, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot compose {config.name}: {first}") from exc
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        why = " ".join(lines[:2]) if lines else type(exc).__name__  # Hydra's hint (e.g. "use +key=") is line 2
+        raise ConfigError(f"cannot compose {config.name}: {why}") from exc
 
 
 def validate(cfg: Any) -> None:
