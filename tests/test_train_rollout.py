@@ -150,8 +150,11 @@ _DATASETS: dict[tuple[str, int], Any] = {}
 
 
 def _dataset(prepared: dict[str, Any], processor: Any, split: str = "train") -> Any:
-    """veRL's RLHFDataset over a prepared file, built once: its overlong-prompt filter forks a
-    process pool, which is best done before later tests start threads (search service, torch)."""
+    """veRL's RLHFDataset over a prepared file (built once per module).
+
+    veRL's overlong-prompt filter is off: it forks a process pool, and forking a test process that
+    already runs threads (search services, torch) can deadlock. The prompt length it would check is
+    asserted directly in the dataset test instead."""
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
     key = (str(prepared["result"].files[split]), id(processor))
@@ -160,7 +163,7 @@ def _dataset(prepared: dict[str, Any], processor: Any, split: str = "train") -> 
 
     config = OmegaConf.create({
         "prompt_key": "prompt", "image_key": "images", "max_prompt_length": 2048, "return_raw_chat": True,
-        "filter_overlong_prompts": True, "filter_overlong_prompts_workers": 1, "truncation": "error",
+        "filter_overlong_prompts": False, "truncation": "error",
         "cache_dir": str(prepared["root"] / "verl-cache"),
     })
     _DATASETS[key] = RLHFDataset(str(prepared["result"].files[split]), processor.tokenizer, config, processor)
@@ -169,7 +172,7 @@ def _dataset(prepared: dict[str, Any], processor: Any, split: str = "train") -> 
 
 def test_prepared_rows_load_through_verl_rlhf_dataset(prepared: dict[str, Any], processor: Any) -> None:
     ds = _dataset(prepared, processor)
-    assert len(ds) == 2  # nothing filtered as overlong
+    assert len(ds) == 2
     row = next(ds[i] for i in range(len(ds)) if ds[i]["extra_info"]["item_id"] == "a-tower")
     [msg] = row["raw_prompt"]
     images = [p for p in msg["content"] if p["type"] == "image"]
@@ -181,6 +184,7 @@ def test_prepared_rows_load_through_verl_rlhf_dataset(prepared: dict[str, Any], 
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert int((out["input_ids"] == pad).sum()) == int(out["image_grid_thw"].prod()) // 4
     assert text.count("<|vision_start|>") == 1 and QUESTION in text
+    assert out["input_ids"].shape[1] <= 2048  # fits data.max_prompt_length used below
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,8 +618,7 @@ def test_verl_agent_loop_worker_runs_a_batch_from_our_config(prepared: dict[str,
     cfg = launcher.compose(config, launcher.launch_overrides(config, None, [
         f"actor_rollout_ref.model.path={tiny_path}", f"data.train_files={train}", f"data.val_files={train}",
         "data.max_prompt_length=2048", "data.max_response_length=2048", "data.dataloader_num_workers=0",
-        # veRL's length filter forks a process pool; by now this process runs threads (search
-        # service, torch), and forking those can deadlock. The filter itself is exercised above.
+        # veRL's length filter forks a process pool, which can deadlock a threaded test process.
         "data.filter_overlong_prompts=false",
         f"+data.cache_dir={prepared['root'] / 'verl-cache'}", f"fvqa.search_url={search_service.url}",
         f"fvqa.thumbnail_max_pixels={THUMB_MAX_PIXELS}",
