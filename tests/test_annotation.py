@@ -240,3 +240,24 @@ def test_thousand_task_push_and_pull(ls_server: LiveServer, tmp_path_factory):  
     print(f"1000 tasks: push {t_push:.1f}s pull {t_pull:.1f}s")
     assert t_push < 120 and t_pull < 60
     ws.close()
+
+
+def test_busy_port_unknown_round_and_empty_split_are_clear_errors(ls_server: LiveServer, tmp_path):  # noqa: F811
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(FvqaError, match=f"port {busy} on 127.0.0.1 is already in use"):
+            server.start(tmp_path / "ls", tmp_path, "some-key-123", venv=Path(ls_server.info.venv), port=busy)
+    ws = make_workspace(tmp_path / "ws", 2, split="train")
+    client = _client(ls_server)
+    with pytest.raises(FvqaError, match="no items to push"):
+        push(ws, client, "empty", split="test")
+    with pytest.raises(FvqaError, match="unknown round nope: push it first"):
+        pull(ws, client, "nope")
+    ws.close()
+    res = subprocess.run([*FVQA, "annotate", "server", "status", "--data-dir", str(tmp_path / "none")],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 1 and "not running" in res.stdout

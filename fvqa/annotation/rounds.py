@@ -54,24 +54,25 @@ def _document_root(client: LabelStudioClient, ws: Workspace):  # type: ignore[no
 
 
 def _ensure_round(ws: Workspace, client: LabelStudioClient, name: str, kind: str, label_config: str,
-                  annotators: int, split: str | None, parent: str | None = None) -> int:
-    """The round's project id: recorded, found on the server by title, or newly created."""
+                  annotators: int, split: str | None, parent: str | None = None) -> tuple[int, bool]:
+    """The round's project id (recorded, found on the server by title, or newly created) and if new."""
     row = tables.round_row(ws, name)
     if row is not None:
         if row["kind"] != kind:
             raise FvqaError(f"round {name} is a {row['kind']} round, not {kind}: pick another round name")
         if client.project_exists(int(row["project_id"])):
-            return int(row["project_id"])
+            return int(row["project_id"]), False
         raise FvqaError(f"the Label Studio project of round {name} (id {row['project_id']}) is gone from "
                         f"{client.conn.url}: use a new round name")
     pid = client.find_project(_title(name))
+    created = pid is None
     if pid is None:
         desc = json.dumps({"fvqa_round": name, "kind": kind, "workspace": str(ws.root)})
         pid = client.create_project(_title(name), label_config, desc, annotators)
     ws.insert("annotation_rounds", [dict(round=name, kind=kind, project_id=pid, server_url=client.conn.url,
                                          split=split, annotators=annotators, parent_round=parent,
                                          created_at=now(), pulled_at=None)])
-    return pid
+    return pid, created
 
 
 def _server_item_ids(client: LabelStudioClient, pid: int) -> dict[str, int]:
@@ -111,9 +112,9 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
     rows.sort(key=lambda r: _sample_key(seed, r["item_id"]))
     if sample is not None:
         rows = rows[:sample]
-    pid = _ensure_round(ws, client, round_name, kind, configs.review_config(), annotators, split, parent)
+    pid, created = _ensure_round(ws, client, round_name, kind, configs.review_config(), annotators, split, parent)
     client.attach_local_storage(pid, ws.root / "images")
-    on_server = _server_item_ids(client, pid)
+    on_server = {} if created else _server_item_ids(client, pid)
     known = {r[0] for r in ws.execute("SELECT item_id FROM annotation_tasks WHERE round = ?", [round_name])}
     # tasks on the server but not in our table (crash after import): record, never import twice
     missing_rows = [dict(round=round_name, item_id=i, task_id=t, project_id=pid, pushed_at=now())
@@ -151,8 +152,7 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
 def create_manual(ws: Workspace, client: LabelStudioClient, round_name: str, *, annotators: int = 1) -> int:
     """A project for writing new items: annotators upload images in the UI and write question + answer."""
     tables.ensure(ws)
-    pid = _ensure_round(ws, client, round_name, "manual", configs.manual_config(), annotators, "manual")
-    return pid
+    return _ensure_round(ws, client, round_name, "manual", configs.manual_config(), annotators, "manual")[0]
 
 
 # -- parsing -----------------------------------------------------------------------------------
