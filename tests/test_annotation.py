@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -60,25 +61,26 @@ def _client(live: LiveServer) -> LabelStudioClient:
     return LabelStudioClient(Connection(live.url, live.api_key, live.document_root))
 
 
-def _choice(name, value):
+def _choice(name: str, value: str) -> dict[str, Any]:
     return {"from_name": name, "to_name": "image", "type": "choices", "value": {"choices": [value]}}
 
 
-def _text(name, value):
+def _text(name: str, value: str) -> dict[str, Any]:
     return {"from_name": name, "to_name": "image", "type": "textarea", "value": {"text": [value]}}
 
 
-def _annotate(client, task_id, user_id, *result, lead_time=2.0):
+def _annotate(client: LabelStudioClient, task_id: int, user_id: int, *result: dict[str, Any],
+              lead_time: float = 2.0) -> None:
     client.sdk.annotations.create(task_id, result=list(result), completed_by=user_id, lead_time=lead_time)
 
 
-def _user(client, name):
+def _user(client: LabelStudioClient, name: str) -> int:
     existing = {u.email: u.id for u in client.sdk.users.list()}
     email = f"{name}@fvqa.test"
     return existing.get(email) or client.sdk.users.create(username=name, email=email, password="pw-123456!").id
 
 
-def test_two_annotator_round_trip(ls_server: LiveServer, tmp_path_factory):  # noqa: F811
+def test_two_annotator_round_trip(ls_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: F811
     ws = make_workspace(tmp_path_factory.mktemp("rt") / "ws", 9)
     ws.insert("splits", [dict(item_id="it00008", split="train", provenance="{}")], replace=True)
     client = _client(ls_server)
@@ -180,7 +182,7 @@ def tables_round(ws: Workspace, name: str) -> int:
     return ws.execute("SELECT project_id FROM annotation_rounds WHERE round = ?", [name])[0][0]
 
 
-def test_manual_round_creates_items(ls_server: LiveServer, tmp_path_factory):  # noqa: F811
+def test_manual_round_creates_items(ls_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: F811
     ws = make_workspace(tmp_path_factory.mktemp("man") / "ws", 1)
     client = _client(ls_server)
     pid = create_manual(ws, client, "m1")
@@ -189,15 +191,19 @@ def test_manual_round_creates_items(ls_server: LiveServer, tmp_path_factory):  #
     upload.write_bytes(_png(500))
     client.attach_local_storage(pid, upload.parent)
     rel = upload.relative_to(ls_server.document_root).as_posix()
-    ids = client.import_tasks(pid, [{"data": {"image": f"/data/local-files/?d={rel}"}}] * 2)
+    ids = client.import_tasks(pid, [{"data": {"image": f"/data/local-files/?d={rel}"}}] * 2
+                              + [{"data": {"image": "http://example.invalid/elsewhere.png"}}])
     me = _user(client, "writer")
     _annotate(client, ids[0], me, _text("question", "Who painted this?"), _text("answer", "Ada Lovelace"),
               _choice("knowledge_type", "People"))
     _annotate(client, ids[1], me, _text("question", "Where is this?"), _choice("knowledge_type", "Place"))
+    _annotate(client, ids[2], me, _text("question", "What?"), _text("answer", "X"), _choice("knowledge_type", "Arts"))
     client.sdk.annotations.create(ids[0], result=[], completed_by=_user(client, "skipper"), was_cancelled=True)
     assert pull(ws, client, "m1")["annotations"] == 1
-    assert sorted(ws.execute("SELECT reason FROM rejects WHERE stage = 'annotate'")) == [
-        ("annotation was skipped (cancelled) in Label Studio",), ("written item has no answer",)]
+    reasons = sorted(r[0] for r in ws.execute("SELECT reason FROM rejects WHERE stage = 'annotate'"))
+    assert reasons[0] == "annotation was skipped (cancelled) in Label Studio"
+    assert reasons[1].startswith("image URL http://example.invalid/elsewhere.png is not on the Label Studio server")
+    assert reasons[2] == "written item has no answer"
     assert apply(ws, "m1") == {"manual": 1, "applied": 1}
     row = ws.execute("SELECT source, question, answer, knowledge_type, annotation_status, image_sha256 "
                      "FROM dataset WHERE source = 'manual'")
@@ -206,7 +212,7 @@ def test_manual_round_creates_items(ls_server: LiveServer, tmp_path_factory):  #
     ws.close()
 
 
-def test_server_down_or_wrong_key_is_one_clear_error(ls_server: LiveServer, tmp_path):  # noqa: F811
+def test_server_down_or_wrong_key_is_one_clear_error(ls_server: LiveServer, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(FvqaError, match="refused the API key"):
         LabelStudioClient(Connection(ls_server.url, "wrong-key-123456", None))
     port = server.free_port()
@@ -222,7 +228,7 @@ def test_server_down_or_wrong_key_is_one_clear_error(ls_server: LiveServer, tmp_
     assert res.returncode == 2 and "FVQA_LS_API_KEY is not set" in res.stderr
 
 
-def test_thousand_task_push_and_pull(ls_server: LiveServer, tmp_path_factory):  # noqa: F811
+def test_thousand_task_push_and_pull(ls_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: F811
     ws = make_workspace(tmp_path_factory.mktemp("big") / "ws", 1000)
     client = _client(ls_server)
     t0 = time.perf_counter()
@@ -242,7 +248,7 @@ def test_thousand_task_push_and_pull(ls_server: LiveServer, tmp_path_factory):  
     ws.close()
 
 
-def test_busy_port_unknown_round_and_empty_split_are_clear_errors(ls_server: LiveServer, tmp_path):  # noqa: F811
+def test_busy_port_unknown_round_and_empty_split_are_clear_errors(ls_server: LiveServer, tmp_path: Path) -> None:  # noqa: F811
     import socket
 
     with socket.socket() as s:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,7 @@ from fvqa.annotation.agreement import cohen_kappa, field_agreement, krippendorff
 from fvqa.annotation.rounds import AnnotationProblem, parse_manual, parse_review
 
 
-def test_cohen_kappa_hand_computed():
+def test_cohen_kappa_hand_computed() -> None:
     a = ["keep", "keep", "fix", "reject", "keep", "keep"]
     b = ["keep", "keep", "fix", "reject", "fix", "keep"]
     # p_o = 5/6; p_e = (4*3 + 1*2 + 1*1) / 36 = 15/36; kappa = (30-15)/(36-15) = 15/21
@@ -21,7 +22,7 @@ def test_cohen_kappa_hand_computed():
     assert cohen_kappa(["a", "b", "a", "b"], ["b", "a", "b", "a"]) == pytest.approx(-1.0)
 
 
-def test_krippendorff_alpha_published_example():
+def test_krippendorff_alpha_published_example() -> None:
     # Krippendorff (2011), "Computing Krippendorff's alpha-reliability": 4 coders, 12 units,
     # nominal alpha = 0.743 (missing values left out of each unit)
     coders = [
@@ -34,13 +35,13 @@ def test_krippendorff_alpha_published_example():
     assert krippendorff_alpha_nominal(units) == pytest.approx(0.743, abs=5e-4)
 
 
-def test_krippendorff_alpha_small_hand_computed():
+def test_krippendorff_alpha_small_hand_computed() -> None:
     # units (a,a) (a,b) (b,b): o_aa=2, o_ab=o_ba=1, o_bb=2; n_a=n_b=3, n=6
     # alpha = 1 - (n-1) * (o_ab+o_ba) / (n_a n_b + n_b n_a) = 1 - 5*2/18 = 4/9
     assert krippendorff_alpha_nominal([["a", "a"], ["a", "b"], ["b", "b"]]) == pytest.approx(4 / 9)
 
 
-def test_field_agreement_picks_measure_by_annotator_count():
+def test_field_agreement_picks_measure_by_annotator_count() -> None:
     two = {"i1": {"x": "keep", "y": "keep"}, "i2": {"x": "fix", "y": "keep"}, "i3": {"x": "fix"}}
     method, value, n = field_agreement(two)
     assert (method, n) == ("cohen_kappa", 2)
@@ -50,11 +51,11 @@ def test_field_agreement_picks_measure_by_annotator_count():
     assert value == pytest.approx(krippendorff_alpha_nominal([["a", "a", "b"], ["b", "b"]]))
 
 
-def _choice(name, value):
+def _choice(name: str, value: str) -> dict[str, Any]:
     return {"from_name": name, "to_name": "image", "type": "choices", "value": {"choices": [value]}}
 
 
-def _text(name, value):
+def _text(name: str, value: str) -> dict[str, Any]:
     return {"from_name": name, "to_name": "image", "type": "textarea", "value": {"text": [value]}}
 
 
@@ -68,12 +69,12 @@ def _text(name, value):
         ([_choice("verdict", "keep"), _choice("search", "yes")], "unknown search value"),
     ],
 )
-def test_parse_review_rejects_with_reason(result, message):
+def test_parse_review_rejects_with_reason(result: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(AnnotationProblem, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_review(result, "proposed")
 
 
-def test_parse_review_and_manual_fields():
+def test_parse_review_and_manual_fields() -> None:
     got = parse_review([_choice("verdict", "fix"), _text("answer", " Paris "), _choice("knowledge_type", "Place"),
                         _choice("search", "text_search_required")], "Lyon")
     assert got["answer"] == "Paris" and got["knowledge_type"] == "Place"

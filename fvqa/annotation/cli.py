@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fvqa.errors import FvqaError
+
+if TYPE_CHECKING:
+    from fvqa.annotation.client import LabelStudioClient
 
 annotate_app = typer.Typer(help="Human annotation rounds with Label Studio.", no_args_is_help=True)
 server_app = typer.Typer(help="Run Label Studio locally (own venv, 127.0.0.1).", no_args_is_help=True)
@@ -37,7 +40,7 @@ def _ws_path(config: Path | None, workspace: Path | None) -> Path:
     return load_config(config).workspace
 
 
-def _client(url: str | None, key_env: str, data_dir: Path | None, root: Path | None):  # type: ignore[no-untyped-def]
+def _client(url: str | None, key_env: str, data_dir: Path | None, root: Path | None) -> LabelStudioClient:
     from fvqa.annotation.client import LabelStudioClient, resolve
 
     return LabelStudioClient(resolve(url, key_env, data_dir, root))
@@ -107,7 +110,8 @@ def push(
 
     client = _client(url, api_key_env, data_dir, document_root)
     with Workspace(_ws_path(config, workspace)) as ws:
-        res = do_push(ws, client, round_, split=split, sample=sample, annotators=annotators)
+        with err.status(f"pushing round {round_} to {client.conn.url}..."):
+            res = do_push(ws, client, round_, split=split, sample=sample, annotators=annotators)
     out.print(f"round {round_}: project {res['project_id']} at {client.conn.url}; pushed {res['pushed']}, "
               f"already there {res['already']}, rejected {res['rejected']}")
 
@@ -141,7 +145,8 @@ def pull(
 
     client = _client(url, api_key_env, data_dir, None)
     with Workspace(_ws_path(config, workspace)) as ws:
-        res = do_pull(ws, client, round_)
+        with err.status(f"exporting round {round_} from {client.conn.url}..."):
+            res = do_pull(ws, client, round_)
     out.print(f"round {round_}: {res['tasks']} tasks, {res['annotations']} annotations stored, "
               f"{res['rejected']} rejected (see `fvqa status`)")
 
@@ -207,7 +212,8 @@ def adjudicate(
 
     client = _client(url, api_key_env, data_dir, document_root)
     with Workspace(_ws_path(config, workspace)) as ws:
-        res = do_adjudicate(ws, client, round_, to)
+        with err.status(f"pushing the disagreements of round {round_}..."):
+            res = do_adjudicate(ws, client, round_, to)
     out.print(f"{res['disagreements']} disagreements -> round {res['round']} (pushed {res['pushed']})")
 
 

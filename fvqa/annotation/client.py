@@ -202,7 +202,16 @@ class LabelStudioClient:
         return self._users
 
     def download(self, url: str) -> bytes:
-        """Bytes of a file the server serves (uploads, local files), with our token."""
+        """Bytes of a file the server serves (uploads, local files), with our token.
+
+        Only paths on this server: a task's image URL pointing elsewhere is refused rather than
+        sent our API key (and network access outside loopback is not ours to make here).
+        """
+        parsed = httpx.URL(url)
+        if parsed.is_absolute_url and (parsed.scheme, parsed.host, parsed.port) != (
+                self.http.base_url.scheme, self.http.base_url.host, self.http.base_url.port):
+            raise FvqaError(f"image URL {url[:200]} is not on the Label Studio server {self.conn.url}: "
+                            "upload the image to Label Studio instead")
         r = self.http.get(url)
         if r.status_code != 200:
             raise FvqaError(f"cannot download {url} from Label Studio (HTTP {r.status_code})")

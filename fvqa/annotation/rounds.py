@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fvqa.annotation import configs, tables
@@ -37,12 +38,12 @@ def _sample_key(seed: int, item_id: str) -> str:
     return hashlib.sha256(f"{seed}:{item_id}".encode()).hexdigest()
 
 
-def _image_url(conn_root: Any, ws: Workspace, sha: str, ext: str) -> str:
+def _image_url(conn_root: Path, ws: Workspace, sha: str, ext: str) -> str:
     rel = ws.image_path(sha, ext).relative_to(conn_root)
     return f"/data/local-files/?d={rel.as_posix()}"
 
 
-def _document_root(client: LabelStudioClient, ws: Workspace):  # type: ignore[no-untyped-def]
+def _document_root(client: LabelStudioClient, ws: Workspace) -> Path:
     root = client.conn.document_root
     if root is None:
         raise FvqaError("unknown local-files document root of the Label Studio server: pass --document-root "
