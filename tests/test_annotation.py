@@ -267,3 +267,30 @@ def test_busy_port_unknown_round_and_empty_split_are_clear_errors(ls_server: Liv
     res = subprocess.run([*FVQA, "annotate", "server", "status", "--data-dir", str(tmp_path / "none")],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert res.returncode == 1 and "not running" in res.stdout
+
+
+def test_cli_server_start_push_stop(ls_server: LiveServer, tmp_path: Path) -> None:  # noqa: F811
+    """What a user types: start a second server for a workspace, push to it by its recorded URL, stop it."""
+    make_workspace(tmp_path / "ws", 3).close()
+    env = {**os.environ, "FVQA_LS_API_KEY": "cli-key-0123456789", "FVQA_LS_DATA": str(tmp_path / "ls")}
+    env.pop("FVQA_LS_URL", None)
+
+    def fvqa(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*FVQA, "annotate", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=900)
+
+    started = fvqa("server", "start", "--workspace", str(tmp_path / "ws"), "--venv", ls_server.info.venv)
+    assert started.returncode == 0, started.stderr
+    try:
+        state = server.read_state(tmp_path / "ls")
+        assert state is not None and state.url.startswith("http://127.0.0.1:")
+        assert state.document_root == str(tmp_path.resolve())
+        assert "cli-key" not in (tmp_path / "ls" / "fvqa-server.json").read_text(), "no secret in the state file"
+        assert "running at" in fvqa("server", "status").stdout
+        pushed = fvqa("push", "--round", "c1", "--workspace", str(tmp_path / "ws"))
+        assert pushed.returncode == 0, pushed.stderr
+        assert "pushed 3" in pushed.stdout and state.url in pushed.stdout
+    finally:
+        stopped = fvqa("server", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not server.healthy(state.url)
