@@ -18,6 +18,7 @@ from PIL import Image
 
 from fvqa.annotation import server
 from fvqa.annotation.client import Connection, LabelStudioClient
+from fvqa.annotation.configs import review_config
 from fvqa.annotation.rounds import apply, create_manual, pull, push, summarize
 from fvqa.errors import FvqaError
 from fvqa.pipelines.export import export_all
@@ -215,6 +216,19 @@ def test_manual_round_creates_items(ls_server: LiveServer, tmp_path_factory: pyt
 def test_server_down_or_wrong_key_is_one_clear_error(ls_server: LiveServer, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(FvqaError, match="refused the API key"):
         LabelStudioClient(Connection(ls_server.url, "wrong-key-123456", None))
+    # a personal access token (JWT) works as well as the legacy token, for the SDK and our own calls
+    admin = _client(ls_server)
+    made = admin.http.post("/api/token/")
+    assert made.status_code in (200, 201), made.text
+    pat = made.json()["token"]
+    assert pat.startswith("eyJ")
+    personal = LabelStudioClient(Connection(ls_server.url, pat, None))
+    assert personal.sdk.users.whoami().email == server.ADMIN_USER
+    pid = admin.create_project("pat check", review_config(), "", 1)
+    admin.import_tasks(pid, [{"data": {"image": "/x.png", "question": "q", "answer_text": "a", "context": ""}}])
+    assert len(personal.export_tasks(pid)) == 1
+    with pytest.raises(FvqaError, match="refused the personal access token"):
+        LabelStudioClient(Connection(ls_server.url, pat[:-4] + "AAAA", None))
     port = server.free_port()
     env = {**os.environ, "FVQA_LS_API_KEY": "whatever-123"}
     make_workspace(tmp_path / "ws", 1).close()

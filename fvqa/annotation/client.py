@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,35 @@ from fvqa.errors import FvqaError
 
 DEFAULT_KEY_ENV = "FVQA_LS_API_KEY"
 IMPORT_CHUNK = 2000
+
+
+class TokenAuth(httpx.Auth):
+    """Legacy token (`Token <key>`) or personal access token (a JWT refresh token, traded for a short-lived
+    access token and traded again when the server answers 401)."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        self.base_url, self.key = base_url, key
+        self.personal = key.count(".") == 2 and key.startswith("eyJ")
+        self._access: str | None = None
+
+    def _refresh(self) -> str:
+        r = httpx.post(f"{self.base_url}/api/token/refresh/", json={"refresh": self.key}, timeout=30)
+        if r.status_code != 200:
+            raise FvqaError(f"Label Studio at {self.base_url} refused the personal access token (HTTP "
+                            f"{r.status_code}): check the key environment variable, or create a new token")
+        self._access = str(r.json()["access"])
+        return self._access
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if not self.personal:
+            request.headers["Authorization"] = f"Token {self.key}"
+            yield request
+            return
+        request.headers["Authorization"] = f"Bearer {self._access or self._refresh()}"
+        response = yield request
+        if response.status_code == 401:
+            request.headers["Authorization"] = f"Bearer {self._refresh()}"
+            yield request
 
 
 @dataclass(frozen=True)
@@ -59,14 +88,14 @@ class LabelStudioClient:
         from label_studio_sdk import LabelStudio  # heavy import: only when a command talks to the server
 
         self.conn = conn
-        self._check(conn)
+        self.auth = TokenAuth(conn.url, conn.api_key)
+        self._check(conn, self.auth)
         self.sdk = LabelStudio(base_url=conn.url, api_key=conn.api_key, timeout=timeout)
-        self.http = httpx.Client(base_url=conn.url, headers={"Authorization": f"Token {conn.api_key}"},
-                                 timeout=timeout)
+        self.http = httpx.Client(base_url=conn.url, auth=self.auth, timeout=timeout)
         self._users: dict[int, str] | None = None
 
     @staticmethod
-    def _check(conn: Connection) -> None:
+    def _check(conn: Connection, auth: TokenAuth) -> None:
         try:
             health = httpx.get(f"{conn.url}/health", timeout=15)
         except httpx.HTTPError as exc:
@@ -74,8 +103,7 @@ class LabelStudioClient:
                             "running? check `fvqa annotate server status` or the --url / FVQA_LS_URL value") from exc
         if health.status_code != 200:
             raise FvqaError(f"{conn.url}/health answered HTTP {health.status_code}: is this a Label Studio server?")
-        who = httpx.get(f"{conn.url}/api/current-user/whoami", timeout=30,
-                        headers={"Authorization": f"Token {conn.api_key}"})
+        who = httpx.get(f"{conn.url}/api/current-user/whoami", timeout=30, auth=auth)
         if who.status_code in (401, 403):
             raise FvqaError(f"Label Studio at {conn.url} refused the API key (HTTP {who.status_code}): check that "
                             "the key environment variable holds this server's token (legacy tokens must be "
