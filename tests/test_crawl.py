@@ -340,3 +340,46 @@ def test_demo_build_crawls_one_image_per_concept(demo_config: Path, tmp_path: Pa
     assert n_crawled + reasons.get("no candidates", 0) + reasons.get("no usable image", 0) == n_concepts
     assert bad == {"corrupt.jpg": "corrupt image", "not_an_image.jpg": "not an image", "tiny.png": "too small"}
     assert texts == n_crawled and orphans == 0
+
+
+def test_web_search_source_caches_answers_and_never_stores_the_key(tmp_path: Path, monkeypatch):
+    key = "sk-test-secret-123"
+    monkeypatch.setenv("FVQA_TEST_SEARCH_KEY", key)
+
+    with LoopbackServer({"/s1.jpg": _jpeg(31), "/s2.jpg": _jpeg(32), "/p.html": Reply(body=PAGE,
+                         content_type="text/html")}) as srv:
+        results = {"images_results": [
+            {"original": srv.url("/s1.jpg"), "link": srv.url("/p.html"), "title": "Blue Ridge tower - photo"},
+            {"original": srv.url("/s2.jpg"), "link": srv.url("/p.html"), "title": "another"}]}
+        srv.add("/search.json", lambda n: Reply(body=json.dumps(results).encode(), content_type="application/json"))
+        srv.add("/denied/search.json", Reply(401, b'{"error": "Invalid API key"}', "application/json"))
+        cases = {"w1-tower": ("Blue Ridge tower", [])}
+        for name, url in (("ok", srv.url("/search.json")), ("denied", srv.url("/denied/search.json"))):
+            config = _crawl_config(tmp_path / "ws", source="web_search", search_url=url,
+                                   search_api_key_env="FVQA_TEST_SEARCH_KEY")
+            with Workspace(config.workspace) as ws:
+                if name == "ok":
+                    _seed_workspace(ws, srv, cases)
+                for _ in range(2):  # second pass after a reset: answered from the cache
+                    CrawlStage().reset(ws)
+                    stats, _ = _run(ws, config)
+                crawled = ws.execute("SELECT image_url, page_title, page_text FROM crawled")
+                rejects = ws.execute("SELECT key, reason, detail FROM rejects")
+            if name == "ok":
+                assert [r[0] for r in crawled] in ([srv.url("/s1.jpg")], [srv.url("/s2.jpg")])
+                assert "212 metres" in crawled[0][2]
+                assert srv.hits["/search.json"] == 1 and stats.cache_hits == 1
+                assert any("q=Blue+Ridge+tower" in q and f"api_key={key}" in q for q in srv.queries)
+            else:
+                assert crawled == [] and rejects[-1][:2] == ("w1-tower", "image search HTTP 401")
+                assert srv.hits["/denied/search.json"] == 1  # a 401 is not paid for twice
+    stored = [p.read_text() for p in (tmp_path / "ws" / "cache").rglob("*.json")]
+    assert len(stored) == 2 and not any(key in s for s in stored)
+    with Workspace(tmp_path / "ws") as ws:
+        dump = json.dumps(ws.execute("SELECT * FROM rejects") + ws.execute("SELECT * FROM crawled"), default=str)
+    assert key not in dump
+    monkeypatch.delenv("FVQA_TEST_SEARCH_KEY")
+    with pytest.raises(Exception, match="FVQA_TEST_SEARCH_KEY is not set"):
+        with Workspace(tmp_path / "ws") as ws:
+            CrawlStage().reset(ws)
+            _run(ws, config)

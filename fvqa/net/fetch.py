@@ -1,6 +1,6 @@
 """Async downloader (httpx + asyncio): bounded, polite, and every failure is a reason, not an exception.
 
-- a global concurrency limit and a per-host one (plus an optional minimum gap between requests to a
+- a global concurrency limit (slots spread over a few small httpx clients) and a per-host one (plus an optional minimum gap between requests to a
   host), held only while a request is on the wire, never while a retry sleeps;
 - a deadline for the whole attempt (connect + headers + every byte), so a server that trickles bytes
   cannot hold a slot forever;
@@ -28,6 +28,9 @@ from fvqa.net.robots import RobotsCache
 from fvqa.net.ssrf import BadURL, BlockedAddress, ResolveError, check_url
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# httpcore's pool scans every connection for every queued request (quadratic in pool size); several
+# small clients keep that scan short: measured ~3x more requests/s at concurrency 32 than one client
+CONNECTIONS_PER_CLIENT = 8
 
 
 @dataclass(frozen=True)
@@ -90,23 +93,28 @@ class Downloader:
     def __init__(self, opts: FetchOptions, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.opts = opts
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        self._global = asyncio.Semaphore(opts.concurrency)
+        self._clients: list[httpx.AsyncClient] = []
+        self._slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._next_start: dict[str, float] = {}
         self._robots = RobotsCache(self._fetch_robots, opts.user_agent) if opts.respect_robots else None
 
     async def __aenter__(self) -> Downloader:
-        limits = httpx.Limits(max_connections=self.opts.concurrency,
-                              max_keepalive_connections=self.opts.concurrency)
-        self._client = httpx.AsyncClient(
+        n_clients = -(-self.opts.concurrency // CONNECTIONS_PER_CLIENT)
+        per_client = -(-self.opts.concurrency // n_clients)
+        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+        self._clients = [httpx.AsyncClient(
             follow_redirects=False, timeout=httpx.Timeout(self.opts.timeout_s), limits=limits,
             headers={"User-Agent": self.opts.user_agent}, transport=self._transport, trust_env=False)
+            for _ in range(n_clients)]
+        # one slot per allowed in-flight request, each tied to a client (global concurrency limit)
+        for i in range(self.opts.concurrency):
+            self._slots.put_nowait(self._clients[i % n_clients])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
 
     # -- public ------------------------------------------------------------------------------
     async def fetch_many(self, urls: Iterable[str], *, max_bytes: int | None = None) -> list[FetchResult]:
@@ -162,14 +170,15 @@ class Downloader:
 
     async def _request(self, url: str, current: str, max_bytes: int) -> FetchResult | str:
         """One HTTP exchange; returns a result, or the next URL for a redirect."""
-        assert self._client is not None, "use `async with Downloader(...)`"
+        assert self._clients, "use `async with Downloader(...)`"
         host = urlsplit(current).netloc
         per_host = self._hosts.setdefault(host, asyncio.Semaphore(self.opts.per_host_concurrency))
-        async with self._global, per_host:
+        async with per_host:  # per host first: a busy host must not hold global slots while it waits
             await self._pace(host)
+            client = await self._slots.get()
             try:
                 async with asyncio.timeout(self.opts.timeout_s):
-                    return await self._exchange(url, current, max_bytes)
+                    return await self._exchange(client, url, current, max_bytes)
             except TimeoutError:
                 return FetchResult(url, False, final_url=current, reason="timeout", retryable=True,
                                    detail=f"no complete response within {self.opts.timeout_s:g}s")
@@ -184,10 +193,13 @@ class Downloader:
             except httpx.HTTPError as exc:
                 return FetchResult(url, False, final_url=current, reason="network error",
                                    detail=f"{exc.__class__.__name__}: {exc}")
+            finally:
+                self._slots.put_nowait(client)
 
-    async def _exchange(self, url: str, current: str, max_bytes: int) -> FetchResult | str:
-        assert self._client is not None
-        async with self._client.stream("GET", current) as resp:
+    async def _exchange(
+        self, client: httpx.AsyncClient, url: str, current: str, max_bytes: int
+    ) -> FetchResult | str:
+        async with client.stream("GET", current) as resp:
             if resp.is_redirect and "location" in resp.headers:
                 return urljoin(current, resp.headers["location"])
             ctype = resp.headers.get("content-type")
@@ -223,13 +235,15 @@ class Downloader:
         await asyncio.sleep(max(0.0, start - loop.time()))
 
     async def _fetch_robots(self, url: str) -> tuple[int | None, str]:
-        assert self._client is not None
+        client = await self._slots.get()
         try:
             await check_url(url, allow_private=self.opts.allow_private)
             async with asyncio.timeout(min(self.opts.timeout_s, 10.0)):
-                resp = await self._client.get(url)
+                resp = await client.get(url)
         except (BadURL, BlockedAddress, ResolveError, TimeoutError, httpx.HTTPError):
             return None, ""
+        finally:
+            self._slots.put_nowait(client)
         return resp.status_code, resp.text[:500_000]
 
 

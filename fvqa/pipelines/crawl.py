@@ -102,10 +102,12 @@ class CrawlStage(Stage):
                     c.score = s
                 checked = self._apply_threshold(ctx, cid, checked, cfg.clip_threshold, why)
             if not checked:
-                if not cands and failure is None:
+                if not cands and failure is not None:  # e.g. the image search itself failed
+                    ctx.reject(cid, failure[0], f"{concept!r}: {failure[1]}")
+                elif not cands:
                     ctx.reject(cid, "no candidates", f"{concept!r}: the {source.name} source has no image for it")
                 else:
-                    detail = failure[1] if failure and not cands else ", ".join(f"{r}: {n}" for r, n in why.items())
+                    detail = ", ".join(f"{r}: {n}" for r, n in why.items())
                     ctx.reject(cid, "no usable image", f"{concept!r}: {detail}")
                 continue
             best = max(checked, key=lambda c: c.score if c.score is not None else float("-inf"))

@@ -9,7 +9,6 @@ re-encoded, so every stored image has one format and bounded size.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -81,17 +80,18 @@ def process_image(
     if kind is None:
         raise ImageReject("not an image", describe_non_image(data))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size  # header only: nothing decoded yet
-            if width * height > max_pixels:
-                raise ImageReject("decompression bomb", f"{width}x{height} = {width * height} pixels "
-                                                         f"> max_pixels {max_pixels}")
-            im.load()
+        im = Image.open(io.BytesIO(data))
+        width, height = im.size  # header only: nothing decoded yet
+        if width * height > max_pixels:
+            raise ImageReject("decompression bomb", f"{width}x{height} = {width * height} pixels "
+                                                     f"> max_pixels {max_pixels}")
+        if kind == "jpeg":
+            # decode at 1/2, 1/4 or 1/8 scale straight from the DCT while both sides stay >= max_side
+            im.draft("RGB", (max_side, max_side))
+        im.load()
     except ImageReject:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # above Pillow's own hard limit
         raise ImageReject("decompression bomb", str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReject("corrupt image", f"{kind}: {exc.__class__.__name__}: {exc}") from exc
@@ -101,10 +101,10 @@ def process_image(
         pass
     if im.mode != "RGB":
         im = _to_rgb(im)
-    if min(im.size) < min_side:
-        raise ImageReject("too small", f"{im.size[0]}x{im.size[1]} < min_side {min_side}")
+    if min(width, height) < min_side:
+        raise ImageReject("too small", f"{width}x{height} < min_side {min_side}")
     if max(im.size) > max_side:
-        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality, optimize=False)
     return Processed(buf.getvalue(), im, kind, (width, height))
