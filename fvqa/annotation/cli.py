@@ -74,6 +74,19 @@ def server_start(
               f"local files under {info.document_root})")
 
 
+@server_app.command("install")
+def server_install(
+    venv: Annotated[Path | None, typer.Option(help="Label Studio venv (default $FVQA_LS_VENV or ~/.cache/fvqa/label-studio-venv).")] = None,
+) -> None:
+    """Install Label Studio into its own venv and migrate a template database (what `start` does on first use)."""
+    from fvqa.annotation import server
+
+    target = venv or server.default_venv()
+    exe = server.ensure_venv(target, log=lambda m: err.print(m))
+    template = server.ensure_template(target, log=lambda m: err.print(m))
+    out.print(f"Label Studio ready: {exe} (template database {template})")
+
+
 @server_app.command("stop")
 def server_stop(data_dir: DataDirOpt = None) -> None:
     """Stop the server started for this data dir."""

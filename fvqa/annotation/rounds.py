@@ -338,12 +338,12 @@ class RoundSummary:
 
 
 def disagreements(ws: Workspace, round_name: str) -> list[dict[str, Any]]:
-    """Items whose annotators differ on any field: item, field names, each annotator's values."""
+    """Items whose annotators differ on any field (an empty optional field differs from nothing)."""
     out = []
     for item, per in sorted(_latest_per_annotator(_rows(ws, round_name)).items()):
         if len(per) < 2:
             continue
-        fields = [f for f in FIELDS if len({_field(r, f) for r in per.values()}) > 1]
+        fields = [f for f in FIELDS if len({v for r in per.values() if (v := _field(r, f)) is not None}) > 1]
         if fields:
             out.append({"item_id": item, "fields": fields,
                         "values": {a: {f: _field(r, f) for f in FIELDS} for a, r in per.items()}})
@@ -368,7 +368,9 @@ def summarize(ws: Workspace, round_name: str) -> RoundSummary:
                            by_annotator=dict(Counter(r["annotator"] for r in rows)))
     if rnd["kind"] != "manual":
         for f in FIELDS:
-            labels = {item: {a: _field(r, f) for a, r in per.items()} for item, per in per_item.items()}
+            # optional fields left empty are missing values (not a label of their own), as in apply()
+            labels = {item: {a: v for a, r in per.items() if (v := _field(r, f)) is not None}
+                      for item, per in per_item.items()}
             summary.agreement[f] = field_agreement(labels)
         summary.disagreements = disagreements(ws, round_name)
     return summary
