@@ -173,6 +173,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_label_studio(pid: int) -> bool:
+    """Whether pid still runs Label Studio (a recorded pid may have been reused after a reboot)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return _alive(pid)  # no /proc (macOS): trust the liveness check
+    return b"label-studio" in cmdline or b"label_studio" in cmdline
+
+
 def healthy(url: str, timeout: float = 3.0) -> bool:
     """True when `/health` answers UP."""
     try:
@@ -197,7 +206,7 @@ def start(data_dir: Path, document_root: Path, api_key: str, *, password: str | 
         raise FvqaError("the Label Studio API key must have at least 8 characters")
     data_dir, document_root = Path(data_dir).resolve(), Path(document_root).resolve()
     current = read_state(data_dir)
-    if current and _alive(current.pid) and healthy(current.url):
+    if current and _alive(current.pid) and _is_label_studio(current.pid) and healthy(current.url):
         log(f"Label Studio already running at {current.url} (pid {current.pid})")
         return current
     venv = (venv or default_venv()).resolve()
@@ -262,7 +271,7 @@ def stop(data_dir: Path) -> bool:
     info = read_state(data_dir)
     if info is None:
         return False
-    running = _alive(info.pid)
+    running = _alive(info.pid) and _is_label_studio(info.pid)
     if running:
         _terminate(info.pid)
     (data_dir / STATE_FILE).unlink(missing_ok=True)
@@ -274,5 +283,5 @@ def status(data_dir: Path) -> dict[str, object]:
     info = read_state(Path(data_dir).resolve())
     if info is None:
         return {"running": False, "data_dir": str(data_dir)}
-    alive = _alive(info.pid)
+    alive = _alive(info.pid) and _is_label_studio(info.pid)
     return {**asdict(info), "running": alive, "healthy": alive and healthy(info.url)}
