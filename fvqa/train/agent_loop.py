@@ -23,6 +23,7 @@ tokens get mask 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -40,6 +41,7 @@ from fvqa.protocol import (
     QWEN_IMAGE_PAD,
     TEXT_SEARCH_CLOSE,
     Limits,
+    Prompts,
     load_prompts,
     next_action,
     parse_turn,
@@ -125,6 +127,12 @@ def _user_image(messages: list[dict[str, Any]], images: list[Any]) -> bytes | No
     return image_bytes(images[0]) if images else None
 
 
+@functools.lru_cache(maxsize=8)
+def _prompts(paths: tuple[str, ...]) -> Prompts:
+    """Prompts per process: veRL builds a new loop object for every sample, the files do not change."""
+    return load_prompts([Path(p) for p in paths] if paths else None)
+
+
 @register(AGENT_NAME)
 class FvqaSearchAgentLoop(AgentLoopBase):
     """One multi-turn search trajectory: generate, run the called tool, feed results back, repeat."""
@@ -136,8 +144,7 @@ class FvqaSearchAgentLoop(AgentLoopBase):
         del tools  # veRL passes its own tool list to every loop; ours are the search service's.
         self.settings = LoopSettings.from_trainer_config(self.config)
         prompts = self.settings.prompts
-        self.prompts = load_prompts([Path(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
-                                    if prompts else None)
+        self.prompts = _prompts(tuple([prompts] if isinstance(prompts, str) else prompts or ()))
         self.search = search_client or search_client_for(self.settings.search_url, self.settings.search_timeout_s)
         self.response_length = int(self.rollout_config.response_length)
         self.patch_size = int(getattr(getattr(self.processor, "image_processor", None), "patch_size", 14) or 14)
