@@ -19,7 +19,8 @@ from PIL import Image
 from fvqa.annotation import server
 from fvqa.annotation.client import Connection, LabelStudioClient
 from fvqa.annotation.configs import review_config
-from fvqa.annotation.rounds import apply, create_manual, pull, push, summarize
+from fvqa.annotation.decide import apply, summarize
+from fvqa.annotation.rounds import create_manual, pull, push
 from fvqa.errors import FvqaError
 from fvqa.pipelines.export import export_all
 from fvqa.store import Workspace

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fvqa.annotation.agreement import cohen_kappa, field_agreement, krippendorff_alpha_nominal
-from fvqa.annotation.rounds import AnnotationProblem, parse_manual, parse_review
+from fvqa.annotation.parse import AnnotationProblem, parse_manual, parse_review
 
 
 def test_cohen_kappa_hand_computed() -> None:

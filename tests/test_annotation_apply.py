@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fvqa.annotation import tables
-from fvqa.annotation.rounds import apply, disagreements, summarize
+from fvqa.annotation.decide import apply, disagreements, summarize
 from fvqa.errors import FvqaError
 from fvqa.store import Workspace, now
 

@@ -176,7 +176,7 @@ def status(
 ) -> None:
     """Per round: tasks, annotated, by annotator, pending; agreement per field; disagreements."""
     from fvqa.annotation import tables
-    from fvqa.annotation.rounds import summarize
+    from fvqa.annotation.decide import summarize
     from fvqa.store import Workspace
 
     with Workspace(_ws_path(config, workspace), read_only=True) as ws:
@@ -233,7 +233,7 @@ def adjudicate(
 @annotate_app.command()
 def apply(round_: RoundOpt, workspace: WorkspaceOpt = None, config: ConfigOpt = None) -> None:
     """Merge the round's decisions into gold (fixed answers, rejected items, types) with provenance."""
-    from fvqa.annotation.rounds import apply as do_apply
+    from fvqa.annotation.decide import apply as do_apply
     from fvqa.store import Workspace
 
     with Workspace(_ws_path(config, workspace)) as ws:
