@@ -119,7 +119,7 @@ def test_two_annotator_round_trip(ls_server: LiveServer, tmp_path_factory: pytes
     ws.execute("DELETE FROM items WHERE item_id = 'it00008'")
 
     counts = pull(ws, client, "r1")
-    assert counts["annotations"] == 12
+    assert counts["annotations"] == 12 and counts["reasons"]["task deleted in Label Studio"] == 1
     rejects = {(r[0], r[1]) for r in ws.execute("SELECT key, reason FROM rejects WHERE stage = 'annotate'")}
     reasons = sorted(r for _, r in rejects)
     assert any("unknown verdict value ['maybe']" in r for r in reasons)
@@ -257,7 +257,7 @@ def test_thousand_task_push_and_pull(ls_server: LiveServer, tmp_path_factory: py
     t0 = time.perf_counter()
     counts = pull(ws, client, "big")
     t_pull = time.perf_counter() - t0
-    assert counts == {"tasks": 1000, "annotations": 20, "rejected": 0}
+    assert counts == {"tasks": 1000, "annotations": 20, "rejected": 0, "reasons": {}}
     print(f"1000 tasks: push {t_push:.1f}s pull {t_pull:.1f}s")
     assert t_push < 120 and t_pull < 60
     ws.close()

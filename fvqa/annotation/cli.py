@@ -161,7 +161,9 @@ def pull(
         with err.status(f"exporting round {round_} from {client.conn.url}..."):
             res = do_pull(ws, client, round_)
     out.print(f"round {round_}: {res['tasks']} tasks, {res['annotations']} annotations stored, "
-              f"{res['rejected']} rejected (see `fvqa status`)")
+              f"{res['rejected']} rejected")
+    for reason, n in sorted(res["reasons"].items(), key=lambda kv: -kv[1]):
+        out.print(f"  rejected {n}: {reason}", highlight=False)
 
 
 def _fmt(value: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,9 @@ def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str,
             ws.insert("annotations", _complete(rows))
         ws.add_rejects(rejects)
         ws.execute("UPDATE annotation_rounds SET pulled_at = ? WHERE round = ?", [pulled_at, round_name])
-    return {"tasks": len(exported), "annotations": len(rows), "rejected": len(rejects)}
+    return {"tasks": len(exported), "annotations": len(rows), "rejected": len(rejects),
+            "reasons": dict(Counter(r[2] if not r[2].startswith("unknown ") else r[2].split(" (")[0]
+                                    for r in rejects))}
 
 
 _COLUMNS = ("verdict", "answer", "proposed_answer", "knowledge_type", "search_label", "comment", "question",
