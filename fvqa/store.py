@@ -71,7 +71,8 @@ SELECT
     i.item_id, i.source, i.question,
     COALESCE(g.answer, i.answer) AS answer,
     COALESCE(g.aliases, i.aliases) AS aliases,
-    i.answer_eval, i.question_type, i.image_sha256, im.ext AS image_ext, i.image_url, i.page_url,
+    CASE WHEN g.status = 'fixed' THEN NULL ELSE i.answer_eval END AS answer_eval,  -- stale once fixed
+    i.question_type, i.image_sha256, im.ext AS image_ext, i.image_url, i.page_url,
     i.page_title, i.concept, i.concept_count, i.concept_tier, i.entity_id, i.entity_text,
     COALESCE(g.knowledge_type, t.knowledge_type) AS knowledge_type,
     t.knowledge_subtype, t.confidence AS tag_confidence,

@@ -70,8 +70,9 @@ def test_newer_schema_version_is_refused(tmp_path):
 
 def test_dataset_view_applies_gold_decisions(tmp_path):
     with Workspace(tmp_path / "ws") as ws:
-        ws.insert("items", [dict(item_id="a", source="manual", question="Q1?", answer="old"),
+        ws.insert("items", [dict(item_id="a", source="manual", question="Q1?", answer="old", answer_eval='["old"]'),
                             dict(item_id="b", source="manual", question="Q2?", answer="B")])
         ws.insert("gold", [dict(item_id="a", status="fixed", answer="new"),
                            dict(item_id="b", status="rejected")])
-        assert ws.execute("SELECT item_id, answer, annotation_status FROM dataset") == [("a", "new", "fixed")]
+        assert ws.execute("SELECT item_id, answer, answer_eval, annotation_status FROM dataset") == [
+            ("a", "new", None, "fixed")]
