@@ -50,20 +50,52 @@ def split_host(url: str) -> tuple[str, int]:
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
+def _literal(host: str) -> list[str] | None:
+    """[host] when the host is already an IP literal (no lookup needed), else None."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return [host]
+
+
+def _refuse_non_public(host: str, addresses: list[str]) -> None:
+    """The one classification both the async and the sync guard apply to resolved addresses."""
+    for ip in addresses:
+        if not is_public(ip):
+            raise BlockedAddress(f"{host} resolves to non-public address {ip}")
+
+
+def _addresses(infos: list[tuple]) -> list[str]:
+    """Distinct resolved IPs, sorted so the error names the same address every time."""
+    return sorted({str(info[4][0]) for info in infos})
+
+
 async def check_url(url: str, *, allow_private: bool) -> None:
     """Raise BadURL / BlockedAddress / ResolveError unless the URL may be fetched."""
     host, port = split_host(url)
     if allow_private:
         return
-    try:
-        ipaddress.ip_address(host)
-        addresses = [host]
-    except ValueError:
+    addresses = _literal(host)
+    if addresses is None:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise ResolveError(f"cannot resolve {host}: {exc}") from exc
-        addresses = sorted({str(info[4][0]) for info in infos})
-    for ip in addresses:
-        if not is_public(ip):
-            raise BlockedAddress(f"{host} resolves to non-public address {ip}")
+        addresses = _addresses(infos)
+    _refuse_non_public(host, addresses)
+
+
+def check_url_sync(url: str, *, allow_private: bool) -> None:
+    """Blocking twin of `check_url` for synchronous clients (the search page reader); same rules."""
+    host, port = split_host(url)
+    if allow_private:
+        return
+    addresses = _literal(host)
+    if addresses is None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ResolveError(f"cannot resolve {host}: {exc}") from exc
+        addresses = _addresses(infos)
+    _refuse_non_public(host, addresses)

@@ -9,12 +9,11 @@ an intranet. Bodies are capped at `max_bytes`. Failures raise `PageError` marked
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 
+from fvqa.net import ssrf
 from fvqa.search.config import ReaderConfig
 from fvqa.search.types import PageError
 
@@ -23,24 +22,18 @@ TEXT_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
 
 
 def check_url(url: str, *, allow_private: bool) -> None:
-    """Raise a permanent PageError unless `url` is http(s) and its host resolves only to allowed IPs."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PageError("bad_url", f"not an http(s) URL: {url[:200]}", permanent=True)
-    if allow_private:
-        return
+    """Raise a permanent PageError unless `url` is http(s) and its host resolves only to allowed IPs.
+
+    The rules live in fvqa.net.ssrf (shared with the crawler); this maps its errors to PageError.
+    """
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except (socket.gaierror, UnicodeError) as exc:
-        raise PageError("dns", f"cannot resolve {parts.hostname}: {exc}", permanent=False) from exc
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not ip.is_global or ip.is_multicast:
-            raise PageError(
-                "refused_address",
-                f"{parts.hostname} resolves to non-public address {ip} (set reader.allow_private to allow)",
-                permanent=True,
-            )
+        ssrf.check_url_sync(url, allow_private=allow_private)
+    except ssrf.BadURL as exc:
+        raise PageError("bad_url", f"not an http(s) URL: {url[:200]} ({exc})", permanent=True) from exc
+    except ssrf.BlockedAddress as exc:
+        raise PageError("refused_address", f"{exc} (set reader.allow_private to allow)", permanent=True) from exc
+    except ssrf.ResolveError as exc:
+        raise PageError("dns", str(exc), permanent=False) from exc
 
 
 class PageReader:
