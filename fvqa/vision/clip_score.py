@@ -9,14 +9,11 @@ the provenance. `fvqa-tiny` is a bundled two-layer config for offline mechanics;
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from fvqa.errors import ConfigError
-
-TINY_CONFIG = Path(__file__).with_name("fvqa-tiny.json")
+from fvqa.vision.clip_model import TINY_NAME, load_clip
 
 
 class ClipScorer:
@@ -26,29 +23,16 @@ class ClipScorer:
         self, model: str, pretrained: str | None, prompts: Sequence[str], device: str = "cpu",
         threads: int | None = None,
     ) -> None:
-        import open_clip
         import torch
 
-        if model == "fvqa-tiny":
-            open_clip.add_model_config(TINY_CONFIG)
         self._torch = torch
-        try:
-            with torch.random.fork_rng(devices=[]):  # random weights identical in every run
-                torch.manual_seed(0)
-                self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                    model, pretrained=pretrained, device=device)
-            self.tokenizer = open_clip.get_tokenizer(model)
-        except Exception as exc:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError here
-            raise ConfigError(
-                f"cannot load CLIP model {model!r} (pretrained={pretrained!r}): {exc}. Pretrained weights "
-                "must be in the local cache when offline; crawl.clip_pretrained: null uses random weights."
-            ) from exc
-        self.model.eval()
+        self.model, self.preprocess, self.tokenizer = load_clip(
+            model, pretrained, device, hint="; crawl.clip_pretrained: null uses random weights")
         self.model_name, self.pretrained, self.device = model, pretrained, device
         self.prompts = list(prompts) or ["{concept}"]
         # tiny per-concept batches gain nothing from intra-op threads and lose a lot to spinning
         # threads on a busy machine (measured 10x): default to one thread for the tiny config
-        self.threads = threads if threads is not None else (1 if model == "fvqa-tiny" else None)
+        self.threads = threads if threads is not None else (1 if model == TINY_NAME else None)
 
     def describe(self) -> dict[str, Any]:
         """What produced the scores, for provenance (random weights are flagged plainly)."""
