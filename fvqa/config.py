@@ -231,6 +231,14 @@ class SearchSection(Section):
     backend: Literal["local", "web", "replay", "http"] = "local"
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _options_are_valid(self) -> SearchSection:
+        """Check `options` against the search tools' own model now, not when a stage first searches."""
+        from fvqa.search.config import SearchConfig
+
+        SearchConfig.from_section(self)
+        return self
+
 
 class IndexConfig(Section):
     """The local search index over a page corpus (`search.backend: local`)."""
@@ -266,10 +274,11 @@ class RunConfig(Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
+def format_validation(exc: ValidationError, source: str, prefix: str = "") -> str:
+    """One line naming every bad key by its dotted path (`unknown key 'crawl.max_sid'`)."""
     parts = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
+        path = prefix + ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{path}'")
         else:
@@ -315,7 +324,7 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source)) from exc
+        raise ConfigError(format_validation(exc, source)) from exc
 
 
 _SECRET_WORDS = ("password", "secret", "token", "api_key")

@@ -41,8 +41,8 @@ def test_overrides_and_redaction(tmp_path):
     assert shown["generate"]["llm"]["endpoints"][0]["api_key_env"] == "OPENAI_API_KEY"  # a name, kept
     with pytest.raises(ConfigError, match="key=value"):
         load_config(p, ["infoseek.n"])
-    leaked = redacted(load_config(p, ["search.options.api_key=sk-live-123"]))
-    assert leaked["search"]["options"]["api_key"] == "***"
+    leaked = redacted(load_config(p, ["generate.llm.extra_body.api_key=sk-live-123"]))
+    assert leaked["generate"]["llm"]["extra_body"]["api_key"] == "***"
 
 
 def test_section_hash_changes_with_settings():
@@ -50,3 +50,8 @@ def test_section_hash_changes_with_settings():
     b = load_config(None, ["infoseek.n=5"])
     assert a.section_hash("infoseek") != b.section_hash("infoseek")
     assert a.section_hash("crawl") == b.section_hash("crawl")
+
+
+def test_unknown_search_option_is_an_error_at_load_time():
+    with pytest.raises(ConfigError, match=r"unknown key 'search\.local\.index_dirr'"):
+        load_config(None, ["search.options.local.index_dirr=/tmp/x"])

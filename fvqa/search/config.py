@@ -135,8 +135,6 @@ class SearchConfig(_Section):
         try:
             return cls.model_validate(options)
         except ValidationError as exc:
-            parts = []
-            for err in exc.errors():
-                path = "search." + ".".join(str(p) for p in err["loc"])
-                parts.append(f"unknown key '{path}'" if err["type"] == "extra_forbidden" else f"'{path}': {err['msg']}")
-            raise ConfigError("search config: " + "; ".join(parts)) from exc
+            from fvqa.config import format_validation
+
+            raise ConfigError(format_validation(exc, "search config", prefix="search.")) from exc
