@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from fake_openai import FakeOpenAI, Reply, error_body, last_user_text
 from PIL import Image
+from pixel_embedder import PixelEmbedder
 
 from fvqa.agent import AgentItem, Job, run, run_many
 from fvqa.generators.base import Generation, Request, Sampling, restore_stop
@@ -42,19 +42,6 @@ class IndexTools:
         return self.index.text_search(query, question, k=2)
 
 
-class PixelEmbedder:
-    """A cheap stand-in for CLIP (8x8 grey pixels, unit norm): the index mechanics are what is
-    tested here, and an indexed image still finds itself first. Building a random CLIP costs ~10 s."""
-
-    dim = 64
-    name = "pixels-8x8"
-
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = np.stack([np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).ravel() for im in images])
-        vecs -= vecs.mean(axis=1, keepdims=True)
-        return (vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-6)).astype(np.float32)
 
 
 class Scripted:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 from eval_files import write_benchmarks
 from fake_openai import FakeOpenAI, last_user_text
-from PIL import Image
+from pixel_embedder import PixelEmbedder
 
 from fvqa.eval.aggregate import cells, scored_rows
 from fvqa.eval.config import load_eval_config
@@ -33,16 +31,6 @@ from fvqa.store import Workspace
 N = 3
 
 
-class PixelEmbedder:
-    dim = 64
-    name = "pixels-8x8"
-
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = np.stack([np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).ravel() for im in images])
-        vecs -= vecs.mean(axis=1, keepdims=True)
-        return (vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-6)).astype(np.float32)
 
 
 def _text(msg: dict[str, Any]) -> str:
