@@ -111,12 +111,13 @@ def test_dry_run_prints_command_config_and_checks(tmp_path: Path, monkeypatch: p
         ["train", "run", "--config", str(PAPER), "--dry-run", "--ray-address", "10.0.0.1:6379",
          "trainer.total_epochs=2"], tmp_path, monkeypatch,
     )
-    assert result.exit_code == 0, result.output
+    # Checks fail here (no GPU, no data, no search service): the dry run says so with its exit code.
+    assert result.exit_code == 1, result.output
     lines = result.stdout.splitlines()
     cmd = lines[lines.index("command:") + 1]
-    assert cmd.startswith(f"{sys.executable} -m verl.trainer.main_ppo --config-path {PAPER.parent} "
-                          "--config-name grpo_qwen2_5_vl_7b ")
-    assert "ray_kwargs.ray_init.address=10.0.0.1:6379" in cmd and cmd.endswith("trainer.total_epochs=2")
+    assert cmd.startswith("TOKENIZERS_PARALLELISM=false VERL_USE_EXTERNAL_MODULES=fvqa.train.verl_ext ")
+    assert f" {sys.executable} -m verl.trainer.main_ppo --config-path {PAPER.parent} --config-name grpo_qwen2_5_vl_7b " in cmd
+    assert "ray_kwargs.ray_init.address=10.0.0.1:6379" in cmd.split() and "trainer.total_epochs=2" in cmd.split()
     config_text = result.stdout.split("as `--cfg job` prints it):\n", 1)[1]
     composed = yaml.safe_load(config_text)
     assert composed["trainer"]["total_epochs"] == 2
@@ -124,12 +125,15 @@ def test_dry_run_prints_command_config_and_checks(tmp_path: Path, monkeypatch: p
     # No GPU, no vLLM, no prepared data, no search service here: each is reported with what to do.
     err = result.stderr
     assert "check GPUs: FAIL need 8 per node" in err
-    assert "check data.train_files: FAIL missing fvqa-work/exports/verl/train.parquet" in err
+    assert f"check data.train_files: FAIL missing {tmp_path}/fvqa-work/exports/verl/train.parquet" in err
     assert "fvqa train prepare" in err
     assert "check search service: FAIL http://127.0.0.1:8765 unreachable" in err
     assert "check package verl: ok" in err
     assert "check prompts: warn no manifest.json" in err
-    assert "dry run: nothing launched" in err
+    # Four nodes cannot reach a search service on this node's loopback address.
+    assert "check search reach: FAIL trainer.nnodes=4 but fvqa.search_url is http://127.0.0.1:8765" in err
+    assert "fvqa search serve --host" in err
+    assert "dry run: nothing launched (7 failed check(s))" in err
 
 
 def test_run_refuses_to_launch_when_checks_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,3 +152,71 @@ def test_cli_entry_point_turns_errors_into_one_red_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "training config not found" in proc.stderr
+
+
+def test_reward_scores_with_the_rollout_limits_from_one_source() -> None:
+    """`fvqa.limits` reaches the reward through veRL's own reward-function loader: with 4 rounds and 3
+    text searches, text -> text -> text -> answer is a well-formed trajectory (format 1)."""
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    from fvqa.train.checks import check_reward_limits
+
+    turns = ["<reason>a</reason><text_search>q1</text_search>", "<reason>b</reason><text_search>q2</text_search>",
+             "<reason>c</reason><text_search>q3</text_search>", "<reason>d</reason><answer>Paris</answer>"]
+    wide = launcher.compose(PAPER, ["fvqa.limits.max_rounds=4", "fvqa.limits.max_text_search=3"])
+    assert check_reward_limits(wide).ok
+    out = get_custom_reward_fn(wide)("mmsearch_r1/fvqa_train", "", "Paris", {"assistant_turns": turns})
+    assert out["format"] == 1.0 and out["n_text_search"] == 3 and out["score"] == pytest.approx(0.91)
+    # The paper's limits (3 rounds, 2 text searches) do not allow that shape.
+    paper = launcher.compose(PAPER, [])
+    assert get_custom_reward_fn(paper)("mmsearch_r1/fvqa_train", "", "Paris", {"assistant_turns": turns})["format"] == 0
+    # A reward told other limits than the rollout's is a failed check naming both.
+    split = launcher.compose(PAPER, ["fvqa.limits.max_rounds=4",
+                                     "reward.custom_reward_function.reward_kwargs.limits={max_rounds:3}"])
+    check = check_reward_limits(split)
+    assert not check.ok and check.required and "max_rounds': 3" in check.detail and "max_rounds': 4" in check.detail
+    rule = launcher.compose(PAPER, ["reward.custom_reward_function.reward_kwargs.format_rule=upstream"])
+    assert not check_reward_limits(rule).ok
+
+
+def test_checks_catch_a_batch_larger_than_the_data_and_prompts_longer_than_the_limit(tmp_path: Path) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from fvqa.train.checks import check_batch_size, check_prompt_length
+    from tiny_qwen import build_tiny_qwen
+
+    model = build_tiny_qwen(tmp_path)
+    buf = io.BytesIO()
+    Image.new("RGB", (224, 224), (10, 200, 30)).save(buf, format="PNG")
+    rows = [{"prompt": [{"role": "user", "content": "Look at this image: <image> What is it? " + "word " * n}],
+             "images": [{"bytes": buf.getvalue(), "path": None}]} for n in (5, 300, 40)]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+    def cfg(batch: int, max_prompt: int) -> object:
+        return OmegaConf.create({"data": {"train_files": str(path), "val_files": None, "train_batch_size": batch,
+                                          "max_prompt_length": max_prompt},
+                                 "actor_rollout_ref": {"model": {"path": str(model)}}})
+
+    assert check_batch_size(cfg(3, 4096)).ok
+    big = check_batch_size(cfg(4, 4096))
+    assert not big.ok and "data.train_batch_size=4 but only 3 train rows" in big.detail
+    fits = check_prompt_length(cfg(3, 4096))
+    assert fits.ok, fits.detail
+    longest = int(fits.detail.split("longest round-1 prompt ")[1].split()[0])
+    # The count is what the processor really produces for the longest row, image tokens included.
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model))
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "text", "text": "Look at this image: "}, {"type": "image"},
+        {"type": "text", "text": " What is it? " + "word " * 300}]}], add_generation_prompt=True, tokenize=False)
+    image = Image.open(io.BytesIO(buf.getvalue()))
+    assert longest == processor(text=[text], images=[image], return_tensors="pt")["input_ids"].shape[1]
+    short = check_prompt_length(cfg(3, longest - 1))
+    assert not short.ok and short.required and f"{longest} tokens > data.max_prompt_length={longest - 1}" in short.detail

@@ -241,7 +241,7 @@ THUMB_MAX_PIXELS = 16 * 28 * 28
 
 def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: ScriptedSearch | None,
          response_length: int = 4096, limits: dict[str, Any] | None = None,
-         search_url: str = "http://127.0.0.1:9") -> tuple[Any, ScriptedServer]:
+         search_url: str = "http://127.0.0.1:9", server: Any = None) -> tuple[Any, Any]:
     import hydra
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
@@ -257,7 +257,7 @@ def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: Scr
         "fvqa": {"search_url": search_url, "thumbnail_max_pixels": THUMB_MAX_PIXELS,
                  "image_search_topk": 5, "limits": limits or {}},
     })
-    server = ScriptedServer(processor.tokenizer, turns)
+    server = server or ScriptedServer(processor.tokenizer, turns)
 
     # Instantiate the loop the way veRL's AgentLoopWorker does: from the registry entry that
     # `fvqa train run` points rollout.agent.agent_loop_config_path at.
@@ -517,7 +517,7 @@ def search_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_episode_over_http_search_service(prepared: dict[str, Any], processor: Any, search_service: Any) -> None:
-    from fvqa.train import launcher
+    from fvqa.train import checks
 
     out, server = _run(prepared, processor, [IMG, TXT, ANS], None, search_url=search_service.url)
     assert out.extra_fields["stop_reason"] == "answer"
@@ -530,7 +530,7 @@ def test_episode_over_http_search_service(prepared: dict[str, Any], processor: A
     assert len(server.calls[1]["images"]) == 6
     # The pre-launch check sees the same service as up.
     cfg = OmegaConf.create({"fvqa": {"search_url": search_service.url}})
-    check = launcher.check_search_service(cfg)
+    check = checks.check_search_service(cfg)
     assert check.ok and "backend scripted" in check.detail
 
 
@@ -572,15 +572,15 @@ def test_verl_reward_manager_scores_our_rollout(prepared: dict[str, Any], proces
 
 
 def test_launch_check_catches_data_prepared_with_other_prompts(prepared: dict[str, Any], tmp_path: Path) -> None:
-    from fvqa.train import launcher
+    from fvqa.train import checks
 
     train = str(prepared["result"].files["train"])
     same = OmegaConf.create({"data": {"train_files": train}, "fvqa": {"prompts": None}})
-    assert launcher.check_prompts(same).ok
+    assert checks.check_prompts(same).ok
     other = tmp_path / "prompts.yaml"
     other.write_text("round_1: 'Answer the question about this image: <image>'\n")
     mixed = OmegaConf.create({"data": {"train_files": train}, "fvqa": {"prompts": str(other)}})
-    check = launcher.check_prompts(mixed)
+    check = checks.check_prompts(mixed)
     assert not check.ok and check.required and "fvqa train prepare --prompts" in check.detail
 
 
@@ -643,3 +643,65 @@ def test_verl_agent_loop_worker_runs_a_batch_from_our_config(prepared: dict[str,
     # Every trajectory carries the user image plus the five thumbnails into training.
     assert [m["image_grid_thw"].shape[0] for m in out.non_tensor_batch["multi_modal_inputs"]] == [6] * n
     assert len(search_service.backend.image_queries) >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Through veRL's own LLMServerClient and fvqa's CPU generation server (the path a real run takes)
+# --------------------------------------------------------------------------------------------
+
+
+class _Rpc:
+    """A Ray method handle's `.remote` for an object living in this process."""
+
+    def __init__(self, fn: Any) -> None:
+        self.remote = fn
+
+
+class InProcessBalancer:
+    """veRL's load-balancer actor interface over one in-process server (no Ray cluster in a unit test)."""
+
+    def __init__(self, server: Any) -> None:
+        async def fields() -> list[str]:
+            return []
+
+        async def acquire(request_id: str, **kwargs: Any) -> tuple[str, Any]:
+            return "server-0", SimpleNamespace(generate=_Rpc(server.generate))
+
+        self.require_acquire_fields = _Rpc(fields)
+        self.require_release_fields = _Rpc(fields)
+        self.acquire_server = _Rpc(acquire)
+        self.release_server = _Rpc(lambda **kwargs: None)
+
+
+class VersionedServer:
+    """The generation-server side of the RPC (as vLLM's and fvqa's hf server answer it): scripted
+    turns, each reported with the weight version (`global_steps`) that produced it."""
+
+    def __init__(self, tokenizer: Any, turns: list[str], version: int) -> None:
+        self.tokenizer, self.turns, self.version = tokenizer, list(turns), version
+
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling_params: dict[str, Any],
+                       image_data: list[Any] | None = None, **kwargs: Any) -> Any:
+        from verl.workers.rollout.replica import TokenOutput
+
+        ids = self.tokenizer.encode(self.turns.pop(0), add_special_tokens=False)
+        out = TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), stop_reason="completed",
+                          extra_fields={"global_steps": self.version})
+        self.version += 1  # the trainer pushes new weights while this trajectory waits on a search
+        return out
+
+
+def test_weight_versions_reach_the_trainer_through_verl_llm_server_client(prepared: dict[str, Any],
+                                                                          processor: Any) -> None:
+    """The step-1 crash: veRL's v1 trainer builds `np.array([tag["min_global_steps"] ...], dtype=int)`
+    from the loop's extra fields (None crashed it). Here veRL's own LLMServerClient sits between the
+    loop and a server whose weights change in the middle of the trajectory."""
+    from verl.workers.rollout.llm_server import LLMServerClient
+
+    server = VersionedServer(processor.tokenizer, [IMG, TXT, ANS], version=1)
+    client = LLMServerClient(OmegaConf.create({"actor_rollout_ref": {"rollout": {"name": "hf"}}}),
+                             InProcessBalancer(server))
+    out, _ = _run(prepared, processor, [], ScriptedSearch(), server=client)
+    assert out.extra_fields["turn_kinds"] == ["image_search", "text_search", "answer"]
+    assert (out.extra_fields["min_global_steps"], out.extra_fields["max_global_steps"]) == (1, 3)
+    assert np.array([out.extra_fields["min_global_steps"], out.extra_fields["max_global_steps"]], dtype=int).tolist() == [1, 3]

@@ -40,6 +40,7 @@ from fvqa.protocol import (
     IMAGE_SEARCH_TAG,
     QWEN_IMAGE_PAD,
     TEXT_SEARCH_CLOSE,
+    FormatRule,
     Limits,
     Prompts,
     load_prompts,
@@ -71,11 +72,17 @@ class LoopSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    search_url: str = "http://127.0.0.1:8765"
+    # null: `fvqa train run` starts a search service over `search_config` on a free loopback port
+    # and fills this in for the run.
+    search_url: str | None = "http://127.0.0.1:8765"
+    search_config: str | None = None
     search_timeout_s: float = Field(120.0, gt=0)
     image_search_topk: int = Field(5, ge=1)
     text_search_topk: int = Field(5, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    # Which trajectory shapes earn the format reward; the reward's kwargs take it (and the limits)
+    # from here, so rollout and reward cannot disagree (the dry run checks it).
+    format_rule: FormatRule = "limits"
     prompts: str | list[str] | None = None
     max_tokens_per_turn: int = Field(2048, ge=1)
     thumbnail_max_pixels: int = Field(256 * 28 * 28, ge=28 * 28)
@@ -127,6 +134,13 @@ def _user_image(messages: list[dict[str, Any]], images: list[Any]) -> bytes | No
     return image_bytes(images[0]) if images else None
 
 
+def _weight_versions(extra_fields: dict[str, Any] | None) -> list[int]:
+    """Weight versions one generate call reports (veRL's client sets min/max; servers set global_steps)."""
+    extra = extra_fields or {}
+    keys = ("min_global_steps", "max_global_steps") if "min_global_steps" in extra else ("global_steps",)
+    return [int(extra[k]) for k in keys if extra.get(k) is not None]
+
+
 @functools.lru_cache(maxsize=8)
 def _prompts(paths: tuple[str, ...]) -> Prompts:
     """Prompts per process: veRL builds a new loop object for every sample, the files do not change."""
@@ -145,7 +159,9 @@ class FvqaSearchAgentLoop(AgentLoopBase):
         self.settings = LoopSettings.from_trainer_config(self.config)
         prompts = self.settings.prompts
         self.prompts = _prompts(tuple([prompts] if isinstance(prompts, str) else prompts or ()))
-        self.search = search_client or search_client_for(self.settings.search_url, self.settings.search_timeout_s)
+        if search_client is None and not self.settings.search_url:
+            raise ConfigError("fvqa.search_url is not set: start `fvqa search serve` or launch with `fvqa train run`")
+        self.search = search_client or search_client_for(str(self.settings.search_url), self.settings.search_timeout_s)
         self.response_length = int(self.rollout_config.response_length)
         self.patch_size = int(getattr(getattr(self.processor, "image_processor", None), "patch_size", 14) or 14)
         close = self.settings.close_turn_token
@@ -191,6 +207,7 @@ class FvqaSearchAgentLoop(AgentLoopBase):
         stop_reason, stop_detail = "answer", ""
         request_id = uuid4().hex
         params = {**sampling_params, **self.settings.stop_sampling_params}
+        versions: list[int] = []  # weight version (global step) of the policy behind each turn
 
         while True:
             budget = self.response_length - len(mask)
@@ -203,6 +220,7 @@ class FvqaSearchAgentLoop(AgentLoopBase):
                     request_id=request_id, prompt_ids=runtime_ids, sampling_params=params,
                     image_data=images or None,
                 )
+            versions.extend(_weight_versions(out.extra_fields))
             token_ids = list(out.token_ids)[:budget]
             new_logprobs = list(out.log_probs)[: len(token_ids)] if out.log_probs else None
             merged, mask, logprobs = await self.ct_merge_assistant_token(
@@ -262,6 +280,9 @@ class FvqaSearchAgentLoop(AgentLoopBase):
                 "n_tool_errors": sum(not c["ok"] for c in calls),
                 "stop_reason": stop_reason,
                 "stop_detail": stop_detail,
+                # veRL's v1 trainer reads the policy versions a trajectory was sampled with.
+                "min_global_steps": min(versions) if versions else None,
+                "max_global_steps": max(versions) if versions else None,
             },
         )
 

@@ -46,40 +46,66 @@ def prepare_cmd(
 def run_cmd(
     ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", "-c", help="veRL training config (configs/grpo_*.yaml).")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compose, check and print; launch nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Compose, check and print; launch nothing (exit 1 if a check fails).")
+    ] = False,
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Join this Ray cluster (multi-node), e.g. 10.0.0.1:6379.")
     ] = None,
     skip_checks: Annotated[bool, typer.Option("--skip-checks", help="Launch even if a check fails.")] = False,
 ) -> None:
     """Print the exact `python -m verl.trainer.main_ppo ...` command and the composed config, check GPUs,
-    packages, data and the search service, then launch. Extra arguments are Hydra overrides
-    (e.g. `trainer.total_epochs=2`)."""
+    packages, data, prompt lengths, reward/rollout limits and the search service, then launch.
+    Extra arguments are Hydra overrides (e.g. `trainer.total_epochs=2`).
+
+    `trainer.device=cpu` (configs/grpo_demo_cpu.yaml) runs veRL's own trainer on CPU with fvqa's CPU
+    backend: a way to check a whole setup before renting GPUs. With `fvqa.search_url: null` a search
+    service over `fvqa.search_config` is started for the run and stopped after it. Re-running the
+    same command resumes from the newest checkpoint (`trainer.resume_mode: auto`)."""
+    import contextlib
+
     from omegaconf import OmegaConf
     from rich.console import Console
 
     from fvqa.errors import FvqaError
     from fvqa.train import launcher
+    from fvqa.train.checks import run_checks
+    from fvqa.train.search_process import search_config_path, search_service
 
     out, err = Console(), Console(stderr=True, soft_wrap=True)
     overrides = launcher.launch_overrides(config, ray_address, list(ctx.args))
-    cmd = launcher.build_command(config, overrides)
+    overrides += launcher.runtime_overrides(launcher.compose(config, overrides))
     cfg = launcher.compose(config, overrides)
     launcher.validate(cfg)
+    env = launcher.launch_env(cfg)
+    served = search_config_path(cfg, config.expanduser().resolve())
     out.print("[bold]command:[/]")
-    print(launcher.format_command(cmd))
+    print(launcher.format_command(launcher.build_command(config, overrides), env))
+    if served:
+        out.print(f"[bold]search service:[/] started for the run over {served} (passed as fvqa.search_url)",
+                  highlight=False, soft_wrap=True)
     out.print("[bold]composed config (as `--cfg job` prints it):[/]")
     print(OmegaConf.to_yaml(cfg), end="")
-    checks = launcher.run_checks(cfg, ray_address)
+    checks = run_checks(cfg, ray_address)
     failed = [c for c in checks if c.required and not c.ok]
     for c in checks:
         mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]warn[/]")
         err.print(f"check {c.name}: {mark} {c.detail}", highlight=False)
     if dry_run:
         err.print(f"dry run: nothing launched ({len(failed)} failed check(s))")
-        return
+        raise typer.Exit(1 if failed else 0)
     if failed and not skip_checks:
         raise FvqaError(
             f"{len(failed)} check(s) failed ({', '.join(c.name for c in failed)}); fix them or pass --skip-checks"
         )
-    raise typer.Exit(launcher.launch(cmd))
+    ckpt = launcher.checkpoint_dir(cfg)
+    with search_service(served, ckpt / "search-service.log") if served else contextlib.nullcontext() as url:
+        run_overrides = [*overrides, f"fvqa.search_url={url}"] if url else overrides
+        if url:
+            err.print(f"search service up at {url} (log: {ckpt / 'search-service.log'})", highlight=False)
+        code = launcher.launch(launcher.build_command(config, run_overrides), env)
+    latest = launcher.latest_checkpoint(cfg)
+    err.print(f"checkpoints: {latest or f'none yet under {ckpt}'}", highlight=False)
+    if env.get("VERL_FILE_LOGGER_PATH") and Path(env["VERL_FILE_LOGGER_PATH"]).is_file():
+        err.print(f"per-step metrics: {env['VERL_FILE_LOGGER_PATH']}", highlight=False)
+    raise typer.Exit(code)

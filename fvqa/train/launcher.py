@@ -5,40 +5,36 @@ The command is veRL's own entry point (``python -m verl.trainer.main_ppo --confi
 repeat by copying the printed line. Composition uses Hydra in-process with the same search path
 veRL uses (``hydra.searchpath: [pkg://verl.trainer.config]`` in our config), so the printed config is
 what ``main_ppo ... --cfg job`` prints, without paying for veRL's import. Before launching, every
-check (GPUs, packages, data files, search service) is reported, and any failure stops the launch
-with a reason a person can act on.
+check (``fvqa.train.checks``) is reported, and any failure stops the launch with a reason a person
+can act on.
+
+What the launcher adds to a plain veRL run, all visible in the printed command: the agent-loop
+registry, absolute data/model/output paths (Ray workers do not share the caller's folder), the
+environment that loads fvqa's veRL extensions (``VERL_USE_EXTERNAL_MODULES``), and for
+``trainer.device=cpu`` the CPU backend (``fvqa.train.cpu``) with logical Ray GPUs.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import importlib.util
-import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import time
 import warnings
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fvqa.errors import ConfigError, FvqaError
+from fvqa.train.checks import is_cpu
 
 ENTRY_MODULE = "verl.trainer.main_ppo"
 AGENT_LOOP_CONFIG_KEY = "actor_rollout_ref.rollout.agent.agent_loop_config_path"
 RAY_ADDRESS_KEY = "ray_kwargs.ray_init.address"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One pre-launch check: what was checked, whether it passed, and what to do if not."""
-
-    name: str
-    ok: bool
-    detail: str
-    required: bool = True
 
 
 def agent_loop_config_path() -> Path:
@@ -91,10 +87,13 @@ def compose(config: Path, overrides: list[str]) -> Any:
 
 def validate(cfg: Any) -> None:
     """veRL's own config validation (batch-size divisibility etc.) and the dataclass conversions the
-    workers do at start-up, plus our ``fvqa:`` section - all CPU-only."""
+    workers do at start-up, plus our ``fvqa:`` section - all CPU-only. fvqa's veRL extensions are
+    loaded first, as they are in every process of the run (a ``sigmoid`` LR schedule is theirs)."""
+    from hydra.errors import InstantiationException
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
+    import fvqa.train.verl_ext  # noqa: F401 - installs what EXTENSION_MODULES installs in the run
     from fvqa.train.agent_loop import LoopSettings
 
     try:
@@ -104,131 +103,142 @@ def validate(cfg: Any) -> None:
             validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
         omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
         omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-    except (AssertionError, ValueError, TypeError) as exc:
+    except (AssertionError, ValueError, TypeError, InstantiationException) as exc:
         raise ConfigError(f"veRL rejects the composed config: {exc}") from exc
     LoopSettings.from_trainer_config(cfg)
 
 
-def _files(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]
+EXTENSIONS_ENV = "VERL_USE_EXTERNAL_MODULES"
+EXTENSION_MODULES = ("fvqa.train.verl_ext",)
+"""fvqa's veRL extensions, imported by veRL itself in every process (``import verl`` reads the env)."""
+CPU_MODULE = "fvqa.train.cpu"
+CPU_RAY_CPUS = 16
+"""Logical Ray CPUs of a CPU run: veRL's actors each ask for some; 2 real cores serve them in turn."""
+PATH_KEYS = ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "trainer.default_local_dir",
+             "trainer.rollout_data_dir", "trainer.validation_data_dir")
 
 
-def check_data(cfg: Any) -> list[Check]:
-    """Train/val parquet files exist (relative paths are resolved from the current directory)."""
+def launch_env(cfg: Any) -> dict[str, str]:
+    """Environment variables the run needs on top of the caller's (printed before the command)."""
+    modules = [*EXTENSION_MODULES]
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if is_cpu(cfg):
+        modules.append(CPU_MODULE)
+        env.update({
+            "VERL_PLATFORM": "cpu",
+            # veRL registers its FSDP engine for cuda/npu only; on the cpu platform the same engine
+            # runs, with every device call going through the platform.
+            "VERL_ENGINE_DEVICE": "cuda",
+            "OMP_NUM_THREADS": "1",
+            "FVQA_CPU_ROLLOUT_THREADS": str(os.cpu_count() or 1),
+            "RAY_DEDUP_LOGS": "0",
+        })
+    env[EXTENSIONS_ENV] = ",".join(modules)
+    if "file" in list(cfg.trainer.get("logger") or []):
+        env["VERL_FILE_LOGGER_PATH"] = str(metrics_path(cfg))
+    return env
+
+
+def metrics_path(cfg: Any) -> Path:
+    """Where this launch's per-step metrics go (veRL's file logger truncates its file: one per launch)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(str(cfg.trainer.default_local_dir)).expanduser().resolve() / "metrics" / f"run-{stamp}.jsonl"
+
+
+def _select(cfg: Any, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key)
+
+
+def runtime_overrides(cfg: Any) -> list[str]:
+    """Overrides that depend on the composed config: absolute paths, and the CPU backend's Ray resources."""
     out = []
-    for key in ("train_files", "val_files"):
-        files = _files(cfg.data.get(key))
-        missing = [f for f in files if "://" not in f and not Path(f).expanduser().exists()]
-        if not files:
-            out.append(Check(f"data.{key}", False, "not set"))
-        elif missing:
-            out.append(Check(f"data.{key}", False, f"missing {', '.join(missing)}: run `fvqa train prepare`"))
-        else:
-            out.append(Check(f"data.{key}", True, ", ".join(files)))
+    for key in PATH_KEYS:
+        value = _select(cfg, key)
+        if isinstance(value, str) and "://" not in value:
+            path = Path(value).expanduser()
+            if key == "actor_rollout_ref.model.path" and not path.exists():
+                continue  # a hub name (Qwen/Qwen2.5-VL-7B-Instruct), resolved by veRL on the GPU box
+            if not path.is_absolute():
+                out.append(f"{key}={path.resolve()}")
+    if is_cpu(cfg):
+        gpus = int(cfg.trainer.nnodes) * int(cfg.trainer.n_gpus_per_node)
+        out += [f"++ray_kwargs.ray_init.num_gpus={gpus}", f"++ray_kwargs.ray_init.num_cpus={CPU_RAY_CPUS}",
+                "++ray_kwargs.ray_init.include_dashboard=false"]
     return out
 
 
-def check_prompts(cfg: Any) -> Check:
-    """The rows were prepared with the same opening prompt the rollout's follow-up prompts belong to.
+def format_command(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """A shell line a person can copy (environment assignments first)."""
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return " ".join([*prefix, *(shlex.quote(c) for c in cmd)])
 
-    `train prepare` bakes the round-1 prompt into every row; the agent loop adds the follow-up
-    prompts from ``fvqa.prompts``. Mixing upstream's prompts with ours would train on a protocol
-    nobody wrote, so a mismatch fails the check.
+
+AGENT_LOOP_ERROR = re.compile(r"Error in _run_prompt|Error in agent loop|ValueError: Multimodal prompt")
+EXCEPTION_LINE = re.compile(r"^(?:\S+ pid=\d+\S*\s+)?(?:\x1b\[[0-9;]*m)*\s*([A-Za-z_.]*(?:Error|Exception)\b.*)$")
+
+
+class _ErrorWatch:
+    """Remembers the first agent-loop failure in veRL's output: the trainer itself only says later
+    that no trajectory could be used, which names the symptom, not the cause."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.error: str | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    def feed(self, line: str) -> None:
+        self.tail.append(line)
+        if self.error is not None:
+            return
+        if AGENT_LOOP_ERROR.search(line):
+            self.armed = True
+        if self.armed and (m := EXCEPTION_LINE.match(line.strip())) and "Traceback" not in line:
+            self.error = m.group(1).strip()
+
+
+def launch(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run veRL in the foreground, its output passed through; its exit code becomes ours.
+
+    On failure the first agent-loop error seen is repeated at the end as one line.
     """
-    from fvqa.protocol import load_prompts
-    from fvqa.train.agent_loop import LoopSettings
-    from fvqa.train.prepare import prompt_fingerprint
-
-    files = _files(cfg.data.get("train_files"))
-    manifest = Path(files[0]).expanduser().parent / "manifest.json" if files else None
-    if manifest is None or not manifest.is_file():
-        return Check("prompts", False, "no manifest.json next to data.train_files (written by `fvqa train prepare`)",
-                     required=False)
+    full_env = {**os.environ, **(env or {})}
+    if full_env.get("VERL_FILE_LOGGER_PATH"):
+        Path(full_env["VERL_FILE_LOGGER_PATH"]).parent.mkdir(parents=True, exist_ok=True)  # veRL does not
+    watch = _ErrorWatch()
     try:
-        made_with = json.loads(manifest.read_text(encoding="utf-8")).get("round_1_sha256")
-    except (OSError, ValueError) as exc:
-        return Check("prompts", False, f"{manifest} unreadable: {exc}", required=False)
-    settings = LoopSettings.from_trainer_config(cfg)
-    paths = [settings.prompts] if isinstance(settings.prompts, str) else settings.prompts
-    ours = prompt_fingerprint(load_prompts([Path(p) for p in paths] if paths else None))
-    if made_with != ours:
-        return Check("prompts", False, "data was prepared with another round-1 prompt than fvqa.prompts gives: "
-                     "re-run `fvqa train prepare --prompts ...` with the same prompts")
-    return Check("prompts", True, "data and rollout use the same prompt set")
-
-
-def check_packages(cfg: Any) -> list[Check]:
-    """Packages the run imports: veRL, Ray, TransferQueue, the rollout engine, flash-attn (optional)."""
-    engine = str(cfg.actor_rollout_ref.rollout.name)
-    wanted = [("verl", True), ("ray", True), ("transfer_queue", True), (engine, True), ("flash_attn", False)]
-    out = []
-    for module, required in wanted:
-        found = importlib.util.find_spec(module) is not None
-        hint = "" if found else f"not installed: pip install {module.replace('_', '-')}"
-        out.append(Check(f"package {module}", found, "importable" if found else hint, required))
-    return out
-
-
-def check_gpus(cfg: Any, ray_address: str | None = None) -> Check:
-    """This node has the GPUs one node of the run needs (a cluster's other nodes are Ray's business)."""
-    need = int(cfg.trainer.n_gpus_per_node)
-    try:
-        import torch
-
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception as exc:  # noqa: BLE001 - a broken CUDA install is reported, not raised
-        return Check("GPUs", False, f"cannot query CUDA: {exc}")
-    where = f" (cluster at {ray_address}: other nodes are checked by Ray)" if ray_address else ""
-    if have < need:
-        return Check("GPUs", False, f"need {need} per node (trainer.n_gpus_per_node), found {have}{where}")
-    return Check("GPUs", True, f"{have} visible, {need} per node needed{where}")
-
-
-def check_search_service(cfg: Any, timeout_s: float = 5.0) -> Check:
-    """The search service at ``fvqa.search_url`` answers its health check."""
-    import httpx
-
-    url = str((cfg.get("fvqa") or {}).get("search_url") or "")
-    if not url:
-        return Check("search service", False, "fvqa.search_url is not set")
-    try:
-        resp = httpx.get(url.rstrip("/") + "/healthz", timeout=timeout_s, trust_env=False)
-        body = resp.json() if resp.status_code == 200 else {}
-    except (httpx.HTTPError, ValueError) as exc:
-        return Check(
-            "search service", False,
-            f"{url} unreachable ({type(exc).__name__}): start it with `fvqa search serve` or set fvqa.search_url",
-        )
-    if resp.status_code != 200 or body.get("status") != "ok":
-        return Check("search service", False, f"{url}/healthz answered HTTP {resp.status_code}: not an fvqa search service")
-    return Check("search service", True, f"{url} up (backend {body.get('backend')})")
-
-
-def run_checks(cfg: Any, ray_address: str | None = None) -> list[Check]:
-    """Every pre-launch check, in the order they are printed."""
-    return [
-        check_gpus(cfg, ray_address),
-        *check_packages(cfg),
-        *check_data(cfg),
-        check_prompts(cfg),
-        check_search_service(cfg),
-    ]
-
-
-def format_command(cmd: list[str]) -> str:
-    """A shell line a person can copy."""
-    return " ".join(shlex.quote(c) for c in cmd)
-
-
-def launch(cmd: list[str]) -> int:
-    """Run veRL in the foreground; its exit code becomes ours."""
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return subprocess.call(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, errors="replace")
     except OSError as exc:
         raise FvqaError(f"cannot start {cmd[0]}: {exc}") from exc
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            watch.feed(line)
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
+    sys.stdout.flush()
+    if code != 0 and watch.error:
+        print(f"fvqa: a rollout failed inside veRL's agent loop: {watch.error}", file=sys.stderr, flush=True)
+    return code
+
+
+def checkpoint_dir(cfg: Any) -> Path:
+    """The run's checkpoint folder (``trainer.default_local_dir``)."""
+    return Path(str(cfg.trainer.default_local_dir)).expanduser().resolve()
+
+
+def latest_checkpoint(cfg: Any) -> Path | None:
+    """The newest ``global_step_N`` folder veRL recorded, if any."""
+    root = checkpoint_dir(cfg)
+    marker = root / "latest_checkpointed_iteration.txt"
+    if not marker.is_file():
+        return None
+    step = marker.read_text(encoding="utf-8").strip()
+    path = root / f"global_step_{step}"
+    return path if path.is_dir() else None

@@ -143,6 +143,19 @@ def score_turns(
     return {"score": score, "acc": acc, "format": fmt, "n_image_search": n_img, "n_text_search": n_txt}
 
 
+def as_limits(value: Limits | Mapping[str, Any] | None) -> Limits | None:
+    """``reward_kwargs.limits`` as veRL hands it over (a config mapping), validated as ``Limits``.
+
+    The training config fills it from ``fvqa.limits``, so the format reward allows exactly the
+    trajectories the rollout allows; a typo'd key is an error, not the paper's default.
+    """
+    if value is None or isinstance(value, Limits):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"reward_kwargs.limits must be a mapping like fvqa.limits, got {type(value).__name__}")
+    return Limits.model_validate({str(k): v for k, v in value.items()})
+
+
 def compute_score(
     data_source: str,
     solution_str: str,
@@ -156,7 +169,8 @@ def compute_score(
     ``split_turns(solution_str)``. Gold answers: ``ground_truth`` (str or list) plus
     ``extra_info["candidate_answers"]`` (list or JSON string; veRL passes only
     ``reward_model.ground_truth``, so ``train prepare`` copies the candidates into extra_info).
-    Options: ``kw`` (from ``reward_kwargs``) sets run defaults; per-sample ``extra_info`` keys
+    Options: ``kw`` (from ``reward_kwargs``) sets run defaults; ``limits`` (a
+    mapping, filled from ``fvqa.limits``) is the rollout's limits; per-sample ``extra_info`` keys
     override them, including upstream's names (``search_penalty``, ``format_penalty`` = alpha,
     ``reward_mode`` = mode, ``use_search_count_penalty`` = per_search). ``data_source`` is not used.
     """
@@ -187,7 +201,7 @@ def compute_score(
     return score_turns(
         [str(t) for t in turns],
         golds,
-        limits=kw.get("limits"),
+        limits=as_limits(kw.get("limits")),
         judge=kw.get("judge"),
         **opts,
     )

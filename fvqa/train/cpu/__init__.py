@@ -1,0 +1,57 @@
+"""veRL's stock trainer on CPU: check a whole GRPO setup on a laptop before renting GPUs.
+
+``fvqa train run`` with ``trainer.device=cpu`` sets ``VERL_USE_EXTERNAL_MODULES=fvqa.train.cpu`` and
+``VERL_PLATFORM=cpu``; veRL imports this package at the end of ``import verl`` in every process
+(driver, trainer, FSDP workers, agent-loop and reward workers), which installs:
+
+1. a CPU platform in veRL's ``PlatformRegistry`` (:mod:`.platform`),
+2. gloo process groups and unpinned FSDP offload (:mod:`.patches`),
+3. an ``hf`` rollout engine: a generation server on ``transformers.generate`` with vLLM-server's
+   RPC shape, and the adapter that syncs the trained weights into it (:mod:`.replica`).
+
+Everything else - data loading, our agent loop, the search service, the reward loop, GRPO
+advantages, the PPO-clip update with KL, checkpoints, validation - is veRL's own code, unchanged.
+Three touch points are private to veRL (the rollout-adapter dict, the process-group function, the
+offload-policy class), so the package refuses any veRL other than the one it was checked against.
+"""
+
+from __future__ import annotations
+
+VERL_VERSION = "0.9.1"
+"""The veRL release these extension points were read from and tested with."""
+
+
+class UnsupportedVerlError(RuntimeError):
+    """veRL is not the version the CPU backend was checked against."""
+
+
+def check_verl_version() -> None:
+    """One clear error instead of a deep crash when veRL moved its private extension points."""
+    import verl
+
+    found = getattr(verl, "__version__", "unknown")
+    if found != VERL_VERSION:
+        raise UnsupportedVerlError(
+            f"fvqa's CPU backend for veRL was checked against verl=={VERL_VERSION}, found {found}: "
+            "install verl=={VERL_VERSION}, or re-check fvqa/train/cpu (verl.utils.distributed."
+            "initialize_global_process_group_ray, verl.utils.fsdp_utils.CPUOffloadPolicy, "
+            "verl.workers.rollout.base._ROLLOUT_REGISTRY, RolloutReplicaRegistry, PlatformBase)"
+        )
+
+
+def install() -> None:
+    """Register the platform, the patches and the ``hf`` rollout (idempotent)."""
+    check_verl_version()
+    from verl.workers.rollout.base import _ROLLOUT_REGISTRY
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    from fvqa.train.cpu import patches, platform  # noqa: F401 - importing registers the platform
+    from fvqa.train.cpu.replica import ROLLOUT_NAME, load_hf_replica
+
+    patches.patch_process_group()
+    patches.patch_offload_policy()
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, load_hf_replica)
+    _ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = "fvqa.train.cpu.replica.HFServerAdapter"
+
+
+install()
