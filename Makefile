@@ -22,10 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fvqa build --config configs/demo.yaml
 	$(VENV)/bin/fvqa train prepare --workspace fvqa-work
-	$(VENV)/bin/fvqa train run --config configs/grpo_qwen2_5_vl_7b_1node.yaml --dry-run \
-	  data.train_files=fvqa-work/exports/verl/train.parquet data.val_files=fvqa-work/exports/verl/val.parquet \
-	  > fvqa-work/exports/verl/train-dry-run.txt
-	@echo "exports: $$(pwd)/fvqa-work/exports  (native/, upstream/, hf/, verl/ with the veRL command in train-dry-run.txt)"
+	@test -f fvqa-work/demo-policy/fvqa_standin.json || \
+	  $(VENV)/bin/fvqa demo policy --workspace fvqa-work --out fvqa-work/demo-policy
+	$(VENV)/bin/fvqa train run --config configs/grpo_demo_cpu.yaml
+	@echo "exports: $$(pwd)/fvqa-work/exports  (native/, upstream/, hf/, verl/)"
+	@echo "training: $$(pwd)/fvqa-work/checkpoints/fvqa_demo_cpu/tiny_qwen2_5_vl  (global_step_*/, metrics/, rollouts/)"
 	@echo "inspect: $(VENV)/bin/fvqa status -c configs/demo.yaml"
 
 test: $(STAMP)

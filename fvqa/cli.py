@@ -228,6 +228,61 @@ def demo_world(
     out.print(json.loads((path / "world.json").read_text()))
 
 
+@demo_app.command("policy")
+def demo_policy(
+    workspace: WorkspaceOpt = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Model folder to write (default: WORKSPACE/demo-policy).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Supervised priming steps.")] = 150,
+    seed: int = 0,
+    check: Annotated[
+        bool, typer.Option(help="Sample a few first turns at temperature 1 and report what they do.")
+    ] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Build a tiny Qwen2.5-VL and prime it on protocol turns from the prepared rows (a demo stand-in).
+
+    A random tiny model scores 0 on every rollout, so GRPO would have no signal: a few seconds of
+    supervised steps make it write search and answer tags, so rewards vary within a group.
+    """
+    from fvqa.demo.policy import (
+        STANDIN_FILE,
+        build_tiny_qwen,
+        demo_corpus,
+        prime_policy,
+        read_rows,
+        sample_turns,
+        write_standin_note,
+    )
+
+    ws = _workspace_path(config, workspace)
+    parquet = ws / "exports" / "verl" / "train.parquet"
+    if not parquet.is_file():
+        raise FvqaError(f"{parquet} not found: run `fvqa train prepare --workspace {ws}` first")
+    rows = read_rows(parquet)
+    if not rows:
+        raise FvqaError(f"{parquet} has no row with one image: run `fvqa train prepare --workspace {ws}` again")
+    if steps < 1:
+        raise FvqaError("--steps must be at least 1")
+    target = out_dir if out_dir is not None else ws / "demo-policy"
+    model_dir = build_tiny_qwen(target, seed=seed, corpus=demo_corpus(rows), subdir=None)
+    report = prime_policy(model_dir, parquet, steps=steps, seconds_budget=max(120.0, float(steps)), seed=seed)
+    out.print(f"[bold yellow]DEMO STAND-IN, not a trained policy:[/] tiny random Qwen2.5-VL primed with "
+              f"{report.steps} supervised steps on protocol turns from {parquet}", soft_wrap=True)
+    out.print(f"model: {report.model_dir.resolve()}  (see {STANDIN_FILE} there)", soft_wrap=True)
+    out.print(f"steps {report.steps}, {report.seconds:.1f} s, loss {report.first_loss:.3f} -> {report.final_loss:.3f}",
+              soft_wrap=True)
+    if check:
+        behaviour = sample_turns(model_dir, parquet, n_rows=4, k=4, seed=seed)
+        summary = behaviour.summary()
+        write_standin_note(model_dir, sampled_first_turns=summary)
+        out.print(f"sampled first turns at temperature 1: {summary['valid']:.0%} valid "
+                  f"({summary['well_formed']:.0%} well formed), {summary['search']:.0%} search, "
+                  f"{summary['answer']:.0%} answer; groups with varying reward {summary['groups_with_signal']}",
+                  soft_wrap=True)
+
+
 def _mount_optional(module: str, attr: str, name: str) -> None:
     """Sub-apps from other packages (search, annotate, train, eval) join when present."""
     if importlib.util.find_spec(module) is None:

@@ -186,9 +186,9 @@ def test_checks_catch_a_batch_larger_than_the_data_and_prompts_longer_than_the_l
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
     from PIL import Image
+    from tiny_qwen import build_tiny_qwen
 
     from fvqa.train.checks import check_batch_size, check_prompt_length
-    from tiny_qwen import build_tiny_qwen
 
     model = build_tiny_qwen(tmp_path)
     buf = io.BytesIO()
