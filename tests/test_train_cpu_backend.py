@@ -41,7 +41,7 @@ def test_verl_loads_the_backend_through_its_own_extension_hook() -> None:
         "      get_rollout_replica_class('hf').__name__, f.CPUOffloadPolicy().pin_memory,\n"
         "      hasattr(d.initialize_global_process_group_ray, '__wrapped__'))\n"
     )
-    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "fvqa.train.verl_ext,fvqa.train.cpu", "VERL_PLATFORM": "cpu"}
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "fvqa.train.verl_ext,fvqa.train.cpu.enable", "VERL_PLATFORM": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["cpu", "gloo", "HFServerAdapter", "HFReplica", "False", "True"]
@@ -50,11 +50,16 @@ def test_verl_loads_the_backend_through_its_own_extension_hook() -> None:
 def test_another_verl_version_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import verl
 
+    from fvqa.train.checks import check_cpu_backend
     from fvqa.train.cpu import UnsupportedVerlError, check_verl_version
 
+    assert check_cpu_backend().ok
     monkeypatch.setattr(verl, "__version__", "0.10.0")
     with pytest.raises(UnsupportedVerlError, match=r"checked against verl==0\.9\.1, found 0\.10\.0.*re-check"):
         check_verl_version()
+    # The launcher's pre-flight check says the same before any Ray process starts.
+    check = check_cpu_backend()
+    assert not check.ok and check.required and "install verl==0.9.1" in check.detail
 
 
 def test_gloo_process_group_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

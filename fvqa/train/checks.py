@@ -175,7 +175,20 @@ def check_packages(cfg: Any) -> list[Check]:
         found = importlib.util.find_spec(module) is not None
         hint = "" if found else f"not installed: pip install {module.replace('_', '-')}"
         out.append(Check(f"package {module}", found, "importable" if found else hint, required))
+    if is_cpu(cfg) and out[0].ok:
+        out.append(check_cpu_backend())
     return out
+
+
+def check_cpu_backend() -> Check:
+    """The installed veRL is the one fvqa's CPU backend was checked against (it uses private hooks)."""
+    from fvqa.train.cpu import VERL_VERSION, UnsupportedVerlError, check_verl_version
+
+    try:
+        check_verl_version()
+    except UnsupportedVerlError as exc:
+        return Check("CPU backend", False, str(exc))
+    return Check("CPU backend", True, f"verl {VERL_VERSION}, the version fvqa.train.cpu was checked against")
 
 
 def check_gpus(cfg: Any, ray_address: str | None = None) -> Check:

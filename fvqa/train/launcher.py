@@ -111,7 +111,7 @@ def validate(cfg: Any) -> None:
 EXTENSIONS_ENV = "VERL_USE_EXTERNAL_MODULES"
 EXTENSION_MODULES = ("fvqa.train.verl_ext",)
 """fvqa's veRL extensions, imported by veRL itself in every process (``import verl`` reads the env)."""
-CPU_MODULE = "fvqa.train.cpu"
+CPU_MODULE = "fvqa.train.cpu.enable"
 CPU_RAY_CPUS = 16
 """Logical Ray CPUs of a CPU run: veRL's actors each ask for some; 2 real cores serve them in turn."""
 PATH_KEYS = ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "trainer.default_local_dir",

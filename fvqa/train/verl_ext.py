@@ -1,7 +1,7 @@
 """fvqa's extensions to veRL, loaded by veRL itself in every process of a run.
 
 ``fvqa train run`` sets ``VERL_USE_EXTERNAL_MODULES=fvqa.train.verl_ext`` (comma-joined with any
-other extension module, e.g. ``fvqa.train.cpu``); ``import verl`` reads that variable and imports
+other extension module, e.g. ``fvqa.train.cpu.enable``); ``import verl`` reads that variable and imports
 this module at its end, in the driver and in every Ray worker (trainer, FSDP workers, agent-loop and
 reward workers), so what it installs is in place before veRL builds any config or engine. A plain
 ``python -m verl.trainer.main_ppo`` run needs the same variable in its environment. Importing it

@@ -1,8 +1,8 @@
 """veRL's stock trainer on CPU: check a whole GRPO setup on a laptop before renting GPUs.
 
-``fvqa train run`` with ``trainer.device=cpu`` sets ``VERL_USE_EXTERNAL_MODULES=fvqa.train.cpu`` and
-``VERL_PLATFORM=cpu``; veRL imports this package at the end of ``import verl`` in every process
-(driver, trainer, FSDP workers, agent-loop and reward workers), which installs:
+``fvqa train run`` with ``trainer.device=cpu`` sets ``VERL_USE_EXTERNAL_MODULES=fvqa.train.cpu.enable``
+and ``VERL_PLATFORM=cpu``; veRL imports that module at the end of ``import verl`` in every process
+(driver, trainer, FSDP workers, agent-loop and reward workers), and it calls :func:`install`:
 
 1. a CPU platform in veRL's ``PlatformRegistry`` (:mod:`.platform`),
 2. gloo process groups and unpinned FSDP offload (:mod:`.patches`),
@@ -33,7 +33,7 @@ def check_verl_version() -> None:
     if found != VERL_VERSION:
         raise UnsupportedVerlError(
             f"fvqa's CPU backend for veRL was checked against verl=={VERL_VERSION}, found {found}: "
-            "install verl=={VERL_VERSION}, or re-check fvqa/train/cpu (verl.utils.distributed."
+            f"install verl=={VERL_VERSION}, or re-check fvqa/train/cpu (verl.utils.distributed."
             "initialize_global_process_group_ray, verl.utils.fsdp_utils.CPUOffloadPolicy, "
             "verl.workers.rollout.base._ROLLOUT_REGISTRY, RolloutReplicaRegistry, PlatformBase)"
         )
@@ -52,6 +52,3 @@ def install() -> None:
     patches.patch_offload_policy()
     RolloutReplicaRegistry.register(ROLLOUT_NAME, load_hf_replica)
     _ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = "fvqa.train.cpu.replica.HFServerAdapter"
-
-
-install()
