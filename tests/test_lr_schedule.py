@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fvqa.train import lr_schedule
+from fvqa.train import lr_schedule, verl_hooks
 from fvqa.train.lr_schedule import sigmoid_decay_factor, sigmoid_decay_schedule
 
 
@@ -149,7 +149,7 @@ def test_install_is_idempotent(installed) -> None:
     lr_schedule.install()
     assert FSDPOptimizerConfig.__post_init__ is post_init and FSDPEngine._build_lr_scheduler is build
     assert not getattr(build.__wrapped__, "_fvqa_sigmoid", False)  # one layer, around veRL's own
-    assert sum(isinstance(f, lr_schedule._PatchAfterImport) for f in sys.meta_path) == 1
+    assert sum(isinstance(f, verl_hooks._PatchAfterImport) for f in sys.meta_path) == 1
 
 
 def test_other_verl_versions_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

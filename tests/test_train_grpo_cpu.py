@@ -126,6 +126,10 @@ def test_two_grpo_steps_with_a_real_update(setup: dict[str, Any]) -> None:
     assert any(metrics[s]["actor/grad_norm"] > 0 for s in (1, 2)), {s: metrics[s]["actor/grad_norm"] for s in (1, 2)}
     assert max(metrics[s]["critic/advantages/max"] for s in (1, 2)) > 0
     assert all(metrics[s]["training/off_policy/trajectory_staleness/max"] == 0 for s in (1, 2))
+    # fvqa's search statistics sit next to veRL's in every step (failed searches included).
+    for s in (1, 2):
+        assert metrics[s]["fvqa/trajectories"] == 8 and metrics[s]["fvqa/search_errors/total"] == 0
+    assert max(metrics[s]["fvqa/image_search/mean"] for s in (1, 2)) > 0
 
 
 def test_weights_synced_into_the_rollout_engine_change_each_step_and_survive_resume(setup: dict[str, Any]) -> None:

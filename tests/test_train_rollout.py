@@ -705,3 +705,18 @@ def test_weight_versions_reach_the_trainer_through_verl_llm_server_client(prepar
     assert out.extra_fields["turn_kinds"] == ["image_search", "text_search", "answer"]
     assert (out.extra_fields["min_global_steps"], out.extra_fields["max_global_steps"]) == (1, 3)
     assert np.array([out.extra_fields["min_global_steps"], out.extra_fields["max_global_steps"]], dtype=int).tolist() == [1, 3]
+
+
+def test_step_metrics_count_searches_and_failed_searches(prepared: dict[str, Any], processor: Any) -> None:
+    """What `fvqa/...` adds to each training step's metrics, from real trajectories of the loop."""
+    from fvqa.train.step_metrics import search_metrics
+
+    ok, _ = _run(prepared, processor, [IMG, TXT, ANS], ScriptedSearch())
+    failed, _ = _run(prepared, processor, [IMG, ANS], ScriptedSearch(fail=True))
+    direct, _ = _run(prepared, processor, [ANS], ScriptedSearch())
+    m = search_metrics([ok.extra_fields, failed.extra_fields, direct.extra_fields, None, {"other": 1}])
+    assert m["fvqa/trajectories"] == 3
+    assert m["fvqa/image_search/mean"] == pytest.approx(2 / 3) and m["fvqa/text_search/mean"] == pytest.approx(1 / 3)
+    assert m["fvqa/search_errors/total"] == 1 and m["fvqa/search_errors/mean"] == pytest.approx(1 / 3)
+    assert m["fvqa/searched/mean"] == pytest.approx(2 / 3) and m["fvqa/stop_reason/answer"] == 1.0
+    assert search_metrics([None, {"other": 1}]) == {}

@@ -37,13 +37,13 @@ does not know, so the schedule reads two fields veRL already has (same meaning, 
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from fvqa.train.verl_hooks import VERL_VERSION, UnsupportedVerlError, patch_on_import, verl_version
 
 SCHEDULER_TYPE = "sigmoid"
 """The ``actor_rollout_ref.actor.optim.lr_scheduler_type`` value that selects this schedule."""
@@ -55,8 +55,6 @@ UPSTREAM_FINAL_RATIO = 0.05
 UPSTREAM_WIDTH_FRACTION = 0.1
 """Upstream's fixed slope: ``k = 1 / (0.1 * num_warmup_steps)``."""
 
-VERL_VERSION = "0.9.1"
-"""The veRL release whose scheduler builder and optimizer config this hook was read from."""
 CONFIG_MODULE = "verl.workers.config.optimizer"
 ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
 
@@ -122,10 +120,6 @@ def schedule_from_optim_config(optimizer: Optimizer, optim_config: Any) -> Lambd
 # --- the veRL hook -------------------------------------------------------------------------------
 
 
-class UnsupportedVerlError(RuntimeError):
-    """veRL is not the version the sigmoid hook was read from."""
-
-
 def _recheck(what: str) -> UnsupportedVerlError:
     return UnsupportedVerlError(
         f"fvqa's lr_scheduler_type=sigmoid hook was written against verl=={VERL_VERSION}: {what}. "
@@ -187,49 +181,8 @@ def _patch_engine(module: ModuleType) -> None:
     cls._build_lr_scheduler = _build_lr_scheduler
 
 
-PATCHES: dict[str, Callable[[ModuleType], None]] = {
-    CONFIG_MODULE: _patch_optimizer_config,
-    ENGINE_MODULE: _patch_engine,
-}
-
-
-class _PatchAfterImport:
-    """A ``sys.meta_path`` finder that patches a veRL module right after veRL first imports it.
-
-    ``install`` runs inside ``import verl``; importing the FSDP engine there would load it (and
-    transformers' model code) in every Ray process, including ones that never train. The finder
-    lets Python's normal finders locate the module and only wraps the loader's ``exec_module``.
-    """
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        patch = PATCHES.get(fullname)
-        if patch is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            raise _recheck(f"cannot hook the import of {fullname} (loader {loader!r})")
-        exec_module = loader.exec_module
-
-        def exec_and_patch(module: ModuleType) -> None:
-            exec_module(module)
-            patch(module)
-
-        loader.exec_module = exec_and_patch  # this loader object belongs to this one spec
-        return spec
-
-
 def check_verl_version() -> None:
-    import verl
-
-    found = getattr(verl, "__version__", "unknown")
+    found = verl_version()
     if found != VERL_VERSION:
         raise _recheck(f"found verl=={found}")
 
@@ -243,8 +196,5 @@ def install() -> None:
     imported are patched now, the others when veRL imports them.
     """
     check_verl_version()
-    for name, patch in PATCHES.items():
-        if name in sys.modules:
-            patch(sys.modules[name])
-    if not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchAfterImport())
+    patch_on_import(CONFIG_MODULE, _patch_optimizer_config)
+    patch_on_import(ENGINE_MODULE, _patch_engine)

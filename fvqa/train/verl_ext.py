@@ -11,16 +11,19 @@ Installed:
 
 * ``actor_rollout_ref.actor.optim.lr_scheduler_type: sigmoid`` - MMSearch-R1's sigmoid learning-rate
   decay (:mod:`fvqa.train.lr_schedule`), which veRL 0.9.1 has no registry for.
+* ``fvqa/...`` search statistics in every training step's metrics, failed searches included
+  (:mod:`fvqa.train.step_metrics`).
 """
 
 from __future__ import annotations
 
-from fvqa.train import lr_schedule
+from fvqa.train import lr_schedule, step_metrics
 
 
 def install() -> None:
     """Install every extension (idempotent)."""
     lr_schedule.install()
+    step_metrics.install()
 
 
 install()

@@ -17,26 +17,19 @@ offload-policy class), so the package refuses any veRL other than the one it was
 
 from __future__ import annotations
 
-VERL_VERSION = "0.9.1"
-"""The veRL release these extension points were read from and tested with."""
+from fvqa.train.verl_hooks import VERL_VERSION, UnsupportedVerlError, require_verl
 
+__all__ = ["VERL_VERSION", "UnsupportedVerlError", "check_verl_version", "install"]
 
-class UnsupportedVerlError(RuntimeError):
-    """veRL is not the version the CPU backend was checked against."""
+RECHECK = ("fvqa/train/cpu (verl.utils.distributed.initialize_global_process_group_ray, "
+           "verl.utils.fsdp_utils.CPUOffloadPolicy, verl.workers.rollout.base._ROLLOUT_REGISTRY, "
+           "RolloutReplicaRegistry, PlatformBase)")
+"""The veRL internals the CPU backend relies on: what to re-read for another veRL release."""
 
 
 def check_verl_version() -> None:
     """One clear error instead of a deep crash when veRL moved its private extension points."""
-    import verl
-
-    found = getattr(verl, "__version__", "unknown")
-    if found != VERL_VERSION:
-        raise UnsupportedVerlError(
-            f"fvqa's CPU backend for veRL was checked against verl=={VERL_VERSION}, found {found}: "
-            f"install verl=={VERL_VERSION}, or re-check fvqa/train/cpu (verl.utils.distributed."
-            "initialize_global_process_group_ray, verl.utils.fsdp_utils.CPUOffloadPolicy, "
-            "verl.workers.rollout.base._ROLLOUT_REGISTRY, RolloutReplicaRegistry, PlatformBase)"
-        )
+    require_verl("fvqa's CPU backend for veRL", RECHECK)
 
 
 def install() -> None:
