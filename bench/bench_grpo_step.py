@@ -10,8 +10,9 @@ weight sync), and prints per the bench convention (`name: ours=<v> anchor=<v> ra
   overhead over bare generation.
 - `grpo_update_s_per_step`: the FSDP2 actor update (`timing_s/update_actor`) vs a plain PyTorch
   forward/backward/AdamW step of the same model on the same number of tokens, in this process.
-- `grpo_peak_rss_gb`: peak resident memory of the whole run's process tree (driver, Ray, workers,
-  search service) vs the bare model plus one generate in this process.
+- `grpo_peak_pss_gb`: peak memory of the whole run's process tree (driver, Ray, workers, search
+  service) as summed PSS (shared pages counted once) vs the bare model plus one generate in a
+  fresh process.
 
 The first step is warm-up (imports, compilation caches) and is left out of the means.
 """
@@ -57,7 +58,8 @@ def _demo_config(root: Path) -> Path:
 
 
 class PeakRss:
-    """Peak summed RSS of a process and all its descendants, sampled every 0.25 s."""
+    """Peak summed PSS of a process and all its descendants, sampled every 0.5 s (PSS, not RSS:
+    Ray's workers share torch's pages, which summed RSS would count once per process)."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
@@ -73,13 +75,13 @@ class PeakRss:
                 total = 0
                 for p in procs:
                     try:
-                        total += p.memory_info().rss
+                        total += p.memory_full_info().pss
                     except psutil.Error:
                         pass
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 pass
-            time.sleep(0.25)
+            time.sleep(0.5)
 
     def stop(self) -> int:
         self._stop.set()
@@ -109,14 +111,14 @@ def anchor_update_s(policy: Path, n_seqs: int, seqlen: int, repeats: int = 3) ->
 
 
 def anchor_rss(policy: Path) -> int:
-    """RSS of a fresh process holding the policy after one generate (the bare-model floor)."""
+    """PSS of a fresh process holding the policy after one generate (the bare-model floor)."""
     code = (
         "import torch, psutil\n"
         "from transformers import AutoModelForImageTextToText\n"
         f"m = AutoModelForImageTextToText.from_pretrained({str(policy)!r}).eval()\n"
         "ids = torch.tensor([[1, 2, 3, 4]])\n"
         "m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)\n"
-        "print(psutil.Process().memory_info().rss)\n"
+        "print(psutil.Process().memory_full_info().pss)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -175,7 +177,7 @@ def main() -> None:
               f"step {sum(metrics[s]['timing_s/step'] for s in measured) / len(measured):.1f} s")
         print(f"grpo_rollout_s_per_step: ours={gen:.2f} anchor={bare:.2f} ratio={gen / bare:.2f}")
         print(f"grpo_update_s_per_step: ours={update:.2f} anchor={anchor_upd:.2f} ratio={update / anchor_upd:.2f}")
-        print(f"grpo_peak_rss_gb: ours={peak / 1e9:.2f} anchor={bare_rss / 1e9:.2f} ratio={peak / bare_rss:.2f}")
+        print(f"grpo_peak_pss_gb: ours={peak / 1e9:.2f} anchor={bare_rss / 1e9:.2f} ratio={peak / bare_rss:.2f}")
     finally:
         subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
         shutil.rmtree(ray_dir, ignore_errors=True)

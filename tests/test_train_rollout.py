@@ -214,8 +214,8 @@ class ScriptedServer:
 class ScriptedSearch:
     """The search tools' interface with canned hits; records what the rollout asked for."""
 
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
+    def __init__(self, fail: bool = False, empty_text: bool = False) -> None:
+        self.fail, self.empty_text = fail, empty_text
         self.image_calls: list[tuple[bytes, dict[str, Any]]] = []
         self.text_calls: list[tuple[str, str]] = []
 
@@ -229,6 +229,8 @@ class ScriptedSearch:
 
     def text_search(self, query: str, question: str = "") -> list[TextHit]:
         self.text_calls.append((query, question))
+        if self.empty_text:
+            return []
         return [TextHit(url="https://example.org/eiffel", title="Eiffel", summary="Designed by Gustave Eiffel.")]
 
 
@@ -714,9 +716,18 @@ def test_step_metrics_count_searches_and_failed_searches(prepared: dict[str, Any
     ok, _ = _run(prepared, processor, [IMG, TXT, ANS], ScriptedSearch())
     failed, _ = _run(prepared, processor, [IMG, ANS], ScriptedSearch(fail=True))
     direct, _ = _run(prepared, processor, [ANS], ScriptedSearch())
-    m = search_metrics([ok.extra_fields, failed.extra_fields, direct.extra_fields, None, {"other": 1}])
-    assert m["fvqa/trajectories"] == 3
-    assert m["fvqa/image_search/mean"] == pytest.approx(2 / 3) and m["fvqa/text_search/mean"] == pytest.approx(1 / 3)
-    assert m["fvqa/search_errors/total"] == 1 and m["fvqa/search_errors/mean"] == pytest.approx(1 / 3)
-    assert m["fvqa/searched/mean"] == pytest.approx(2 / 3) and m["fvqa/stop_reason/answer"] == 1.0
+    empty, _ = _run(prepared, processor, [TXT, ANS], ScriptedSearch(empty_text=True))
+    m = search_metrics([ok.extra_fields, failed.extra_fields, direct.extra_fields, empty.extra_fields, None,
+                        {"other": 1}])
+    assert m["fvqa/trajectories"] == 4
+    assert m["fvqa/image_search/mean"] == pytest.approx(2 / 4) and m["fvqa/text_search/mean"] == pytest.approx(2 / 4)
+    assert m["fvqa/search_errors/total"] == 1 and m["fvqa/search_errors/mean"] == pytest.approx(1 / 4)
+    assert m["fvqa/search_empty/mean"] == pytest.approx(1 / 4)
+    assert m["fvqa/searched/mean"] == pytest.approx(3 / 4) and m["fvqa/stop_reason/answer"] == 1.0
+    # The reward's validation key counts the same failures (not the empty search).
+    from fvqa.train.verl_reward import compute_score
+
+    scores = [compute_score("mmsearch_r1/fvqa_train", "", "Gustave Eiffel", t.extra_fields)["n_search_errors"]
+              for t in (ok, failed, direct, empty)]
+    assert scores == [0, 1, 0, 0]
     assert search_metrics([None, {"other": 1}]) == {}

@@ -1,10 +1,10 @@
 """Search statistics in every training step's metrics (``fvqa/...``), next to veRL's own.
 
-Our agent loop records each trajectory's search calls (kind, success) and why it stopped in its
+Our agent loop records each trajectory's search calls (kind, success, error) and why it stopped in its
 extra fields. veRL 0.9.1's v1 trainer keeps those fields in TransferQueue but logs only its fixed
 metric set, so failed searches were visible to the model and nowhere else. This hook wraps the
 trainer's ``_compute_metrics`` to add, per step: searches per trajectory by kind, failed searches
-(total and per trajectory), the share of trajectories that searched, and the share of each stop
+(raised: total and per trajectory), searches that found nothing, the share of trajectories that searched, and the share of each stop
 reason. A problem reading them is a warning, never a failed step.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+from fvqa.train.tools import search_outcomes
 from fvqa.train.verl_hooks import UnsupportedVerlError, patch_on_import, require_verl
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def search_metrics(extra_fields: Sequence[Mapping[str, Any] | None]) -> dict[str
         return {}
     n = len(ours)
     calls = [list(e.get("tool_calls") or []) for e in ours]
-    failed = sum(1 for cs in calls for c in cs if not c.get("ok"))
+    outcomes = [search_outcomes(cs) for cs in calls]
+    failed, empty = sum(f for f, _ in outcomes), sum(e for _, e in outcomes)
     out = {
         f"{PREFIX}trajectories": float(n),
         f"{PREFIX}image_search/mean": sum(c.get("kind") == "image_search" for cs in calls for c in cs) / n,
@@ -39,6 +41,7 @@ def search_metrics(extra_fields: Sequence[Mapping[str, Any] | None]) -> dict[str
         f"{PREFIX}searched/mean": sum(bool(cs) for cs in calls) / n,
         f"{PREFIX}search_errors/total": float(failed),
         f"{PREFIX}search_errors/mean": failed / n,
+        f"{PREFIX}search_empty/mean": empty / n,
     }
     for reason, count in Counter(str(e.get("stop_reason")) for e in ours).items():
         out[f"{PREFIX}stop_reason/{reason}"] = count / n

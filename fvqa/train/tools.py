@@ -43,6 +43,19 @@ class SearchClient(Protocol):
         ...
 
 
+NO_RESULTS = "no results"
+"""``ToolResult.error`` of a search that ran but found nothing (the model sees upstream's error text
+either way; statistics keep the two apart)."""
+
+
+def search_outcomes(tool_calls: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """(failed, empty) among a trajectory's recorded search calls: failed raised (service down,
+    timeout, bad reply), empty ran and found nothing."""
+    failed = sum(1 for c in tool_calls if not c.get("ok") and c.get("error") and c.get("error") != NO_RESULTS)
+    empty = sum(1 for c in tool_calls if not c.get("ok") and c.get("error") == NO_RESULTS)
+    return failed, empty
+
+
 @dataclass(frozen=True)
 class ToolResult:
     """One executed search: the rendered text, the thumbnails it shows, and whether it failed."""
@@ -107,7 +120,7 @@ async def run_image_search(
         return ToolResult("image_search", text, [], False, 0, f"{type(exc).__name__}: {exc}")
     text, images = render_image_results(hits[:topk])
     images = [bound_thumbnail(img, max_pixels, patch_size) for img in images]
-    return ToolResult("image_search", text, images, bool(hits), len(hits[:topk]), "" if hits else "no results")
+    return ToolResult("image_search", text, images, bool(hits), len(hits[:topk]), "" if hits else NO_RESULTS)
 
 
 async def run_text_search(
@@ -126,7 +139,7 @@ async def run_text_search(
         logger.warning("text search failed: %s", exc)
         return ToolResult("text_search", render_text_results([]), [], False, 0, f"{type(exc).__name__}: {exc}")
     hits = hits[:topk]
-    return ToolResult("text_search", render_text_results(hits), [], bool(hits), len(hits), "" if hits else "no results")
+    return ToolResult("text_search", render_text_results(hits), [], bool(hits), len(hits), "" if hits else NO_RESULTS)
 
 
 _CLIENTS: dict[tuple[str, float], SearchClient] = {}
