@@ -248,13 +248,13 @@ def demo_policy(
     """
     from fvqa.demo.policy import (
         STANDIN_FILE,
-        build_tiny_qwen,
         demo_corpus,
         prime_policy,
         read_rows,
         sample_turns,
         write_standin_note,
     )
+    from fvqa.demo.tiny_model import build_tiny_qwen
 
     ws = _workspace_path(config, workspace)
     parquet = ws / "exports" / "verl" / "train.parquet"

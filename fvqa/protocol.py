@@ -42,6 +42,9 @@ IMAGE_SEARCH_TAG = "<search><img></search>"
 TEXT_SEARCH_OPEN, TEXT_SEARCH_CLOSE = "<text_search>", "</text_search>"
 REASON_OPEN, REASON_CLOSE = "<reason>", "</reason>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+STOP_STRINGS: tuple[str, ...] = ("</search>", TEXT_SEARCH_CLOSE)
+"""Generation stops right after a search tag so the tool runs before the model goes on (upstream);
+every driver (probe, eval, the veRL loop, the demo's sampler) stops on these."""
 IMAGE_PLACEHOLDER = "<image>"
 """Where the user's image sits in an opening prompt (veRL's and upstream's dataset convention)."""
 

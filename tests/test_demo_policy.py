@@ -53,7 +53,8 @@ def train_parquet(tmp_path_factory: pytest.TempPathFactory, demo_world: Path) ->
 
 @pytest.fixture(scope="module")
 def primed(tmp_path_factory: pytest.TempPathFactory, train_parquet: Path) -> dict[str, Any]:
-    from fvqa.demo.policy import build_tiny_qwen, demo_corpus, prime_policy, read_rows
+    from fvqa.demo.policy import demo_corpus, prime_policy, read_rows
+    from fvqa.demo.tiny_model import build_tiny_qwen
 
     rows = read_rows(train_parquet)
     model_dir = build_tiny_qwen(tmp_path_factory.mktemp("policy") / "demo-policy", corpus=demo_corpus(rows),

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from fvqa.errors import ConfigError
-from fvqa.generators.base import STOP_STRINGS, Generation, Generator, Request, Sampling
+from fvqa.generators.base import Generation, Generator, Request, Sampling
+from fvqa.protocol import STOP_STRINGS
 
 __all__ = ["STOP_STRINGS", "Generation", "Generator", "Request", "Sampling", "make_generator"]
 

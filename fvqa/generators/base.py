@@ -19,10 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from fvqa.protocol import IMAGE_SEARCH_TAG, TEXT_SEARCH_CLOSE, TEXT_SEARCH_OPEN
-
-STOP_STRINGS: tuple[str, ...] = ("</search>", TEXT_SEARCH_CLOSE)
-"""Generation stops right after a search tag so the tool runs before the model goes on (upstream)."""
+from fvqa.protocol import IMAGE_SEARCH_TAG, STOP_STRINGS, TEXT_SEARCH_CLOSE, TEXT_SEARCH_OPEN
 
 Message = dict[str, Any]
 

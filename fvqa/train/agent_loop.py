@@ -39,7 +39,7 @@ from fvqa.errors import ConfigError
 from fvqa.protocol import (
     IMAGE_SEARCH_TAG,
     QWEN_IMAGE_PAD,
-    TEXT_SEARCH_CLOSE,
+    STOP_STRINGS,
     FormatRule,
     Limits,
     Prompts,
@@ -63,8 +63,6 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
 AGENT_NAME = "fvqa_search_agent"
-STOP_STRINGS = ("</search>", TEXT_SEARCH_CLOSE)
-"""Generation stops right after a search tag so the tool runs before the model goes on."""
 
 
 class LoopSettings(BaseModel):
