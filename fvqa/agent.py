@@ -147,6 +147,17 @@ def _decodable(thumbnail: Any) -> bool:
     return True
 
 
+def image_hit_records(hits: Sequence[Any], shown_sha256: Sequence[str]) -> list[dict[str, Any]]:
+    """Each hit's title and URL with the sha256 of the thumbnail the model was shown for it.
+
+    ``render_image_results`` shows only decodable thumbnails, in hit order; pairing by "has a
+    thumbnail" instead would give a broken hit the next good hit's image.
+    """
+    shown = iter(shown_sha256)
+    return [{"title": h.title, "url": h.url,
+             "thumbnail_sha256": next(shown, None) if _decodable(h.thumbnail) else None} for h in hits]
+
+
 class Rollout:
     """One rollout's state: the live messages (with image bytes) and its growing trajectory."""
 
@@ -222,9 +233,7 @@ class Rollout:
         except Exception as exc:  # noqa: BLE001 - any search failure becomes upstream's error text
             hits, error = [], f"{type(exc).__name__}: {exc}"
         text, images = render_image_results(hits)
-        shown = iter(_sha(image_to_bytes(im)) for im in images)  # in hit order, decodable thumbnails only
-        records = [{"title": h.title, "url": h.url,
-                    "thumbnail_sha256": next(shown, None) if _decodable(h.thumbnail) else None} for h in hits]
+        records = image_hit_records(hits, [_sha(image_to_bytes(im)) for im in images])
         call = ToolCall(rnd, "image_search", None, error is None and bool(hits), records, text, error,
                         time.perf_counter() - t0)
         return text, images, call

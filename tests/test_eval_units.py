@@ -99,6 +99,27 @@ def test_rag_runs_both_searches_and_answers() -> None:
     assert "created by Ixka" in second and "Original user's question: Who made this tower?" in second
 
 
+class BrokenFirstTools(Tools):
+    """Hits [undecodable thumbnail, good thumbnail]: the model sees only the good one."""
+
+    def image_search(self, image: bytes, **_: Any) -> list[ImageHit]:
+        return [ImageHit("Broken", "http://x/0", b"not an image"), ImageHit("Ulix tower", "http://x/1", _png("blue"))]
+
+
+def test_rag_records_each_thumbnail_under_its_own_hit() -> None:
+    import hashlib
+
+    gen = Scripted(["<reason>r</reason><text_search>Ulix tower maker</text_search>",
+                    "<reason>r</reason><answer>Ixka</answer>"])
+    item = AgentItem("i1", "Who made this tower?", _png())
+    [traj] = run_rag([item], gen, BrokenFirstTools(), load_prompts(), Sampling(temperature=0))
+    broken, good = traj.tool_calls[0].hits
+    shown = [p["sha256"] for p in traj.messages[0]["content"] if p.get("type") == "image"][1:]
+    assert broken["thumbnail_sha256"] is None
+    assert good["thumbnail_sha256"] == shown[0] == traj.image_shas[1]
+    assert good["thumbnail_sha256"] != hashlib.sha256(b"not an image").hexdigest()
+
+
 def test_rag_without_a_query_searches_the_question_and_survives_search_errors() -> None:
     gen = Scripted(["<reason>I think I know</reason><answer>Bob</answer>", "no tags at all"])
     tools = Tools(fail_image=True)

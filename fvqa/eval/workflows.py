@@ -20,7 +20,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fvqa.agent import AgentItem, Job, SearchTools, ToolCall, Trajectory, TurnRecord, run_many
+from fvqa.agent import (
+    AgentItem,
+    Job,
+    SearchTools,
+    ToolCall,
+    Trajectory,
+    TurnRecord,
+    image_hit_records,
+    run_many,
+)
 from fvqa.generators.base import Generation, Generator, Message, Request, Sampling, image_to_bytes
 from fvqa.protocol import (
     IMAGE_PLACEHOLDER,
@@ -83,10 +92,9 @@ class _Rag:
             hits, error = [], f"{type(exc).__name__}: {exc}"
         text, images = render_image_results(hits)
         thumbs = [image_to_bytes(im) for im in images]
-        self.traj.image_shas.extend(_sha(b) for b in thumbs)
-        shown = iter(_sha(b) for b in thumbs)
-        records = [{"title": h.title, "url": h.url, "thumbnail_sha256": next(shown, None) if h.thumbnail else None}
-                   for h in hits]
+        shas = [_sha(b) for b in thumbs]
+        self.traj.image_shas.extend(shas)
+        records = image_hit_records(hits, shas)
         self.traj.tool_calls.append(ToolCall(1, "image_search", None, error is None and bool(hits), records, text,
                                              error, time.perf_counter() - t0))
         user_text = rag_query_user_text(self.prompts.rag_query, self.item.question, text)
