@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fvqa.errors import ConfigError
 from fvqa.llm.config import LLMConfig
+from fvqa.protocol import Limits
 
 
 class Section(BaseModel):
@@ -168,9 +170,7 @@ class ProbeConfig(Section):
     temperature: float = Field(1.0, ge=0)  # paper: sampled rollouts
     top_p: float = Field(1.0, gt=0, le=1)
     prompts: list[Path] | None = None  # prompt files/folders (fvqa.protocol.load_prompts)
-    max_rounds: int = Field(3, ge=1)
-    max_image_search: int = Field(1, ge=0)
-    max_text_search: int = Field(2, ge=0)
+    limits: Limits = Field(default_factory=Limits)  # the same rollout limits as eval and training
     # popularity prior: head concepts (>= head_threshold matches) are search-free; fact questions on
     # torso concepts (>= torso_threshold) need text search, on tail concepts image + text search
     head_threshold: int = 20_000
@@ -184,6 +184,24 @@ class ProbeConfig(Section):
         from fvqa.llm.config import LLMConfig  # lazy: the LLM layer is only needed by this backend
 
         return None if v is None else LLMConfig.model_validate(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_limits(cls, data: Any) -> Any:
+        """Older configs set `probe.max_rounds` etc. directly: read them as `probe.limits.*`."""
+        flat = [k for k in _FLAT_LIMITS if isinstance(data, dict) and k in data]
+        if not flat:
+            return data
+        if "limits" in data:
+            raise ValueError(f"set the limits once: probe.limits or the deprecated probe.{flat[0]}, not both")
+        warnings.warn(f"probe.{', probe.'.join(flat)}: deprecated, write them under probe.limits",
+                      DeprecationWarning, stacklevel=2)
+        data = dict(data)
+        data["limits"] = {k: data.pop(k) for k in flat}
+        return data
+
+
+_FLAT_LIMITS = ("max_rounds", "max_image_search", "max_text_search", "image_search_first_round_only")
 
 
 class SplitConfig(Section):

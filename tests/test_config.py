@@ -55,3 +55,23 @@ def test_section_hash_changes_with_settings():
 def test_unknown_search_option_is_an_error_at_load_time():
     with pytest.raises(ConfigError, match=r"unknown key 'search\.local\.index_dirr'"):
         load_config(None, ["search.options.local.index_dirr=/tmp/x"])
+
+
+def test_probe_eval_and_training_share_one_limits_model(tmp_path):
+    from fvqa.eval.config import EvalConfig
+    from fvqa.protocol import Limits
+    from fvqa.train.agent_loop import LoopSettings
+
+    cfg = load_config(None, ["probe.limits.max_rounds=4", "probe.limits.max_text_search=3"])
+    assert cfg.probe.limits == Limits(max_rounds=4, max_text_search=3)
+    assert type(EvalConfig.model_fields["limits"].default_factory()) is Limits
+    assert type(LoopSettings().limits) is Limits
+    p = tmp_path / "c.yaml"
+    p.write_text("probe:\n  limits:\n    max_rond: 4\n")
+    with pytest.raises(ConfigError, match=r"probe\.limits\.max_rond"):
+        load_config(p)
+    # The old flat keys still load (with a deprecation warning), into the same model.
+    p.write_text("probe:\n  max_rounds: 4\n  max_text_search: 3\n")
+    with pytest.warns(DeprecationWarning, match="probe.limits"):
+        old = load_config(p)
+    assert old.probe.limits == cfg.probe.limits

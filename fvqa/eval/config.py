@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fvqa.errors import ConfigError
 from fvqa.llm.config import LLMConfig
+from fvqa.protocol import Limits
 
 Workflow = Literal["direct", "rag", "on_demand"]
 BenchmarkKind = Literal["fvqa", "infoseek", "mmsearch", "simplevqa", "livevqa"]
@@ -84,14 +85,6 @@ class SamplingSpec(_Section):
     seed: int | None = None
 
 
-class LimitsSpec(_Section):
-    """On-demand search limits (the paper's defaults)."""
-
-    max_rounds: int = Field(3, ge=1)
-    max_image_search: int = Field(1, ge=0)
-    max_text_search: int = Field(2, ge=0)
-
-
 class EvalConfig(_Section):
     """A whole evaluation: models x benchmarks x workflows, scored and reported."""
 
@@ -103,7 +96,7 @@ class EvalConfig(_Section):
     primary_metric: Metric = "judge"
     judge: JudgeSpec = Field(default_factory=lambda: JudgeSpec(enabled=False))
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
-    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    limits: Limits = Field(default_factory=Limits)  # on-demand limits, the same model as probe and training
     prompts: list[Path] | None = None  # prompt files/folders (fvqa.protocol.load_prompts)
     search: dict[str, Any] = Field(default_factory=lambda: {"backend": "local"})  # {backend, options}
     batch_size: int = Field(32, ge=1)

@@ -114,11 +114,11 @@ def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summ
              log: Callable[[str], None] = lambda _: None) -> Any:
     """Run every missing (model, benchmark, workflow, item); returns the tools it built (to close)."""
     from fvqa.generators.base import Sampling
-    from fvqa.protocol import Limits, load_prompts
+    from fvqa.protocol import load_prompts
 
     prompts = load_prompts(cfg.prompts)
     prompts_source = json.dumps(prompts.source, sort_keys=True)
-    limits = Limits(**cfg.limits.model_dump())
+    limits = cfg.limits
     s = cfg.sampling
     sampling = Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed)
     built_tools = None

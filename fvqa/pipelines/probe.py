@@ -109,11 +109,11 @@ class ProbeStage(Stage):
         from fvqa.llm.ledger import estimate_cost
 
         n = len(ctx.todo(sorted(ctx.ws.keys("items", "item_id"))))
-        calls = n * cfg.k * (cfg.max_rounds + 1)
+        calls = n * cfg.k * (cfg.limits.max_rounds + 1)
         # prompt: instructions + question + image (~800 tokens), growing by ~600 per search result turn
-        est = estimate_cost(calls, 800 + 600 * (cfg.max_rounds - 1) / 2, 120, cfg.llm.price, batch=False)
+        est = estimate_cost(calls, 800 + 600 * (cfg.limits.max_rounds - 1) / 2, 120, cfg.llm.price, batch=False)
         return Estimate(paid_calls=est.paid_calls, tokens=est.prompt_tokens + est.completion_tokens, usd=est.usd,
-                        note=f"upper bound: {n} items x k={cfg.k} x ({cfg.max_rounds} search turns + 1 direct); "
+                        note=f"upper bound: {n} items x k={cfg.k} x ({cfg.limits.max_rounds} search turns + 1 direct); "
                              f"{cfg.llm.model}")
 
     def run(self, ctx: StageContext) -> None:

@@ -20,7 +20,7 @@ from fvqa.generators import Sampling, make_generator
 from fvqa.generators.base import Generator
 from fvqa.pipelines.base import StageContext
 from fvqa.pipelines.probe_labels import RolloutOutcome, label_from_rollouts
-from fvqa.protocol import Limits, load_prompts
+from fvqa.protocol import load_prompts
 from fvqa.schema import SearchLabel
 from fvqa.store import now
 
@@ -109,8 +109,7 @@ def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, An
 def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], method: str, generator: Generator,
            tools: Any) -> None:
     prompts = load_prompts(cfg.prompts)
-    limits = Limits(max_rounds=cfg.max_rounds, max_image_search=cfg.max_image_search,
-                    max_text_search=cfg.max_text_search)
+    limits = cfg.limits
     prov_base = {"method": method, "backend": cfg.backend, "generator": generator.name, "k": cfg.k,
                  "temperature": cfg.temperature, "seed": cfg.seed, "limits": limits.model_dump(),
                  "prompts": sorted(set(prompts.source.values()))}
