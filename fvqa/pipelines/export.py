@@ -15,11 +15,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fvqa.formats.verl import data_source
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.schema import ITEM_ARROW_SCHEMA, SearchLabel
 from fvqa.store import Workspace
-
-UPSTREAM_DATA_SOURCE = "mmsearch_r1/fvqa_{split}"
 
 
 def dataset_rows(ws: Workspace, include_unassigned: bool = True) -> list[dict[str, Any]]:
@@ -75,7 +74,7 @@ def upstream_record(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
             "ground_truth": row["answer"],
             "style": "rule",
         },
-        "data_source": imported.get("data_source") or UPSTREAM_DATA_SOURCE.format(split=row["split"]),
+        "data_source": imported.get("data_source") or data_source(row["split"]),
         "image_urls": image_urls,
         "data_id": imported.get("data_id") or row["item_id"],
         "category": _category(row, imported),

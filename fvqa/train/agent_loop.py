@@ -36,6 +36,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutp
 from verl.utils.profiler import simple_timer
 
 from fvqa.errors import ConfigError
+from fvqa.formats.verl import AGENT_NAME
 from fvqa.protocol import (
     IMAGE_SEARCH_TAG,
     QWEN_IMAGE_PAD,
@@ -61,8 +62,6 @@ from fvqa.train.tools import (
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
-
-AGENT_NAME = "fvqa_search_agent"
 
 
 class LoopSettings(BaseModel):

@@ -28,12 +28,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from fvqa.errors import FvqaError
+from fvqa.formats.verl import AGENT_NAME, data_source
 from fvqa.protocol import IMAGE_PLACEHOLDER, Prompts, load_prompts, opening_user_text
 from fvqa.store import Workspace
 
 STAGE = "train_prepare"
-AGENT_NAME = "fvqa_search_agent"
-DATA_SOURCE = "mmsearch_r1/fvqa_{split}"
 DEFAULT_IMAGE_MAX_PIXELS = 1024 * 28 * 28
 """Qwen2.5-VL spends one token per 28x28 patch: this bounds the user image at ~1024 vision tokens."""
 SPLIT_FILES = {"train": "train.parquet", "test": "val.parquet"}
@@ -157,7 +156,7 @@ def build_row(
     split = row["split"]
     candidates = _candidates(row)
     return {
-        "data_source": DATA_SOURCE.format(split=split),
+        "data_source": data_source(split),
         "prompt": [{"role": "user", "content": opening_user_text(prompts.round_1, question)}],
         "images": [{"bytes": data, "path": f"{sha}.{row.get('image_ext') or 'img'}"}],
         "ability": "fvqa",

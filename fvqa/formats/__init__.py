@@ -1,0 +1,1 @@
+"""File layouts fvqa reads and writes that other tools define (veRL's and upstream's rows)."""
