@@ -26,11 +26,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
 from verl.utils.profiler import simple_timer
@@ -131,6 +133,25 @@ def _user_image(messages: list[dict[str, Any]], images: list[Any]) -> bytes | No
     return image_bytes(images[0]) if images else None
 
 
+_DECODE_LOCK = threading.Lock()
+
+
+def _decode_shared_images(messages: list[dict[str, Any]]) -> None:
+    """Decode the prompt's PIL images once, before veRL preprocesses them in executor threads.
+
+    veRL gives the n rollouts of a prompt the same lazily decoded PIL images and runs
+    ``process_multi_modal_info`` for each in a thread pool; PIL's lazy PNG decode is not
+    thread-safe (an ``AssertionError`` in ``PngImagePlugin`` fails the trajectory now and then).
+    """
+    for msg in messages:
+        content = msg.get("content")
+        for part in content if isinstance(content, list) else ():
+            image = part.get("image") if isinstance(part, dict) else None
+            if isinstance(image, Image.Image):
+                with _DECODE_LOCK:
+                    image.load()
+
+
 def _weight_versions(extra_fields: dict[str, Any] | None) -> list[int]:
     """Weight versions one generate call reports (veRL's client sets min/max; servers set global_steps)."""
     extra = extra_fields or {}
@@ -189,6 +210,7 @@ class FvqaSearchAgentLoop(AgentLoopBase):
         extra = dict(kwargs.get("extra_info") or {})
         question = _question_from(kwargs)
         metrics: dict[str, Any] = {}
+        _decode_shared_images(messages)
         multi_modal = await self.process_multi_modal_info(messages)
         images: list[Any] = list(multi_modal.get("images") or [])
         self._assert_mm_supported(bool(images))
