@@ -21,9 +21,9 @@ from eval_files import write_benchmarks
 from fake_openai import FakeOpenAI, last_user_text
 from pixel_embedder import PixelEmbedder
 
+from fvqa.answers import normalize_answer
 from fvqa.eval.aggregate import cells, scored_rows
 from fvqa.eval.config import load_eval_config
-from fvqa.eval.metrics import normalize_answer
 from fvqa.eval.report import build_report
 from fvqa.eval.runner import run_eval
 from fvqa.store import Workspace

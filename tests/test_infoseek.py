@@ -13,8 +13,9 @@ from PIL import Image
 from rich.console import Console
 
 from fvqa.config import InfoseekConfig, RunConfig
+from fvqa.formats.infoseek import aliases_of, check_answer_eval
 from fvqa.pipelines.base import execute_stage
-from fvqa.pipelines.infoseek import InfoseekStage, aliases_of, check_answer_eval
+from fvqa.pipelines.infoseek import InfoseekStage
 from fvqa.pipelines.sampling import balanced_sample
 from fvqa.store import Workspace
 

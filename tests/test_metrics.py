@@ -10,24 +10,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fvqa.answers import exact_match, normalize_answer, sub_exact_match
 from fvqa.eval.metrics import (
     MISSING,
     Grade,
     bootstrap_ci,
     breakdown,
     correct_without_search,
-    exact_match,
     infoseek_final,
     infoseek_gold_range,
     infoseek_score,
     mmsearch_f1,
-    normalize_answer,
     parse_numeric_prediction,
     range_iou,
     search_ratio,
     search_usage,
     simplevqa_summary,
-    sub_exact_match,
     token_f1,
 )
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from fvqa.annotation import tables
 from fvqa.annotation.agreement import field_agreement
+from fvqa.answers import normalize_answer
 from fvqa.errors import FvqaError
-from fvqa.eval.metrics import normalize_answer
 from fvqa.store import Workspace, now
 
 STAGE = "annotate"

@@ -34,6 +34,15 @@ from typing import Any
 from fvqa.errors import ConfigError
 from fvqa.eval.config import BenchmarkSpec
 from fvqa.eval.metrics import infoseek_gold_range, infoseek_question_type
+from fvqa.formats.infoseek import (
+    QTYPE_SUFFIX,
+    BadLine,
+    aliases_of,
+    check_answer_eval,
+    companion,
+    find_image,
+    read_jsonl,
+)
 from fvqa.store import ImageError, sniff_image
 
 IMAGE_IN_PROMPT = "<image>"
@@ -96,8 +105,6 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
             yield f"row {i}", row
         return
     if suffix == ".jsonl":
-        from fvqa.pipelines.infoseek import BadLine, read_jsonl
-
         for rec in read_jsonl(path):
             if isinstance(rec, BadLine):
                 yield f"line {rec.line_no}", RowError(f"malformed JSON line: {rec.error}")
@@ -257,10 +264,6 @@ def _fvqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counte
     )
 
 
-def _companion(path: Path, suffix: str) -> Path:
-    return path.with_name(path.stem + suffix + path.suffix)
-
-
 def _id_set(path: Path) -> set[str]:
     if not path.is_file():
         raise ConfigError(f"subset file not found: {path}")
@@ -276,7 +279,7 @@ def _id_set(path: Path) -> set[str]:
 
 
 def _qtypes(spec: BenchmarkSpec) -> dict[str, str]:
-    path = spec.qtype or _companion(spec.path, "_qtype")
+    path = spec.qtype or companion(spec.path, QTYPE_SUFFIX)
     if not path.is_file():
         if spec.qtype is not None:
             raise ConfigError(f"InfoSeek qtype file not found: {path}")
@@ -289,8 +292,6 @@ def _qtypes(spec: BenchmarkSpec) -> dict[str, str]:
 
 
 def _infoseek(spec: BenchmarkSpec, row: dict[str, Any], base: Path, qtypes: dict[str, str]) -> EvalItem:
-    from fvqa.pipelines.infoseek import aliases_of, check_answer_eval, find_image
-
     data_id = _text(row, "data_id") or ""
     question = _text(row, "question") or ""
     image_id = _text(row, "image_id") or ""

@@ -1,10 +1,10 @@
-"""Answer scoring shared by the probe, the reward and evaluation.
+"""Benchmark scoring and aggregation for evaluation.
 
-One normalisation (SQuAD's) everywhere, so a label, a reward and a reported accuracy can never
-disagree about whether the same answer is correct. The benchmark scorers follow each benchmark's
-official definition (InfoSeek, MMSearch, SimpleVQA), because published numbers move by 10-15
-points with the scoring protocol; where the official code would crash or is ambiguous, the
-function's docstring says what we do instead.
+Answer normalisation and exact / sub-exact match live in ``fvqa.answers`` (shared with the probe,
+the reward and annotation). The benchmark scorers follow each benchmark's official definition
+(InfoSeek, MMSearch, SimpleVQA), because published numbers move by 10-15 points with the scoring
+protocol; where the official code would crash or is ambiguous, the function's docstring says what
+we do instead.
 
 Everything here is a pure function: no I/O, no model calls.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,47 +21,7 @@ from typing import Any
 
 import numpy as np
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower-case, strip punctuation, drop a/an/the, collapse white space.
-
-    Only ASCII punctuation is stripped and accents are kept, exactly as SQuAD and the official
-    InfoSeek scorer do; changing that would make our numbers incomparable with theirs.
-    """
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _gold_list(golds: Iterable[str] | str) -> list[str]:
-    """A bare string is one answer, not a sequence of one-letter answers."""
-    return [golds] if isinstance(golds, str) else list(golds)
-
-
-def exact_match(prediction: str, golds: Iterable[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in _gold_list(golds)))
-
-
-def sub_exact_match(prediction: str, golds: Iterable[str]) -> float:
-    """1.0 if any normalised gold answer occurs inside the normalised prediction (upstream's SubEM).
-
-    One-way on purpose: the reverse direction would pay a one-letter answer that happens to occur
-    in the gold ("e" inside "eiffel"). A gold that normalises to nothing never matches (``"" in x``
-    is always true).
-    """
-    pred = normalize_answer(prediction)
-    for gold in _gold_list(golds):
-        g = normalize_answer(gold)
-        if g and g in pred:
-            return 1.0
-    return 0.0
-
+from fvqa.answers import exact_match, gold_list, normalize_answer
 
 # --------------------------------------------------------------------------------------- InfoSeek
 
@@ -208,7 +167,7 @@ def numeric_range_score(prediction: NumericPrediction, gold: tuple[float, float]
 
 
 def _string_answers(answer_eval: Any) -> list[str]:
-    answers = _gold_list(answer_eval) if isinstance(answer_eval, str | list | tuple) else None
+    answers = gold_list(answer_eval) if isinstance(answer_eval, str | list | tuple) else None
     if not answers:
         raise ValueError(f"answer_eval must be a non-empty list of strings, got {answer_eval!r}")
     bad = [a for a in answers if not isinstance(a, str)]
@@ -270,7 +229,7 @@ def mmsearch_f1(
     prediction: str, gt_answer: str, alternative_gt_answers: Iterable[str] | None = None
 ) -> float:
     """MMSearch end-to-end score: best token F1 over the gold answer and its alternatives."""
-    golds = [gt_answer, *_gold_list(alternative_gt_answers or [])]
+    golds = [gt_answer, *gold_list(alternative_gt_answers or [])]
     return max(token_f1(prediction, g) for g in golds)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fvqa.eval.metrics import exact_match, infoseek_score, mmsearch_f1, sub_exact_match
+from fvqa.answers import exact_match, sub_exact_match
+from fvqa.eval.metrics import infoseek_score, mmsearch_f1
 
 JUDGE_OFFICIAL = ("simplevqa", "livevqa")
 

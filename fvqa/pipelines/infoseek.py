@@ -6,61 +6,36 @@ N items evenly over question type x knowledge type, at most `per_entity` per ent
 knowledge type of an entity comes from a user file (`knowledge_types`) or, failing that, from the
 offline MiniLM tagger run on the entity's name (once per distinct name). Bad lines (with their line
 number), missing or unreadable images, rows without an answer and malformed numeric ranges become
-rejects.
+rejects. The file format itself (fields, the line reader, answer_eval checks) is `fvqa.formats.infoseek`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fvqa.config import InfoseekConfig, RunConfig
 from fvqa.errors import ConfigError
+from fvqa.formats.infoseek import (
+    MAIN_FIELDS,
+    QTYPE_FIELDS,
+    QTYPE_SUFFIX,
+    WITHKB_FIELDS,
+    WITHKB_SUFFIX,
+    BadLine,
+    aliases_of,
+    check_answer_eval,
+    companion,
+    find_image,
+    read_jsonl,
+)
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.pipelines.sampling import balanced_sample, stratum_counts
 from fvqa.store import ImageError, now
 
 STAGE = "infoseek"
-IMAGE_EXTS = (".jpg", ".jpeg", ".JPEG", ".JPG", ".png", ".webp")
-KEEP = ("data_id", "image_id", "question", "answer", "answer_eval", "data_split")
-
-
-@dataclass
-class BadLine:
-    """A line that is not a JSON object (kept with its number for the reject)."""
-
-    line_no: int
-    error: str
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]] | BadLine]:
-    """Yield (line number, object) per line, or BadLine for lines that do not decode or parse."""
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield BadLine(line_no, f"not valid UTF-8 (byte {exc.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield BadLine(line_no, f"{exc.msg} at column {exc.colno}")
-                continue
-            if not isinstance(obj, dict):
-                yield BadLine(line_no, "line is not a JSON object")
-                continue
-            yield line_no, obj
-
-
-def _companion(main: Path, suffix: str) -> Path:
-    return main.with_name(main.stem + suffix + main.suffix)
 
 
 def resolve_paths(cfg: InfoseekConfig, config: RunConfig) -> tuple[Path, Path | None, Path | None, Path]:
@@ -74,8 +49,8 @@ def resolve_paths(cfg: InfoseekConfig, config: RunConfig) -> tuple[Path, Path | 
     for name, given in (("withkb", cfg.withkb), ("qtype", cfg.qtype), ("knowledge_types", cfg.knowledge_types)):
         if given is not None and not given.is_file():
             raise ConfigError(f"infoseek.{name} not found: {given}")
-    withkb = cfg.withkb or _companion(main, "_withkb")
-    qtype = cfg.qtype or _companion(main, "_qtype")
+    withkb = cfg.withkb or companion(main, WITHKB_SUFFIX)
+    qtype = cfg.qtype or companion(main, QTYPE_SUFFIX)
     image_dir = cfg.image_dir or (world / "images" if world else main.parent / "images")
     if not image_dir.is_dir():
         raise ConfigError(f"infoseek.image_dir not found: {image_dir}")
@@ -112,57 +87,6 @@ def read_knowledge_types(path: Path) -> dict[str, str]:
         if row.get("entity_id") and row.get("knowledge_type"):
             out[str(row["entity_id"])] = str(row["knowledge_type"])
     return out
-
-
-def check_answer_eval(value: Any) -> str | None:
-    """Why an `answer_eval` is unusable, or None. Strings, and numeric `{"wikidata", "range"}` dicts
-    (alone or inside a list) are accepted."""
-    items = value if isinstance(value, list) else [value]
-    if value is None or (isinstance(value, list) and not value):
-        return None  # absent: the answer alone is the gold
-    for item in items:
-        if isinstance(item, str | int | float) and not isinstance(item, bool):
-            continue
-        if isinstance(item, dict):
-            rng = item.get("range")
-            if rng is None:
-                if "wikidata" in item:
-                    continue
-                return f"numeric answer_eval without wikidata or range: {json.dumps(item)[:200]}"
-            ok = (isinstance(rng, list) and len(rng) == 2
-                  and all(isinstance(x, int | float) and not isinstance(x, bool) for x in rng) and rng[0] <= rng[1])
-            if not ok:
-                return f"numeric range must be [low, high] with low <= high, got {json.dumps(rng)[:200]}"
-            continue
-        return f"answer_eval entries must be strings or numeric dicts, got {type(item).__name__}"
-    return None
-
-
-def aliases_of(answers: list[str], answer_eval: Any) -> list[str]:
-    """The answer(s) first, then the string forms in answer_eval (numeric dicts: their wikidata value)."""
-    out: list[str] = []
-    items = answer_eval if isinstance(answer_eval, list) else [answer_eval] if answer_eval is not None else []
-    for a in [*answers, *items]:
-        if isinstance(a, dict):
-            a = a.get("wikidata")
-            a = None if a is None else f"{a:g}" if isinstance(a, float) else str(a)
-        if isinstance(a, int | float) and not isinstance(a, bool):
-            a = f"{a:g}"
-        if isinstance(a, str) and a.strip() and a.strip() not in out:
-            out.append(a.strip())
-    return out
-
-
-def find_image(image_dir: Path, pattern: str, image_id: str) -> Path | None:
-    """The image file for an image_id: the configured pattern, then common extensions."""
-    first = image_dir / pattern.format(image_id=image_id)
-    if first.is_file():
-        return first
-    for ext in IMAGE_EXTS:
-        path = image_dir / f"{image_id}{ext}"
-        if path.is_file():
-            return path
-    return None
 
 
 class InfoseekStage(Stage):
@@ -205,7 +129,7 @@ class InfoseekStage(Stage):
             if "/" in image_id or "\\" in image_id or image_id.startswith("."):
                 ctx.reject(key, "bad image_id", f"line {line_no}: image_id {image_id!r} is not a plain name")
                 continue
-            rows.append({**{k: obj.get(k) for k in KEEP}, "data_id": data_id, "image_id": image_id,
+            rows.append({**{k: obj.get(k) for k in MAIN_FIELDS}, "data_id": data_id, "image_id": image_id,
                          "answers": answers, "line_no": line_no, **kb.get(data_id, {}), **qt.get(data_id, {})})
         return rows
 
@@ -237,8 +161,8 @@ class InfoseekStage(Stage):
         cfg: InfoseekConfig = ctx.cfg
         main, withkb, qtype, image_dir = resolve_paths(cfg, ctx.config)
         side_bad: list[str] = []
-        kb = _side_table(withkb, ("entity_id", "entity_text"), side_bad)
-        qt = _side_table(qtype, ("question_type",), side_bad)
+        kb = _side_table(withkb, WITHKB_FIELDS, side_bad)
+        qt = _side_table(qtype, QTYPE_FIELDS, side_bad)
         if side_bad:
             ctx.stats.notes.append(f"{len(side_bad)} unreadable lines in companion files ignored "
                                    f"(first: {side_bad[0]})")

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fvqa.answers import normalize_answer
 from fvqa.errors import ConfigError
-from fvqa.eval.metrics import normalize_answer
 
 QuestionKey = Literal["question_answer", "question"]
 

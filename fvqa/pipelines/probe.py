@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fvqa.answers import exact_match, normalize_answer
 from fvqa.config import ProbeConfig, RunConfig
 from fvqa.errors import ConfigError
-from fvqa.eval.metrics import exact_match, normalize_answer
 from fvqa.pipelines.base import Estimate, Stage, StageContext
 from fvqa.pipelines.probe_labels import (
     POPULARITY_METHOD,

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from fvqa.eval.metrics import normalize_answer
+from fvqa.answers import normalize_answer
 from fvqa.schema import SearchLabel
 
 POPULARITY_METHOD = "popularity-prior"

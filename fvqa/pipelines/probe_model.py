@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from fvqa.agent import AgentItem, Job, Trajectory, run_many
+from fvqa.answers import exact_match
 from fvqa.config import ProbeConfig
-from fvqa.eval.metrics import exact_match
 from fvqa.generators import Sampling, make_generator
 from fvqa.generators.base import Generator
 from fvqa.pipelines.base import StageContext

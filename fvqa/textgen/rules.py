@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from fvqa.eval.metrics import normalize_answer
+from fvqa.answers import normalize_answer
 
 QUESTION_WORDS = ("Who", "What", "Where")
 _START = re.compile(r"^\W*(who|what|where)\b", re.IGNORECASE | re.UNICODE)

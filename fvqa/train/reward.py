@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from fvqa.eval.metrics import exact_match, normalize_answer
+from fvqa.answers import exact_match, sub_exact_match
 from fvqa.protocol import (
     FormatRule,
     Limits,
@@ -87,18 +87,17 @@ def answer_correct(
 ) -> float:
     """1.0 if the answer is right under ``mode``: EM, SubEM, or an LLM ``judge`` callable.
 
-    SubEM is upstream's one-way check (a normalised gold answer occurs in the normalised answer).
-    The two-way ``fvqa.eval.metrics.sub_exact_match`` would pay a one-letter answer that occurs in
-    the gold, which a policy learns to exploit. Empty golds never match (upstream's ``"" in pred``
-    would accept every answer).
+    SubEM is upstream's one-way check (a normalised gold answer occurs in the normalised answer,
+    ``fvqa.answers.sub_exact_match``): the reverse direction would pay a one-letter answer that
+    occurs in the gold, which a policy learns to exploit. Empty golds never match (upstream's
+    ``"" in pred`` would accept every answer).
     """
     if answer is None:
         return 0.0
     if mode == "EM":
         return exact_match(answer, golds)
     if mode == "SubEM":
-        pred = normalize_answer(answer)
-        return float(any((g := normalize_answer(gold)) and g in pred for gold in golds))
+        return sub_exact_match(answer, golds)
     if mode == "judge":
         if judge is None:
             raise ValueError("mode='judge' needs a judge callable (answer, golds) -> 0.0..1.0")
