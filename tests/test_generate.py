@@ -273,15 +273,26 @@ def test_sigkill_mid_llm_stage_then_rerun_repeats_no_successful_request(tmp_path
     with FakeOpenAI(_responder, latency=0.4) as srv:
         proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root), srv.base_url],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cache = root / "cache" / "llm.sqlite"
+
+        def stored() -> int:  # replies the running build has written to its cache so far
+            try:
+                with sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=0.1) as con:
+                    return con.execute("SELECT count(*) FROM responses WHERE ok = 1").fetchone()[0]
+            except sqlite3.Error:  # not created yet, or busy
+                return 0
+
+        # Kill once two replies are stored (a 200 the server sent may not have reached the client's
+        # cache yet: waiting on the server's count raced with the client's write).
         deadline = time.time() + 120
-        while srv.count("POST", "/v1/chat/completions", status=200) < 2 and time.time() < deadline:
+        while stored() < 2 and time.time() < deadline:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert srv.count("POST", "/v1/chat/completions", status=200) < 6, "the kill should land mid-stage"
 
-        with sqlite3.connect(root / "cache" / "llm.sqlite") as con:  # replies the killed run received
+        with sqlite3.connect(cache) as con:  # replies the killed run received
             received = con.execute("SELECT count(*) FROM responses WHERE ok = 1").fetchone()[0]
         assert received >= 2
         llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model")
