@@ -16,7 +16,6 @@ environment that loads fvqa's veRL extensions (``VERL_USE_EXTERNAL_MODULES``), a
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import re
@@ -141,8 +140,7 @@ def launch_env(cfg: Any) -> dict[str, str]:
 
 def metrics_path(cfg: Any) -> Path:
     """Where this launch's per-step metrics go (veRL's file logger truncates its file: one per launch)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(str(cfg.trainer.default_local_dir)).expanduser().resolve() / "metrics" / f"run-{stamp}.jsonl"
+    return checkpoint_dir(cfg) / "metrics" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
 
 
 def _select(cfg: Any, key: str) -> Any:
@@ -186,10 +184,8 @@ class _ErrorWatch:
     def __init__(self) -> None:
         self.armed = False
         self.error: str | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
 
     def feed(self, line: str) -> None:
-        self.tail.append(line)
         if self.error is not None:
             return
         if AGENT_LOOP_ERROR.search(line):
