@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_openai import FakeOpenAI, Reply, error_body, last_user_text
 from PIL import Image
-from pixel_embedder import PixelEmbedder
+from support.fake_openai import FakeOpenAI, Reply, error_body, last_user_text
+from support.pixel_embedder import PixelEmbedder
 
-from fvqa.agent import AgentItem, Job, run, run_many
+from fvqa.agent import Job, run, run_many
 from fvqa.generators.base import Generation, Request, Sampling, restore_stop
 from fvqa.generators.openai_chat import OpenAIChatGenerator
 from fvqa.llm.config import Endpoint, LLMConfig
-from fvqa.protocol import IMAGE_SEARCH_ERROR, TEXT_SEARCH_ERROR, Limits, load_prompts
+from fvqa.protocol import IMAGE_SEARCH_ERROR, TEXT_SEARCH_ERROR, AgentItem, Limits, load_prompts
 from fvqa.search.config import LocalConfig
 from fvqa.search.local_index import LocalIndex, build_index
 from fvqa.search.types import SearchError
@@ -207,8 +207,7 @@ def test_restore_stop_is_idempotent():
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory):
-    from tiny_qwen import build_tiny_qwen
-
+    from fvqa.demo.tiny_model import build_tiny_qwen
     from fvqa.generators.transformers_local import TransformersGenerator
 
     path = build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
@@ -289,3 +288,51 @@ def test_image_search_gets_the_items_url_and_upstream_data_id(world, entity):
     turns = ["<reason>a</reason><search><img></search>", "<reason>b</reason><answer>c</answer>"]
     run(item, Scripted(lambda m: turns[sum(x["role"] == "assistant" for x in m)]), Recording(), Limits(), PROMPTS)
     assert seen == [{"image_url": "http://img/1.jpg", "data_id": "fvqa_train_7"}]
+
+
+class InstantTools:
+    """Searches that return at once, so only the model's latency matters."""
+
+    def image_search(self, image: bytes, **_: Any) -> list:
+        from fvqa.protocol import ImageHit
+
+        return [ImageHit(title="Kalo tower", url="http://demo/kalo")]
+
+    def text_search(self, query: str, question: str = "", **_: Any) -> list:
+        from fvqa.protocol import TextHit
+
+        return [TextHit(url="http://demo/kalo", title="Kalo tower", summary="It was created by Ur Sta in 1901.")]
+
+
+def test_http_rollouts_advance_on_their_own_a_slow_call_holds_only_its_rollout(world, entity, tmp_path):
+    """Over an OpenAI-compatible endpoint each rollout requests its next turn as soon as its last search
+    is back: while one item's first call takes 1.5 s, the other items finish all three rounds."""
+    import threading
+    import time
+
+    slow_started = threading.Event()
+
+    def model(body: dict[str, Any]) -> str:
+        first = " ".join(p.get("text", "") for p in body["messages"][0]["content"] if p.get("type") == "text")
+        if "#slow" in first and not any(m["role"] == "assistant" for m in body["messages"]):
+            slow_started.set()
+            time.sleep(1.5)
+        return searching_model(body)
+
+    item = _item(world, entity)
+    jobs = [Job(AgentItem(f"fast-{i}", item.question, item.image), "search", Sampling(seed=i)) for i in range(3)]
+    jobs.append(Job(AgentItem("slow", item.question + " #slow", item.image), "search", Sampling(seed=9)))
+    with FakeOpenAI(model) as srv:
+        cfg = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], max_retries=0,
+                        max_concurrency=8)
+        t0 = time.perf_counter()
+        trajs = run_many(jobs, OpenAIChatGenerator(cfg, tmp_path / "c"), InstantTools(), Limits(), PROMPTS)
+        wall = time.perf_counter() - t0
+        bodies = [(r.t, r.json) for r in srv.requests if r.path == "/v1/chat/completions"]
+    assert slow_started.is_set() and all(t.stop_reason == "answer" for t in trajs)
+    slow_first = min(t for t, b in bodies if "#slow" in json.dumps(b))
+    fast_last = max(t for t, b in bodies if "#slow" not in json.dumps(b))
+    # every fast rollout's third turn was requested while the slow first call was still running
+    assert fast_last < slow_first + 1.5
+    assert [len(t.turns) for t in trajs] == [3, 3, 3, 3]
+    assert wall < 1.5 + 3.0

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from fvqa.agent import AgentItem
 from fvqa.errors import ConfigError
 from fvqa.eval.config import load_eval_config
 from fvqa.eval.judge import load_judge_prompts, parse_grade_reply, parse_judge_reply
@@ -19,7 +18,7 @@ from fvqa.eval.metrics import Grade
 from fvqa.eval.scoring import rule_scores
 from fvqa.eval.workflows import max_search_steps, run_rag
 from fvqa.generators.base import Generation, Request, Sampling
-from fvqa.protocol import IMAGE_SEARCH_ERROR, ImageHit, Limits, TextHit, load_prompts
+from fvqa.protocol import IMAGE_SEARCH_ERROR, AgentItem, ImageHit, Limits, TextHit, load_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from fvqa.protocol import render_image_results
+from fvqa.protocol.unpickle import UnsafePickleError, safe_load
 from fvqa.search.config import SearchConfig
-from fvqa.search.safe_unpickle import UnsafePickleError, safe_load
 from fvqa.search.tools import make_search_tools
 from fvqa.search.types import SearchError
 

@@ -51,9 +51,9 @@ def test_rollout_goes_to_our_loop_with_room_for_three_turns_and_thumbnails(paper
     registry = yaml.safe_load(Path(rollout.agent.agent_loop_config_path).read_text())
     assert {"name": "fvqa_search_agent", "_target_": "fvqa.train.agent_loop.FvqaSearchAgentLoop"} in registry
     # 1 user image + every thumbnail of the one allowed image search.
-    assert rollout.limit_images >= 1 + fvqa.limits.max_image_search * fvqa.image_search_topk
+    assert rollout.limit_images >= 1 + fvqa.limits.max_image_search * fvqa.limits.image_topk
     # Response budget: 3 full turns plus the thumbnails (tokens per thumbnail = pixels / 28^2).
-    thumb_tokens = fvqa.image_search_topk * fvqa.thumbnail_max_pixels // (28 * 28)
+    thumb_tokens = fvqa.limits.image_topk * fvqa.limits.thumbnail_max_pixels // (28 * 28)
     assert rollout.response_length >= fvqa.limits.max_rounds * 1024 + thumb_tokens
     assert rollout.max_model_len >= rollout.prompt_length + rollout.response_length
     assert fvqa.limits.max_rounds == 3 and fvqa.limits.max_text_search == 2
@@ -186,8 +186,8 @@ def test_checks_catch_a_batch_larger_than_the_data_and_prompts_longer_than_the_l
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
     from PIL import Image
-    from tiny_qwen import build_tiny_qwen
 
+    from fvqa.demo.tiny_model import build_tiny_qwen
     from fvqa.train.checks import check_batch_size, check_prompt_length
 
     model = build_tiny_qwen(tmp_path)

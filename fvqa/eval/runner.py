@@ -76,7 +76,7 @@ class RunSummary:
 
 
 def _agent_item(it: EvalItem) -> Any:
-    from fvqa.agent import AgentItem
+    from fvqa.protocol import AgentItem
 
     return AgentItem(it.item_id, it.question, it.image, image_url=it.image_url, data_id=it.data_id)
 

@@ -8,43 +8,32 @@
   itself is searched (recorded in ``stop_detail``), so every item makes exactly two searches and
   the workflow's search ratio is 100% by construction, as in the paper's Table 1.
 
-Every workflow returns one `fvqa.agent.Trajectory` per item, so predictions, search counts and
-transcripts are stored the same way whatever produced them.
+Every workflow returns one `fvqa.protocol.Trajectory` per item, so predictions, search counts and
+transcripts are stored the same way whatever produced them; searches and the turns that show
+their results come from the episode core (`fvqa.protocol.episode`), as in the agent and training.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
+import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fvqa.agent import (
-    AgentItem,
-    Job,
-    SearchTools,
-    ToolCall,
-    Trajectory,
-    TurnRecord,
-    image_hit_records,
-    run_many,
-)
-from fvqa.generators.base import Generation, Generator, Message, Request, Sampling, image_to_bytes
+from fvqa.agent import Job, run_many
+from fvqa.generators.base import Generation, Generator, Message, Request, Sampling, TurnwiseGenerator
 from fvqa.protocol import (
     IMAGE_PLACEHOLDER,
-    QWEN_IMAGE_PAD,
     Limits,
     Prompts,
     extract_answer,
     is_search_error,
     parse_turn,
     rag_query_user_text,
-    render_image_results,
-    render_text_results,
-    to_content_parts,
     tool_response_text,
 )
+from fvqa.protocol import episode as ep
+from fvqa.protocol.episode import AgentItem, SearchTools, Trajectory, TurnRecord, sha256
 
 RAG_SEARCHES = 2
 
@@ -62,46 +51,30 @@ def max_search_steps(workflow: str, limits: Limits) -> int:
     return min(limits.max_rounds - 1, limits.max_image_search + limits.max_text_search)
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 class _Rag:
     """One RAG item's state: messages, trajectory, and its two searches."""
 
-    def __init__(self, item: AgentItem, prompts: Prompts, generator_name: str, sampling: Sampling) -> None:
-        self.item, self.prompts, self.sampling = item, prompts, sampling
+    def __init__(self, item: AgentItem, prompts: Prompts, limits: Limits, generator_name: str,
+                 sampling: Sampling) -> None:
+        self.item, self.prompts, self.limits, self.sampling = item, prompts, limits, sampling
         self.traj = Trajectory(item.item_id, "rag", item.question, generator_name,
-                               seed=sampling.seed, image_shas=[_sha(item.image)])
+                               seed=sampling.seed, image_shas=[sha256(item.image)])
         self.messages: list[Message] = []
 
     def _add(self, msg: Message) -> None:
         self.messages.append(msg)
-        content = msg["content"]
-        if isinstance(content, list):
-            content = [{"type": "image", "sha256": _sha(p["image"])} if p.get("type") == "image" else dict(p)
-                       for p in content]
-        self.traj.messages.append({"role": msg["role"], "content": content})
+        self.traj.record(msg)
 
     def image_search(self, tools: SearchTools) -> None:
-        t0 = time.perf_counter()
-        try:
-            extra = {k: v for k, v in (("image_url", self.item.image_url), ("data_id", self.item.data_id)) if v}
-            hits, error = list(tools.image_search(self.item.image, **extra)), None
-        except Exception as exc:  # noqa: BLE001 - a failed search becomes upstream's error text
-            hits, error = [], f"{type(exc).__name__}: {exc}"
-        text, images = render_image_results(hits)
-        thumbs = [image_to_bytes(im) for im in images]
-        shas = [_sha(b) for b in thumbs]
-        self.traj.image_shas.extend(shas)
-        records = image_hit_records(hits, shas)
-        self.traj.tool_calls.append(ToolCall(1, "image_search", None, error is None and bool(hits), records, text,
-                                             error, time.perf_counter() - t0))
-        user_text = rag_query_user_text(self.prompts.rag_query, self.item.question, text)
+        out = ep.image_search(tools, self.item.image, self.limits, rnd=1, image_url=self.item.image_url,
+                              data_id=self.item.data_id)
+        self.traj.image_shas.extend(sha256(b) for b in out.image_data)
+        self.traj.tool_calls.append(out.call)
+        user_text = rag_query_user_text(self.prompts.rag_query, self.item.question, out.call.result_text)
         head, tail = user_text.split(IMAGE_PLACEHOLDER, 1)
         parts: list[dict[str, Any]] = [{"type": "text", "text": head}] if head else []
         parts.append({"type": "image", "image": self.item.image})
-        parts.extend(to_content_parts(tail, thumbs, QWEN_IMAGE_PAD))
+        parts.extend(ep.user_message(tail, out.image_data)["content"])
         self._add({"role": "user", "content": parts})
 
     def take_turn(self, gen: Generation, rnd: int) -> bool:
@@ -121,15 +94,9 @@ class _Rag:
         if query is None:
             query = self.item.question
             self.traj.stop_detail = f"no usable query in round 1 ({turn.problem or turn.kind}): searched the question"
-        t0 = time.perf_counter()
-        try:
-            hits, error = list(tools.text_search(query, self.item.question)), None
-        except Exception as exc:  # noqa: BLE001
-            hits, error = [], f"{type(exc).__name__}: {exc}"
-        text = render_text_results(hits)
-        records = [{"url": h.url, "title": h.title, "summary": h.summary} for h in hits]
-        self.traj.tool_calls.append(ToolCall(2, "text_search", query, error is None and bool(hits), records, text,
-                                             error, time.perf_counter() - t0))
+        out = ep.text_search(tools, query, self.item.question, self.limits, rnd=2)
+        self.traj.tool_calls.append(out.call)
+        text = out.call.result_text
         if is_search_error(text):  # upstream passes errors bare; RAG still needs the answer instruction
             user_text = f"{text}\nOriginal user's question: {self.item.question.strip()}\n{self.prompts.rag_answer}"
         else:
@@ -149,9 +116,14 @@ class _Rag:
 
 
 def run_rag(items: Sequence[AgentItem], generator: Generator, tools: SearchTools, prompts: Prompts,
-            sampling: Sampling, *, tool_workers: int = 8) -> list[Trajectory]:
-    """The fixed RAG workflow for a batch of items (two batched generator calls in all)."""
-    states = [_Rag(it, prompts, generator.name, sampling) for it in items]
+            sampling: Sampling, limits: Limits | None = None, *, tool_workers: int = 8) -> list[Trajectory]:
+    """The fixed RAG workflow for a batch of items (two batched generator calls in all). Only the
+    limits' result view (top-k, thumbnail bound) applies: the script always makes its two searches."""
+    limits = limits or Limits()
+    states = [_Rag(it, prompts, limits, generator.name, sampling) for it in items]
+    if isinstance(generator, TurnwiseGenerator):
+        asyncio.run(_rag_turnwise(states, generator, tools, sampling, tool_workers))
+        return [s.traj for s in states]
     with ThreadPoolExecutor(max_workers=max(1, tool_workers)) as pool:
         list(pool.map(lambda s: s.image_search(tools), states))
         gens = generator.generate([Request(list(s.messages), sampling) for s in states])
@@ -164,6 +136,25 @@ def run_rag(items: Sequence[AgentItem], generator: Generator, tools: SearchTools
     return [s.traj for s in states]
 
 
+async def _rag_turnwise(states: list[_Rag], generator: TurnwiseGenerator, tools: SearchTools, sampling: Sampling,
+                        tool_workers: int) -> None:
+    """The same script per item, each item on its own (HTTP backends: a slow call holds one item)."""
+    searches = asyncio.Semaphore(max(1, tool_workers))
+
+    async def drive(s: _Rag) -> None:
+        async with searches:
+            await asyncio.to_thread(s.image_search, tools)
+        if not s.take_turn(await generator.agenerate_one(Request(list(s.messages), sampling)), 1):
+            return
+        async with searches:
+            await asyncio.to_thread(s.text_search, tools)
+        if s.take_turn(await generator.agenerate_one(Request(list(s.messages), sampling)), 2):
+            s.finish()
+
+    async with generator.session():
+        await asyncio.gather(*(drive(s) for s in states))
+
+
 def run_workflow(workflow: str, items: Sequence[AgentItem], generator: Generator, tools: SearchTools | None,
                  prompts: Prompts, limits: Limits, sampling: Sampling,
                  on_turn: Callable[[int], None] | None = None) -> list[Trajectory]:
@@ -174,7 +165,7 @@ def run_workflow(workflow: str, items: Sequence[AgentItem], generator: Generator
     if tools is None:
         raise ValueError(f"workflow {workflow} needs search tools")
     if workflow == "rag":
-        return run_rag(items, generator, tools, prompts, sampling)
+        return run_rag(items, generator, tools, prompts, sampling, limits)
     if workflow == "on_demand":
         return run_many([Job(it, "search", sampling) for it in items], generator, tools, limits, prompts,
                         on_turn=on_turn)

@@ -13,9 +13,9 @@ it needs (data URLs, PIL images). A backend never raises for one failed request:
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -67,6 +67,23 @@ class Generator(Protocol):
         ...
 
 
+@runtime_checkable
+class TurnwiseGenerator(Protocol):
+    """A backend whose requests are independent calls (an HTTP endpoint): the agent advances each
+    rollout on its own instead of round by round, so one slow call never holds a batch. Batched
+    engines (transformers, vLLM offline) are plain `Generator`s and keep round batching."""
+
+    name: str
+
+    def session(self) -> AbstractAsyncContextManager[Any]:
+        """Open whatever the calls share (connection pools) for the running event loop."""
+        ...
+
+    async def agenerate_one(self, request: Request) -> Generation:
+        """One turn; a failure is `Generation(error=...)`, never an exception."""
+        ...
+
+
 def restore_stop(text: str) -> str:
     """Put back a search tag's closing stop string that the server cut off.
 
@@ -91,26 +108,6 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
         if i != -1:
             cut = min(cut, i + len(s))
     return text[:cut]
-
-
-def image_to_bytes(image: Any) -> bytes:
-    """Bytes of an image given as bytes or PIL (PNG for PIL: lossless, stable hash)."""
-    if isinstance(image, bytes | bytearray):
-        return bytes(image)
-    buf = io.BytesIO()
-    img = image if image.mode in ("RGB", "L", "RGBA") else image.convert("RGB")
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def to_pil(image: Any) -> Any:
-    """A PIL image from bytes (or PIL), RGB."""
-    from PIL import Image
-
-    if isinstance(image, bytes | bytearray):
-        image = Image.open(io.BytesIO(image))
-        image.load()
-    return image.convert("RGB")
 
 
 _WS = re.compile(r"\s+")

@@ -45,6 +45,15 @@ class OpenAIChatGenerator:
     def ledger(self) -> CostLedger:
         return self.client.ledger
 
+    def session(self) -> LLMClient:
+        """The client's connection pools, opened for the running event loop (``async with``)."""
+        return self.client
+
+    async def agenerate_one(self, req: Request) -> Generation:
+        """One turn, inside ``session()``: the agent drives HTTP rollouts one request at a time, so a
+        slow call holds only its own rollout."""
+        return await self._one(req)
+
     async def _one(self, req: Request) -> Generation:
         s = req.sampling
         params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}

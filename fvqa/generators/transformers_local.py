@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fvqa.errors import ConfigError
-from fvqa.generators.base import Generation, Message, Request, cut_at_stop, to_pil
+from fvqa.generators.base import Generation, Message, Request, cut_at_stop
+from fvqa.protocol.images import to_pil
 
 
 def processor_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

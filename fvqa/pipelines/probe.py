@@ -19,13 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fvqa.answers import exact_match, normalize_answer
+from fvqa.answers import normalize_answer
 from fvqa.config import ProbeConfig, RunConfig
 from fvqa.errors import ConfigError
 from fvqa.pipelines.base import Estimate, Stage, StageContext
 from fvqa.pipelines.probe_labels import (
     POPULARITY_METHOD,
-    RolloutOutcome,
     label_from_rollouts,
     prior_label,
     prior_probabilities,
@@ -42,8 +41,8 @@ CREATE TABLE IF NOT EXISTS probe_rollouts (
     completion_tokens BIGINT, stop_reason VARCHAR, trajectory VARCHAR,
     PRIMARY KEY (item_id, mode, rollout))
 """
-ITEM_COLUMNS = ("item_id", "source", "question", "answer", "aliases", "image_sha256", "image_url", "concept",
-                "concept_count", "entity_text", "provenance")
+ITEM_COLUMNS = ("item_id", "source", "data_id", "question", "answer", "aliases", "image_sha256", "image_url",
+                "concept", "concept_count", "entity_text", "provenance")
 
 
 def probe_method(cfg: ProbeConfig) -> str:
@@ -61,9 +60,7 @@ def load_counts(ws: Workspace, cfg: ProbeConfig, config: RunConfig) -> tuple[dic
     """(normalised concept -> count from `concepts`, normalised entry -> count from the counts file)."""
     table = {normalize_answer(c): int(n) for c, n in ws.execute(
         "SELECT concept, count FROM concepts WHERE concept IS NOT NULL AND count IS NOT NULL")}
-    path = cfg.counts_path or config.concepts.counts_path
-    if path is None and config.world is not None:
-        path = config.world.path / "metaclip" / "entry_counts.json"
+    path = cfg.counts_path  # default (at load): the concepts' counts file, else a demo world's, if there
     if path is None or not Path(path).is_file():
         if cfg.counts_path is not None:
             raise ConfigError(f"probe.counts_path not found: {cfg.counts_path}")
@@ -73,8 +70,7 @@ def load_counts(ws: Workspace, cfg: ProbeConfig, config: RunConfig) -> tuple[dic
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"cannot read MetaCLIP counts {path}: {exc}") from exc
     if isinstance(data, list):  # counts aligned with metadata.json's entry list
-        meta = config.concepts.metadata_path or (config.world.path / "metaclip" / "metadata.json"
-                                                 if config.world else None)
+        meta = config.concepts.metadata_path
         if meta is None or not Path(meta).is_file():
             raise ConfigError(f"{path} is a list of counts; concepts.metadata_path is needed to name them")
         entries = json.loads(Path(meta).read_text(encoding="utf-8"))
@@ -173,16 +169,4 @@ class ProbeStage(Stage):
             ctx.stats.notes.append(f"{unknown} item(s) had no popularity count and were treated as tail")
 
 
-def score(prediction: str | None, answer: str, aliases: list[str] | None) -> bool:
-    """Exact match after SQuAD normalisation against the answer and its aliases."""
-    if prediction is None:
-        return False
-    return bool(exact_match(prediction, [answer, *(aliases or [])]))
-
-
-def outcome(correct: bool, n_image: int, n_text: int) -> RolloutOutcome:
-    """A rollout as the label rule sees it."""
-    return RolloutOutcome(correct, n_image > 0, n_text > 0)
-
-
-__all__ = ["ProbeStage", "label_from_rollouts", "probe_method", "score", "outcome"]
+__all__ = ["ProbeStage", "label_from_rollouts", "probe_method"]

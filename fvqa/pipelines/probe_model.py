@@ -13,14 +13,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from fvqa.agent import AgentItem, Job, Trajectory, run_many
+from fvqa.agent import Job, run_many
 from fvqa.answers import exact_match
 from fvqa.config import ProbeConfig
 from fvqa.generators import Sampling, make_generator
 from fvqa.generators.base import Generator
 from fvqa.pipelines.base import StageContext
 from fvqa.pipelines.probe_labels import RolloutOutcome, label_from_rollouts
-from fvqa.protocol import load_prompts
+from fvqa.protocol import AgentItem, Trajectory, load_prompts
 from fvqa.schema import SearchLabel
 from fvqa.store import now
 
@@ -34,13 +34,8 @@ def rollout_seed(base_seed: int, item_id: str, index: int) -> int:
 
 
 def upstream_data_id(row: dict[str, Any]) -> str | None:
-    """The upstream data_id of an imported item (its provenance), for the replayed image-search cache."""
-    try:
-        prov = json.loads(row.get("provenance") or "{}")
-    except json.JSONDecodeError:
-        return None
-    data_id = prov.get("import", {}).get("data_id") if isinstance(prov.get("import"), dict) else None
-    return str(data_id) if data_id else None
+    """The item's upstream data_id (the column ``items.data_id``), for the replayed image-search cache."""
+    return str(row["data_id"]) if row.get("data_id") else None
 
 
 def jobs_for(item: AgentItem, cfg: ProbeConfig) -> list[Job]:

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from fvqa.errors import ConfigError
-from fvqa.search.safe_unpickle import safe_load
+from fvqa.protocol.unpickle import safe_load
 from fvqa.search.types import Candidate, ImageHit, QueryImage, SearchError
 
 TITLES = "tool_returned_web_title_list"

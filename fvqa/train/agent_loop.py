@@ -27,40 +27,33 @@ import functools
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
 from verl.utils.profiler import simple_timer
 
-from fvqa.errors import ConfigError
+from fvqa.errors import ConfigDeprecation, ConfigError
 from fvqa.formats.verl import AGENT_NAME
 from fvqa.protocol import (
     IMAGE_SEARCH_TAG,
-    QWEN_IMAGE_PAD,
     STOP_STRINGS,
     FormatRule,
     Limits,
     Prompts,
+    SearchTools,
     load_prompts,
     next_action,
     parse_turn,
-    render_image_results,
-    to_content_parts,
-    tool_response_text,
 )
-from fvqa.train.tools import (
-    SearchClient,
-    ToolResult,
-    image_bytes,
-    run_image_search,
-    run_text_search,
-    search_client_for,
-)
+from fvqa.protocol import episode as ep
+from fvqa.protocol.images import image_bytes
+from fvqa.train.tools import search_client_for
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -76,20 +69,36 @@ class LoopSettings(BaseModel):
     search_url: str | None = "http://127.0.0.1:8765"
     search_config: str | None = None
     search_timeout_s: float = Field(120.0, gt=0)
-    image_search_topk: int = Field(5, ge=1)
-    text_search_topk: int = Field(5, ge=1)
+    # Rollout limits and what a search shows (top-k, thumbnail bound): the same model as the probe's
+    # and eval's, so training shows the model what the probe that labelled the data showed it.
     limits: Limits = Field(default_factory=Limits)
     # Which trajectory shapes earn the format reward; the reward's kwargs take it (and the limits)
     # from here, so rollout and reward cannot disagree (the dry run checks it).
     format_rule: FormatRule = "limits"
     prompts: str | list[str] | None = None
     max_tokens_per_turn: int = Field(2048, ge=1)
-    thumbnail_max_pixels: int = Field(256 * 28 * 28, ge=28 * 28)
     close_turn_token: str | None = "<|im_end|>"
     # Extra sampling parameters that make the engine stop after a search tag (vLLM names).
     stop_sampling_params: dict[str, Any] = Field(
         default_factory=lambda: {"stop": list(STOP_STRINGS), "include_stop_str_in_output": True}
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_limits(cls, data: Any) -> Any:
+        """Older configs set the result view here: read it as ``fvqa.limits.*``."""
+        moved = {old: new for old, new in _MOVED_TO_LIMITS.items() if isinstance(data, dict) and old in data}
+        if not moved:
+            return data
+        data, limits = dict(data), dict(data.get("limits") or {})
+        for old, new in moved.items():
+            if new in limits:
+                raise ValueError(f"set it once: fvqa.limits.{new} or the deprecated fvqa.{old}, not both")
+            limits[new] = data.pop(old)
+        warnings.warn(f"fvqa.{', fvqa.'.join(moved)}: deprecated, write them under fvqa.limits "
+                      f"({', '.join(moved.values())})", ConfigDeprecation, stacklevel=2)
+        data["limits"] = limits
+        return data
 
     @classmethod
     def from_trainer_config(cls, config: DictConfig | dict[str, Any] | None) -> LoopSettings:
@@ -102,6 +111,10 @@ class LoopSettings(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"invalid `fvqa:` section in the training config: {exc}") from exc
+
+
+_MOVED_TO_LIMITS = {"image_search_topk": "image_topk", "text_search_topk": "text_topk",
+                    "thumbnail_max_pixels": "thumbnail_max_pixels"}
 
 
 def _question_from(kwargs: dict[str, Any]) -> str:
@@ -170,7 +183,7 @@ class FvqaSearchAgentLoop(AgentLoopBase):
     """One multi-turn search trajectory: generate, run the called tool, feed results back, repeat."""
 
     def __init__(
-        self, *args: Any, tools: Any = None, search_client: SearchClient | None = None, **kwargs: Any
+        self, *args: Any, tools: Any = None, search_client: SearchTools | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         del tools  # veRL passes its own tool list to every loop; ours are the search service's.
@@ -181,28 +194,24 @@ class FvqaSearchAgentLoop(AgentLoopBase):
             raise ConfigError("fvqa.search_url is not set: start `fvqa search serve` or launch with `fvqa train run`")
         self.search = search_client or search_client_for(str(self.settings.search_url), self.settings.search_timeout_s)
         self.response_length = int(self.rollout_config.response_length)
-        self.patch_size = int(getattr(getattr(self.processor, "image_processor", None), "patch_size", 14) or 14)
+        patch = getattr(getattr(self.processor, "image_processor", None), "patch_size", None)
+        if patch is not None and int(patch) != self.settings.limits.thumbnail_patch_size:
+            raise ConfigError(
+                f"fvqa.limits.thumbnail_patch_size is {self.settings.limits.thumbnail_patch_size} but the model's "
+                f"processor uses patch size {patch}: set it to {patch} (and the probe's and eval's limits too) so "
+                "every driver shows the same thumbnails")
         close = self.settings.close_turn_token
         self.close_ids = self.tokenizer.encode(close, add_special_tokens=False) if close else []
 
-    async def _tool(self, action_kind: str, query: str | None, user_image: bytes | None,
-                    question: str, extra: dict[str, Any]) -> ToolResult:
+    async def _tool(self, action_kind: str, query: str | None, user_image: bytes | None, question: str,
+                    extra: dict[str, Any], rnd: int) -> ep.SearchOutcome:
+        limits, timeout = self.settings.limits, self.settings.search_timeout_s
         if action_kind == "image_search":
             if user_image is None:
-                text, _ = render_image_results([])
-                return ToolResult("image_search", text, [], False, 0, "the sample has no image to search with")
-            return await run_image_search(
-                self.search, user_image, topk=self.settings.image_search_topk,
-                max_pixels=self.settings.thumbnail_max_pixels, patch_size=self.patch_size,
-                timeout_s=self.settings.search_timeout_s, data_id=extra.get("data_id") or extra.get("item_id"),
-            )
-        return await run_text_search(
-            self.search, query or "", question, topk=self.settings.text_search_topk,
-            timeout_s=self.settings.search_timeout_s,
-        )
-
-    def _follow_up(self, kind: str) -> str:
-        return self.prompts.after_image_search if kind == "image_search" else self.prompts.after_text_search
+                return ep.no_image_outcome(rnd)
+            return await ep.aimage_search(self.search, user_image, limits, rnd=rnd, timeout_s=timeout,
+                                          data_id=extra.get("data_id") or extra.get("item_id"))
+        return await ep.atext_search(self.search, query or "", question, limits, rnd=rnd, timeout_s=timeout)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         """Roll out one trajectory; ``kwargs`` are the dataset row's fields (raw_prompt, extra_info...)."""
@@ -256,14 +265,15 @@ class FvqaSearchAgentLoop(AgentLoopBase):
                 break
 
             with simple_timer("tool_calls", metrics):
-                result = await self._tool(action.kind, action.query, user_image, question, extra)
-            calls.append({"kind": result.kind, "query": action.query, "ok": result.ok,
-                          "n_hits": result.n_hits, "error": result.error})
-            user_text = tool_response_text(result.text, question, self._follow_up(action.kind))
-            user_msg: dict[str, Any] = {
-                "role": "user",
-                "content": to_content_parts(user_text, result.images, QWEN_IMAGE_PAD) if result.images else user_text,
-            }
+                result = await self._tool(action.kind, action.query, user_image, question, extra, len(turns))
+            call = result.call
+            calls.append({"round": call.round, "kind": call.kind, "query": call.query, "ok": call.ok,
+                          "n_hits": len(call.hits), "hits": call.hits, "error": call.error,
+                          "seconds": round(call.seconds, 3)})
+            user_text = ep.tool_turn_text(result, question, self.prompts)
+            # text-only turns stay plain strings: a tokenizer's chat template (no processor) reads only those
+            user_msg = ep.user_message(user_text, result.images) if result.images else {"role": "user",
+                                                                                         "content": user_text}
             # A turn stopped at a search tag has no <|im_end|>: close it as the template would.
             closed_ids, closed_mask, closed_lp = runtime_ids, mask, logprobs
             if self.close_ids and runtime_ids[-len(self.close_ids):] != self.close_ids:
@@ -276,7 +286,7 @@ class FvqaSearchAgentLoop(AgentLoopBase):
             )
             if len(new_mask) >= self.response_length:
                 stop_reason = "response_budget"
-                stop_detail = f"{result.kind} result does not fit in rollout.response_length={self.response_length}"
+                stop_detail = f"{call.kind} result does not fit in rollout.response_length={self.response_length}"
                 break
             runtime_ids, mask, logprobs, messages = merged.token_ids, new_mask, new_lp, [*previous, user_msg]
             n_tool_turns += 1

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-from fvqa.train.tools import search_outcomes
+from fvqa.protocol import search_outcomes
 from fvqa.train.verl_hooks import UnsupportedVerlError, patch_on_import, require_verl
 
 logger = logging.getLogger(__name__)

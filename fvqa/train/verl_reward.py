@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fvqa.protocol import search_outcomes
 from fvqa.train.reward import RESULT_KEYS
 from fvqa.train.reward import compute_score as _compute_score
-from fvqa.train.tools import search_outcomes
 
 VERL_RESULT_KEYS = (*RESULT_KEYS, "searched", "n_search_errors")
 

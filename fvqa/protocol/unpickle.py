@@ -1,4 +1,4 @@
-"""Load untrusted pickles (upstream's released search caches) without letting them run code.
+"""Load untrusted pickles (upstream's prompt files and released search caches) without running code.
 
 A pickle can name any importable callable and call it (`os.system`, `subprocess.Popen`...). This
 unpickler resolves only an allow-list: plain builtin containers/scalars, `collections.OrderedDict`,
