@@ -51,7 +51,7 @@ def _demo_config(root: Path) -> Path:
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     data["workspace"] = str(root / "ws")
     data["world"]["path"] = str(root / "world")
-    data["search"]["options"]["local"]["index_dir"] = str(root / "search-index")
+    data["search"]["local"]["index_dir"] = str(root / "search-index")
     path = root / "demo.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -2,7 +2,10 @@
 
 Every section forbids unknown keys, so a typo (`crawl.max_sid`) is an error naming its path instead
 of a silently ignored setting. Secrets never appear here: only the *names* of environment variables
-that hold them (`api_key_env`).
+that hold them (`api_key_env`). Loading (YAML, `--set`, error lines, relative paths: against the
+config file's folder) is `fvqa.configfile`'s, shared with the eval config. With a demo `world`, the
+stage paths left unset are filled from the world's folder at load (`_world_defaults`), so
+`fvqa config show` prints the files the stages will read.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from fvqa.errors import ConfigError
+from fvqa.configfile import DEFAULT_WORKSPACE, HUB_ID_OR_PATH, load_yaml_config, resolve_paths
+from fvqa.errors import ConfigDeprecation
 from fvqa.llm.config import LLMConfig
 from fvqa.protocol import Limits
+from fvqa.search.config import SearchConfig
 
 
 class Section(BaseModel):
@@ -164,7 +169,7 @@ class ProbeConfig(Section):
     backend: Literal["popularity", "openai", "transformers", "vllm"] = "popularity"
     k: int = Field(8, ge=1)
     llm: Any = None  # openai backend: fvqa.llm.config.LLMConfig (endpoints, model, ...)
-    model_path: Path | None = None  # transformers / vllm backends: a local model folder or hub id
+    model_path: Annotated[Path | None, HUB_ID_OR_PATH] = None  # transformers / vllm: local model folder or hub id
     device: str = "cpu"  # transformers backend
     max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(1.0, ge=0)  # paper: sampled rollouts
@@ -195,7 +200,7 @@ class ProbeConfig(Section):
         if "limits" in data:
             raise ValueError(f"set the limits once: probe.limits or the deprecated probe.{flat[0]}, not both")
         warnings.warn(f"probe.{', probe.'.join(flat)}: deprecated, write them under probe.limits",
-                      DeprecationWarning, stacklevel=2)
+                      ConfigDeprecation, stacklevel=2)
         data = dict(data)
         data["limits"] = {k: data.pop(k) for k in flat}
         return data
@@ -243,21 +248,6 @@ class ExportConfig(Section):
     include_unassigned: bool = True
 
 
-class SearchSection(Section):
-    """Search tools used by probe/eval/train (see fvqa.search)."""
-
-    backend: Literal["local", "web", "replay", "http"] = "local"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _options_are_valid(self) -> SearchSection:
-        """Check `options` against the search tools' own model now, not when a stage first searches."""
-        from fvqa.search.config import SearchConfig
-
-        SearchConfig.from_section(self)
-        return self
-
-
 class IndexConfig(Section):
     """The local search index over a page corpus (`search.backend: local`)."""
 
@@ -269,7 +259,7 @@ class IndexConfig(Section):
 class RunConfig(Section):
     """A whole `fvqa build` run."""
 
-    workspace: Path = Path("fvqa-work")
+    workspace: Path = DEFAULT_WORKSPACE
     seed: int = 0
     world: WorldConfig | None = None
     batch_size: int = 64
@@ -283,7 +273,13 @@ class RunConfig(Section):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
-    search: SearchSection = Field(default_factory=SearchSection)
+    search: SearchConfig = Field(default_factory=SearchConfig)  # search tools of probe/eval/train (fvqa.search)
+
+    @model_validator(mode="after")
+    def _paths(self, info: ValidationInfo) -> RunConfig:
+        resolve_paths(self, info.context)  # relative to the config file first, then the world's defaults
+        _world_defaults(self)
+        return self
 
     def section_hash(self, name: str) -> str:
         """Stable hash of one section (recorded in `runs` to tell which settings produced rows)."""
@@ -292,57 +288,56 @@ class RunConfig(Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def format_validation(exc: ValidationError, source: str, prefix: str = "") -> str:
-    """One line naming every bad key by its dotted path (`unknown key 'crawl.max_sid'`)."""
-    parts = []
-    for err in exc.errors():
-        path = prefix + ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{path}'")
-        else:
-            parts.append(f"'{path}': {err['msg']}")
-    return f"{source}: " + "; ".join(parts)
+# Demo-world defaults: a stage path left unset reads this file of `world.path`. `when` (if given) must
+# hold on the config as written; `optional` files are filled only when present (or when the world is
+# still to be generated), as the stages used them only if they were there.
+_WORLD_DEFAULTS: tuple[tuple[str, str, Callable[[RunConfig], bool] | None, bool], ...] = (
+    # field                    file in the world                      when                                optional
+    ("concepts.metadata_path", "metaclip/metadata.json", None, False),
+    ("concepts.counts_path", "metaclip/entry_counts.json", lambda c: not c.concepts.use_match_counts, False),
+    ("concepts.categories_path", "entities.jsonl", lambda c: c.concepts.metadata_path is None, True),
+    ("match.pool", "web/caption_pool.parquet", None, False),
+    ("crawl.manifest", "web/images.jsonl", None, False),
+    ("index.corpus", "web/pages.jsonl", None, False),
+    ("index.images", "web/images.jsonl", None, False),
+    ("infoseek.jsonl", "infoseek/infoseek_train.jsonl", None, False),
+    ("infoseek.withkb", "infoseek/infoseek_train_withkb.jsonl", lambda c: c.infoseek.jsonl is None, True),
+    ("infoseek.qtype", "infoseek/infoseek_train_qtype.jsonl", lambda c: c.infoseek.jsonl is None, True),
+    ("infoseek.image_dir", "infoseek/images", None, False),
+    ("probe.counts_path", "metaclip/entry_counts.json", lambda c: c.concepts.counts_path is None, True),
+)
 
 
-def _apply_override(data: dict[str, Any], assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value, got '{assignment}'")
-    dotted, raw = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+def _world_defaults(config: RunConfig) -> None:
+    """Fill the unset stage paths: from the demo world (table above); probe counts from concepts'."""
+    world = config.world.path if config.world is not None else None
+    if world is not None:
+        pending = not (world / "world.json").exists()  # generated before the first stage runs
+        fills = [(key, world / rel) for key, rel, when, optional in _WORLD_DEFAULTS
+                 if _get(config, key) is None and (when is None or when(config))
+                 and (not optional or pending or (world / rel).exists())]
+        for key, path in fills:
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, path)
+    counts = config.concepts.counts_path
+    if config.probe.counts_path is None and counts is not None and counts.is_file():
+        config.probe.counts_path = counts  # the popularity prior reads the concepts' counts file if there
+
+
+def _get(config: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read and validate a YAML run config; raise ConfigError with one clear line on any problem."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
-    for assignment in overrides or []:
-        _apply_override(data, assignment)
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation(exc, source)) from exc
+    """Read and validate a YAML run config; raise ConfigError with one clear line on any problem.
+
+    `overrides` are `--set` assignments (`crawl.max_side=512`, `search.local.index_dir=ix`,
+    `split.contamination_files.0=x.jsonl`). Relative paths written in the file resolve against its
+    folder; paths given with `--set` (and defaults) against the current working directory; with no
+    file (`path=None`), everything against the working directory.
+    """
+    return load_yaml_config(RunConfig, path, overrides)
 
 
 _SECRET_WORDS = ("password", "secret", "token", "api_key")

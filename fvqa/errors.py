@@ -13,3 +13,8 @@ class ConfigError(FvqaError):
 
 class WorkspaceError(FvqaError):
     """The workspace cannot be opened or is from an incompatible fvqa version."""
+
+
+class ConfigDeprecation(DeprecationWarning):
+    """A config key in an old form that still loads; the CLI shows these (Python hides plain
+    DeprecationWarnings by default), so a user learns the new form."""

@@ -54,7 +54,9 @@ def test_section_hash_changes_with_settings():
 
 def test_unknown_search_option_is_an_error_at_load_time():
     with pytest.raises(ConfigError, match=r"unknown key 'search\.local\.index_dirr'"):
-        load_config(None, ["search.options.local.index_dirr=/tmp/x"])
+        load_config(None, ["search.local.index_dirr=/tmp/x"])
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match=r"'search\.options\.local\.index_dirr'"):
+        load_config(None, ["search.options.local.index_dirr=/tmp/x"])  # the old form: the path as written
 
 
 def test_probe_eval_and_training_share_one_limits_model(tmp_path):

@@ -117,7 +117,7 @@ def test_cli_builds_and_queries_the_index(world: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "rejected - images: image too small" in res.output
     name = json.loads((world / "entities.jsonl").read_text().splitlines()[2])["name"]
-    opts = ["--set", f"search.options.local.index_dir={out}", "--set", f"workspace={tmp_path / 'ws'}"]
+    opts = ["--set", f"search.local.index_dir={out}", "--set", f"workspace={tmp_path / 'ws'}"]
     res = runner.invoke(search_app, ["text", name, "--question", "who made it?", *opts])
     assert res.exit_code == 0, res.output
     assert res.output.startswith("[Text Search Results]") and "1. (link:" in res.output and name in res.output
@@ -142,7 +142,7 @@ def test_ensure_index_reuses_a_fresh_index_and_rebuilds_a_stale_one(world: Path,
     pages.write_text(pages.read_text() + json.dumps({"url": "https://n.test/x", "title": "Newcomer Qwerty",
                                                      "text": "Newcomer Qwerty is new."}) + "\n")
     assert ensure_index(pages, None, out, config=CFG).pages == 7  # changed corpus: rebuilt
-    cfg = SearchConfig.from_section({"backend": "local", "options": {"local": {"index_dir": str(out)}}})
+    cfg = SearchConfig.model_validate({"backend": "local", "local": {"index_dir": str(out)}})
     tools = make_search_tools(cfg, cache_dir=tmp_path / "cache")
     hits = asyncio.run(tools.atext_search("qwerty", "what is new?"))
     assert hits[0].title == "Newcomer Qwerty" and hits[0].url == "https://n.test/x"

@@ -1,20 +1,22 @@
 """Typed config of an evaluation run (`fvqa eval run --config C`).
 
 Kept apart from the build's `RunConfig`: an eval config names models, benchmark files, workflows and
-the judge, and nothing of the build. Unknown keys are errors naming their path, as everywhere.
+the judge, and nothing of the build. Loading is the build's (`fvqa.configfile`): unknown keys are
+errors naming their path, relative paths in the file resolve against its folder, and `search` is the
+same typed `SearchConfig`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from fvqa.errors import ConfigError
+from fvqa.configfile import DEFAULT_WORKSPACE, HUB_ID_OR_PATH, load_yaml_config, resolve_paths
 from fvqa.llm.config import LLMConfig
 from fvqa.protocol import Limits
+from fvqa.search.config import SearchConfig
 
 Workflow = Literal["direct", "rag", "on_demand"]
 BenchmarkKind = Literal["fvqa", "infoseek", "mmsearch", "simplevqa", "livevqa"]
@@ -32,7 +34,7 @@ class ModelSpec(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     backend: Literal["openai", "transformers", "vllm"] = "openai"
     llm: LLMConfig | None = None  # openai backend
-    model_path: Path | None = None  # transformers / vllm
+    model_path: Annotated[Path | None, HUB_ID_OR_PATH] = None  # transformers / vllm: folder or hub id
     device: str = "cpu"
 
     @model_validator(mode="after")
@@ -88,7 +90,7 @@ class SamplingSpec(_Section):
 class EvalConfig(_Section):
     """A whole evaluation: models x benchmarks x workflows, scored and reported."""
 
-    workspace: Path = Path("fvqa-work")
+    workspace: Path = DEFAULT_WORKSPACE
     run: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")  # a name; re-running it resumes
     models: list[ModelSpec] = Field(min_length=1)
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
@@ -98,7 +100,7 @@ class EvalConfig(_Section):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     limits: Limits = Field(default_factory=Limits)  # on-demand limits, the same model as probe and training
     prompts: list[Path] | None = None  # prompt files/folders (fvqa.protocol.load_prompts)
-    search: dict[str, Any] = Field(default_factory=lambda: {"backend": "local"})  # {backend, options}
+    search: SearchConfig = Field(default_factory=SearchConfig)  # {backend: local, local: {index_dir: ...}}
     batch_size: int = Field(32, ge=1)
     seed: int = 0  # sampling of --limit subsets
     limit: int | None = Field(None, ge=1)  # per benchmark, unless the benchmark sets its own
@@ -119,58 +121,16 @@ class EvalConfig(_Section):
             raise ValueError("primary_metric is judge but the judge is disabled (set primary_metric: official)")
         return self
 
-
-def _format(exc: ValidationError, source: str) -> str:
-    parts = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        parts.append(f"unknown key '{path}'" if err["type"] == "extra_forbidden" else f"'{path}': {err['msg']}")
-    return f"{source}: " + "; ".join(parts)
+    @model_validator(mode="after")
+    def _paths(self, info: ValidationInfo) -> EvalConfig:
+        resolve_paths(self, info.context)
+        return self
 
 
 def load_eval_config(path: Path | str, overrides: list[str] | None = None) -> EvalConfig:
-    """Read and validate an eval config; relative paths resolve against the config's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"eval config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed YAML in {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    for assignment in overrides or []:
-        if "=" not in assignment:
-            raise ConfigError(f"--set expects key=value, got '{assignment}'")
-        dotted, raw = assignment.split("=", 1)
-        node = data
-        keys = dotted.strip().split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {dotted}: '{key}' is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
-    try:
-        cfg = EvalConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format(exc, str(path))) from exc
-    return _resolve_paths(cfg, path.parent)
+    """Read and validate an eval config; raise ConfigError with one clear line on any problem.
 
-
-def _resolve_paths(cfg: EvalConfig, base: Path) -> EvalConfig:
-    def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (base / p)
-
-    for b in cfg.benchmarks:
-        for name in ("path", "image_dir", "qtype", "subset"):
-            value = getattr(b, name)
-            if value is not None and not value.is_absolute():
-                setattr(b, name, fix(value))
-    for m in cfg.models:
-        if m.model_path is not None and not m.model_path.is_absolute() and (base / m.model_path).exists():
-            m.model_path = base / m.model_path
-    if cfg.prompts:
-        cfg.prompts = [p if p.is_absolute() else base / p for p in cfg.prompts]
-    if cfg.judge.prompt_path is not None and not cfg.judge.prompt_path.is_absolute():
-        cfg.judge.prompt_path = base / cfg.judge.prompt_path
-    return cfg
+    Relative paths written in the file resolve against its folder; paths given with `--set`
+    (`benchmarks.0.path=x.jsonl`) against the current working directory.
+    """
+    return load_yaml_config(EvalConfig, path, overrides, what="eval config")

@@ -18,6 +18,7 @@ from typing import Any
 
 from fvqa.config import ConceptsConfig, RunConfig
 from fvqa.errors import ConfigError
+from fvqa.formats.jsonl import BadLine, parse_jsonl
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.store import now
 
@@ -57,21 +58,19 @@ def _load_json(path: Path, what: str) -> Any:
 
 
 def resolve_paths(cfg: ConceptsConfig, config: RunConfig) -> tuple[Path, Path | None, Path | None]:
-    """metadata.json, counts file (None when counts come from `match`) and categories file."""
-    world = config.world.path if config.world else None
-    metadata = cfg.metadata_path or (world / "metaclip" / "metadata.json" if world else None)
+    """metadata.json, counts file (None when counts come from `match`) and categories file.
+
+    A demo world's files are filled in at load (`fvqa.config`), so unset here means no world.
+    """
+    metadata = cfg.metadata_path
     if metadata is None:
         raise ConfigError("concepts.metadata_path is not set (and no demo world is configured)")
     counts = None
     if not cfg.use_match_counts:
-        counts = cfg.counts_path or (world / "metaclip" / "entry_counts.json" if world else None)
+        counts = cfg.counts_path
         if counts is None:
             raise ConfigError("concepts.counts_path is not set (set it, or use_match_counts: true after `match`)")
-    categories = cfg.categories_path
-    if categories is None and world is not None and cfg.metadata_path is None:
-        demo = world / "entities.jsonl"
-        categories = demo if demo.is_file() else None
-    return metadata, counts, categories
+    return metadata, counts, cfg.categories_path
 
 
 def load_counts(data: Any, entries: list[Any], source: str) -> list[int | None]:
@@ -125,13 +124,10 @@ def load_categories(path: Path | None) -> dict[str, str]:
             raise ConfigError(f"{path}: expected a JSON object concept -> category")
         return {str(k): str(v) for k, v in data.items()}
     out = {}
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{line_no}: not JSON ({exc.msg})") from exc
+    for rec in parse_jsonl(text):
+        if isinstance(rec, BadLine):
+            raise ConfigError(f"{path}:{rec.line_no}: {rec.reason}")
+        row = rec[1]
         name = row.get("concept") or row.get("name")
         cat = row.get("category") or row.get("knowledge_type")
         if name and cat:

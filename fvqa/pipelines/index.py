@@ -1,6 +1,6 @@
 """Build (or keep) the local search index that probe, eval and training search against offline.
 
-The index is derived data, not catalog rows: it lives in the folder `search.options.local.index_dir`
+The index is derived data, not catalog rows: it lives in the folder `search.local.index_dir`
 and is rebuilt only when its inputs or CLIP model change (`ensure_index`), so re-runs cost nothing.
 """
 
@@ -14,13 +14,10 @@ from fvqa.pipelines.base import Stage, StageContext
 
 
 def index_inputs(cfg: IndexConfig, config: RunConfig) -> tuple[Path, Path | None]:
-    """Corpus jsonl and image manifest, defaulting to the demo world's local web."""
-    web = config.world.path / "web" if config.world else None
-    corpus = cfg.corpus or (web / "pages.jsonl" if web else None)
-    if corpus is None:
+    """Corpus jsonl and image manifest (a demo world's local web is filled in at load, `fvqa.config`)."""
+    if cfg.corpus is None:
         raise ConfigError("index.corpus is not set (and no demo world is configured)")
-    images = cfg.images or (web / "images.jsonl" if web else None)
-    return corpus, images
+    return cfg.corpus, cfg.images
 
 
 class IndexStage(Stage):
@@ -32,17 +29,14 @@ class IndexStage(Stage):
 
     def enabled(self, config: RunConfig) -> bool:
         """On when the local backend is chosen and told where its index lives."""
-        from fvqa.search.config import SearchConfig
-
         if not config.index.enabled or config.search.backend != "local":
             return False
-        return SearchConfig.from_section(config.search).local.index_dir is not None
+        return config.search.local.index_dir is not None
 
     def run(self, ctx: StageContext) -> None:
-        from fvqa.search.config import SearchConfig
         from fvqa.search.local_index import ensure_index
 
-        search = SearchConfig.from_section(ctx.config.search)
+        search = ctx.config.search
         corpus, images = index_inputs(ctx.cfg, ctx.config)
         stats = ensure_index(corpus, images, search.local.index_dir, config=search.local)
         if stats is None:

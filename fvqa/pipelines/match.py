@@ -262,9 +262,7 @@ def _load_entries(path: Path) -> list[Any]:
 
 
 def _resolve_paths(config: RunConfig) -> tuple[Path, Path]:
-    world = config.world.path if config.world else None
-    metadata = config.concepts.metadata_path or (world / "metaclip" / "metadata.json" if world else None)
-    pool = config.match.pool or (world / "web" / "caption_pool.parquet" if world else None)
+    metadata, pool = config.concepts.metadata_path, config.match.pool  # a demo world's: filled in at load
     if metadata is None:
         raise ConfigError("concepts.metadata_path is not set (and no demo world is configured)")
     if pool is None:

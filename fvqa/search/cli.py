@@ -19,21 +19,19 @@ search_app.add_typer(index_app, name="index")
 out = Console()
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config (its `search` section).")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="A build or eval YAML config (its `search` section and `workspace`).")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config value: search.options.key=value (repeatable).")
+    list[str] | None, typer.Option("--set", help="Override a config value: search.key=value (repeatable).")
 ]
 
 
 def _search_config(config: Path | None, overrides: list[str] | None):
-    """(SearchConfig, default cache dir) from the run config; cache defaults to <workspace>/cache/search."""
-    from fvqa.config import load_config
-    from fvqa.search.config import SearchConfig
+    """(SearchConfig, cache dir) from a config file; the cache defaults to <workspace>/cache/search."""
+    from fvqa.search.config import load_search_file
 
-    run = load_config(config, overrides)
-    cfg = SearchConfig.from_section(run.search)
-    cache_dir = cfg.cache.dir or (run.workspace / "cache" / "search")
-    return cfg, cache_dir
+    found = load_search_file(config, overrides)
+    return found.search, found.cache_dir
 
 
 @index_app.command("build")

@@ -1,19 +1,34 @@
 """Typed settings for the search tools (backend choice, local index, web API, cache, service).
 
-The run config's `search` section is `{backend, options}`; `SearchConfig.from_section` merges the two
-into this model, so every option is validated (unknown keys are errors naming the key). Secrets are
-never here: only the *names* of environment variables that hold them.
+`SearchConfig` *is* the `search` section of the build's and the eval's configs
+(`search: {backend: local, local: {index_dir: ...}, top_k: 5}`), validated with the rest of the file:
+unknown keys are errors naming their path. The older `{backend, options: {...}}` form still loads
+(with a DeprecationWarning). Secrets are never here: only the *names* of environment variables that
+hold them. This module must not import `fvqa.config` (which imports it): the `fvqa search` commands
+read a config file's `search` and `workspace` through `SearchFile` instead.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
-from fvqa.errors import ConfigError
+from fvqa.configfile import DEFAULT_WORKSPACE, format_validation, load_yaml_config, resolve_paths
+from fvqa.errors import ConfigDeprecation, ConfigError
 
 
 class _Section(BaseModel):
@@ -122,19 +137,89 @@ class SearchConfig(_Section):
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     summary_sentences: int = Field(5, ge=1)
 
+    merged_sections: ClassVar[frozenset[str]] = frozenset({"options"})  # see fvqa.configfile.resolve_paths
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _options_form(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> SearchConfig:
+        """Read the deprecated `{backend, options: {...}}` form: `options` merges into the section.
+
+        Errors inside the merged keys keep the path the user wrote (`search.options.local.index_dri`).
+        """
+        if not isinstance(data, dict) or "options" not in data:
+            return handler(data)
+        options = data["options"] if data["options"] is not None else {}
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be a mapping, got {type(options).__name__} "
+                             "(deprecated: write its keys directly in the search section)")
+        both = sorted(set(options) & (set(data) - {"options"}))
+        if both:
+            raise ValueError(f"{', '.join(both)} set both directly and under options: write each once, "
+                             "directly in the search section (options is deprecated)")
+        warnings.warn("search.options is deprecated: write its keys directly in the search section "
+                      "(search: {backend: local, local: {index_dir: ...}})", ConfigDeprecation, stacklevel=2)
+        merged = {k: v for k, v in data.items() if k != "options"} | options
+        try:
+            return handler(merged)
+        except ValidationError as exc:
+            raise _under_options(exc, set(options)) from None
+
     @classmethod
     def from_section(cls, section: Any) -> SearchConfig:
-        """Build from the run config's `search: {backend, options}` section (or a plain dict)."""
+        """Compat shim for callers holding a plain dict (either form): validate it; errors name `search.*`."""
         if isinstance(section, SearchConfig):
             return section
         if isinstance(section, BaseModel):
             section = section.model_dump()
-        data = dict(section or {})
-        options = dict(data.pop("options", None) or {})
-        options.update({k: v for k, v in data.items() if v is not None})
         try:
-            return cls.model_validate(options)
+            return cls.model_validate(section or {})
         except ValidationError as exc:
-            from fvqa.config import format_validation
-
             raise ConfigError(format_validation(exc, "search config", prefix="search.")) from exc
+
+
+def _under_options(exc: ValidationError, moved: set[str]) -> ValidationError:
+    """`exc` with the locations of errors in keys that came from `options` put back under `options`."""
+    details: list[InitErrorDetails] = []
+    for err in exc.errors():
+        loc = err["loc"]
+        detail = InitErrorDetails(type=err["type"], loc=("options", *loc) if loc and loc[0] in moved else loc,
+                                  input=err["input"])
+        if "ctx" in err:
+            detail["ctx"] = err["ctx"]
+        details.append(detail)
+    try:
+        return ValidationError.from_exception_data(exc.title, details)
+    except (KeyError, TypeError, ValueError):  # an error type pydantic cannot rebuild: keep the original
+        return exc
+
+
+class SearchFile(BaseModel):
+    """What the `fvqa search` commands read from any fvqa config file (build or eval): `search`, `workspace`.
+
+    Other top-level sections are not theirs and are ignored; `search` is validated in full.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    workspace: Path = DEFAULT_WORKSPACE
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @model_validator(mode="after")
+    def _paths(self, info: ValidationInfo) -> SearchFile:
+        resolve_paths(self, info.context)
+        return self
+
+    @property
+    def cache_dir(self) -> Path:
+        """`search.cache.dir`, by default `<workspace>/cache/search`."""
+        return self.search.cache.dir or (self.workspace / "cache" / "search")
+
+
+def load_search_file(path: Path | str | None, overrides: list[str] | None = None) -> SearchFile:
+    """`search` and `workspace` of a config file (None: defaults), with `--set search.*|workspace=` overrides."""
+    for assignment in overrides or []:
+        top = assignment.split("=", 1)[0].strip().split(".", 1)[0]
+        if "=" in assignment and top not in SearchFile.model_fields:
+            raise ConfigError(f"--set {assignment.split('=', 1)[0].strip()}: the search commands read only "
+                              "search.* and workspace")
+    return load_yaml_config(SearchFile, path, overrides)

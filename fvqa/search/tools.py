@@ -325,7 +325,8 @@ def make_search_tools(
     summarizer: Summarizer | None = None,
 ) -> Any:
     """`SearchTools` for local/web/replay, or an HTTP `SearchClient` for backend `http` (same interface)."""
-    config = SearchConfig.from_section(config)
+    if not isinstance(config, SearchConfig):
+        config = SearchConfig.from_section(config)  # compat: a plain dict, either form
     if config.backend == "http":
         from fvqa.search.client import SearchClient
 
