@@ -11,7 +11,8 @@ from enum import StrEnum
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version of the workspace tables (``fvqa.store``) and of this schema; v2 added ``items.data_id``."""
 
 
 class Source(StrEnum):
@@ -73,6 +74,7 @@ ITEM_ARROW_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
+        pa.field("data_id", pa.string()),  # upstream's id (key of its image-search cache); None if none
         pa.field("question", pa.string(), nullable=False),
         pa.field("answer", pa.string(), nullable=False),
         pa.field("aliases", pa.list_(pa.string())),
@@ -111,6 +113,7 @@ class FVQAItem(BaseModel):
 
     item_id: str
     source: Source
+    data_id: str | None = None
     question: str
     answer: str
     aliases: list[str] = Field(default_factory=list)

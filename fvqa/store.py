@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS items (
     answer VARCHAR NOT NULL, aliases VARCHAR[], answer_eval VARCHAR, question_type VARCHAR,
     image_sha256 VARCHAR, image_url VARCHAR, page_url VARCHAR, page_title VARCHAR, concept VARCHAR,
     concept_count BIGINT, concept_tier VARCHAR, entity_id VARCHAR, entity_text VARCHAR,
-    provenance VARCHAR);
+    provenance VARCHAR, data_id VARCHAR);
 CREATE TABLE IF NOT EXISTS tags (
     item_id VARCHAR PRIMARY KEY, knowledge_type VARCHAR, knowledge_subtype VARCHAR,
     confidence DOUBLE, provenance VARCHAR);
@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS runs (
 DATASET_VIEW = """
 CREATE OR REPLACE VIEW dataset AS
 SELECT
-    i.item_id, i.source, i.question,
+    i.item_id, i.source, i.data_id, i.question,
     COALESCE(g.answer, i.answer) AS answer,
     COALESCE(g.aliases, i.aliases) AS aliases,
     CASE WHEN g.status = 'fixed' THEN NULL ELSE i.answer_eval END AS answer_eval,  -- stale once fixed
@@ -89,6 +89,47 @@ LEFT JOIN splits s USING (item_id)
 LEFT JOIN gold g USING (item_id)
 WHERE COALESCE(g.status, '') <> 'rejected'
 """
+
+
+def _legacy_data_id(item_id: str, source: str | None, provenance: str | None) -> str | None:
+    """Where a schema-v1 workspace kept an item's upstream ``data_id``: in the import provenance
+    (``{"import": {"data_id": ...}}``), or, for InfoSeek items, in the item id ``infoseek-<data_id>``
+    (unless the line had no data_id and the id fell back to ``<file>:<line>``). Only the v1 -> v2
+    migration reads it; since v2 it is the column ``items.data_id``."""
+    try:
+        prov = json.loads(provenance or "{}")
+    except (TypeError, ValueError):
+        return None
+    prov = prov if isinstance(prov, dict) else {}
+    imported = prov.get("import")
+    if isinstance(imported, dict) and imported.get("data_id") not in (None, ""):
+        return str(imported["data_id"])
+    infoseek = prov.get("infoseek")
+    if source == "infoseek" and item_id.startswith("infoseek-") and isinstance(infoseek, dict):
+        data_id = item_id.removeprefix("infoseek-")
+        if data_id and data_id != f"{infoseek.get('file')}:{infoseek.get('line')}":
+            return data_id
+    return None
+
+
+def _v2_data_id_column(ws: Workspace) -> None:
+    """v2: upstream's ``data_id`` becomes the column ``items.data_id``, back-filled from v1's places."""
+    ws.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS data_id VARCHAR")
+    rows = ws.execute("SELECT item_id, source, provenance FROM items WHERE data_id IS NULL")
+    found = [(item_id, _legacy_data_id(item_id, source, prov)) for item_id, source, prov in rows]
+    found = [(item_id, data_id) for item_id, data_id in found if data_id is not None]
+    if not found:
+        return
+    table = pa.table({"item_id": [r[0] for r in found], "data_id": [r[1] for r in found]})
+    ws.con.register("_v2_data_ids", table)
+    try:
+        ws.execute("UPDATE items SET data_id = d.data_id FROM _v2_data_ids d WHERE items.item_id = d.item_id")
+    finally:
+        ws.con.unregister("_v2_data_ids")
+
+
+MIGRATIONS: dict[int, Callable[[Workspace], None]] = {2: _v2_data_id_column}
+"""Schema version -> the step that brings a workspace of the version before it up to it."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +172,13 @@ def sniff_image(data: bytes) -> tuple[str, int, int]:
 
 
 class Workspace:
-    """One run folder: `fvqa.duckdb`, `images/`, `cache/`, `exports/`."""
+    """One run folder: `fvqa.duckdb`, `images/`, `cache/`, `exports/`.
+
+    Opening it read-write creates missing tables and migrates an older schema version (recorded in
+    ``meta``) once; ``schema_version`` is the version of the tables as opened.
+    """
+
+    schema_version: int
 
     def __init__(self, root: Path | str = DEFAULT_WORKSPACE, *, read_only: bool = False) -> None:
         self.root = Path(root).resolve()
@@ -150,11 +197,15 @@ class Workspace:
             ) from exc
         self._in_tx = False
         self._keyed: dict[str, bool] = {}
-        if not read_only:
-            self.execute(CORE_DDL)
-        self._check_version()
-        if not read_only:
-            self.execute(DATASET_VIEW)
+        try:
+            if not read_only:
+                self.execute(CORE_DDL)
+            self._check_version()
+            if not read_only:
+                self.execute(DATASET_VIEW)
+        except BaseException:
+            self.con.close()  # a refused or failed open must not keep the database locked
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -172,6 +223,7 @@ class Workspace:
         if row is None:
             if not self.read_only:
                 self.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            self.schema_version = SCHEMA_VERSION
             return
         found = int(row[0])
         if found > SCHEMA_VERSION:
@@ -179,6 +231,21 @@ class Workspace:
                 f"workspace {self.root} was created by a newer fvqa (schema v{found}; this fvqa reads "
                 f"up to v{SCHEMA_VERSION}): upgrade fvqa or use another --workspace"
             )
+        self.schema_version = found
+        if found < SCHEMA_VERSION and not self.read_only:
+            self._migrate(found)
+
+    def _migrate(self, found: int) -> None:
+        """Bring an older workspace up to SCHEMA_VERSION: every step and the new version in one
+        transaction, so a crash leaves the old version intact and the next open simply retries.
+
+        A read-only open never migrates: it reads the tables (and `dataset` view) as they are.
+        """
+        with self.transaction():
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[version](self)
+            self.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        self.schema_version = SCHEMA_VERSION
 
     # -- paths -----------------------------------------------------------------------------
     @property
@@ -252,7 +319,9 @@ class Workspace:
         """Insert rows by column name; rows whose key already exists are ignored (or replaced)."""
         if not rows:
             return 0
-        arrow = pa.Table.from_pylist(list(rows))
+        # every key of every row (from_pylist alone would take the columns of the first row only)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        arrow = pa.Table.from_pydict({c: [row.get(c) for row in rows] for c in columns})
         name = f"_ins_{table}"
         self.con.register(name, arrow)
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from eval_files import entities, image_of, write_benchmarks
+from support.eval_files import entities, image_of, write_benchmarks
 
 from fvqa.errors import ConfigError
 from fvqa.eval.benchmarks import load_benchmark

@@ -103,6 +103,8 @@ def test_official_rows_with_numeric_ranges_unicode_and_bad_input(tmp_path: Path)
     assert json.loads(q4[3]) == [{"wikidata": 1889, "range": [1889, 1889]}] and q4[2] == ["1889"]
     assert q2[5:7] == ("Q2", "Entity 2")
     assert json.loads(q2[7])["infoseek"]["line"] == 2
+    data_ids = dict(_query(root, "SELECT item_id, data_id FROM items"))  # InfoSeek's id: a column
+    assert data_ids == {f"infoseek-infoseek_val_{i:08d}": f"infoseek_val_{i:08d}" for i in (1, 2, 3, 4)}
 
     rejects = {r[0]: (r[1], r[2]) for r in _query(root, "SELECT key, reason, detail FROM rejects")}
     assert rejects["infoseek_val.jsonl:5"][0] == "bad JSON line" and "line 5" in rejects["infoseek_val.jsonl:5"][1]

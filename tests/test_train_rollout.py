@@ -31,13 +31,13 @@ IMAGE_MAX_PIXELS = 64 * 28 * 28
 
 
 # --------------------------------------------------------------------------------------------
-# The tiny Qwen2.5-VL (tests/tiny_qwen.py): random BPE vocabulary, real Qwen special tokens and processor
+# The tiny Qwen2.5-VL (fvqa.demo.tiny_model): random BPE vocabulary, real Qwen special tokens and processor
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_qwen import build_tiny_qwen
+    from fvqa.demo.tiny_model import build_tiny_qwen
 
     return build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"))
 
@@ -106,8 +106,9 @@ def test_prepare_writes_both_splits_and_rejects_with_reasons(prepared: dict[str,
     tower = next(r for r in train if r["extra_info"]["item_id"] == "a-tower")
     assert "mmsearch_r1" in tower["data_source"] and tower["agent_name"] == "fvqa_search_agent"
     assert tower["reward_model"]["style"] == "rule" and tower["reward_model"]["ground_truth"] == "Gustave Eiffel"
-    assert json.loads(tower["reward_model"]["candidate_answers"]) == ["Gustave Eiffel", "Eiffel"]
-    assert tower["extra_info"]["candidate_answers"] == ["Gustave Eiffel", "Eiffel"]
+    # the item's aliases under the one candidate rule; the reward adds the ground truth itself
+    assert json.loads(tower["reward_model"]["candidate_answers"]) == ["Eiffel"]
+    assert tower["extra_info"]["candidate_answers"] == ["Eiffel"]
     assert tower["extra_info"]["knowledge_type"] == "Place"
     assert tower["extra_info"]["search_label"] == "mixed_search_required"
     assert tower["extra_info"]["question"] == QUESTION
@@ -256,8 +257,8 @@ def _run(prepared: dict[str, Any], processor: Any, turns: list[str], search: Scr
     cfg = OmegaConf.create({
         "actor_rollout_ref": {"rollout": {"prompt_length": 2048, "response_length": response_length}},
         "data": {},
-        "fvqa": {"search_url": search_url, "thumbnail_max_pixels": THUMB_MAX_PIXELS,
-                 "image_search_topk": 5, "limits": limits or {}},
+        "fvqa": {"search_url": search_url,
+                 "limits": {"thumbnail_max_pixels": THUMB_MAX_PIXELS, "image_topk": 5, **(limits or {})}},
     })
     server = server or ScriptedServer(processor.tokenizer, turns)
 
@@ -623,7 +624,7 @@ def test_verl_agent_loop_worker_runs_a_batch_from_our_config(prepared: dict[str,
         # veRL's length filter forks a process pool, which can deadlock a threaded test process.
         "data.filter_overlong_prompts=false",
         f"+data.cache_dir={prepared['root'] / 'verl-cache'}", f"fvqa.search_url={search_service.url}",
-        f"fvqa.thumbnail_max_pixels={THUMB_MAX_PIXELS}",
+        f"fvqa.limits.thumbnail_max_pixels={THUMB_MAX_PIXELS}",
     ]))
     server = RoundRobinServer([IMG, TXT, ANS])
 

@@ -36,13 +36,12 @@ from fvqa.eval.config import BenchmarkSpec
 from fvqa.eval.metrics import infoseek_gold_range, infoseek_question_type
 from fvqa.formats.infoseek import (
     QTYPE_SUFFIX,
-    BadLine,
     aliases_of,
     check_answer_eval,
     companion,
     find_image,
-    read_jsonl,
 )
+from fvqa.formats.jsonl import BadLine, read_jsonl
 from fvqa.store import ImageError, sniff_image
 
 IMAGE_IN_PROMPT = "<image>"
@@ -107,15 +106,15 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     if suffix == ".jsonl":
         for rec in read_jsonl(path):
             if isinstance(rec, BadLine):
-                yield f"line {rec.line_no}", RowError(f"malformed JSON line: {rec.error}")
+                yield f"line {rec.line_no}", RowError(f"malformed JSON line: {rec.reason}")
             else:
                 yield f"line {rec[0]}", rec[1]
         return
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not a readable JSON file ({exc})") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{path}: not a readable JSON file ({str(exc)[:200]})") from exc
         if isinstance(data, dict):
             data = data.get("data", data.get("test"))
         if not isinstance(data, list):
@@ -148,6 +147,8 @@ def _str_list(value: Any, what: str) -> list[str]:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise RowError(f"{what} is not a JSON list: {exc.msg}") from exc
+            except RecursionError as exc:
+                raise RowError(f"{what} is nested too deeply to read") from exc
         else:
             return [text] if text else []
     if not isinstance(value, list | tuple):
@@ -259,7 +260,7 @@ def _fvqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counte
         item_id=_text(row, "item_id") or "", benchmark=spec.name, kind="fvqa", question=_text(row, "question") or "",
         image=image_bytes(str(path), base), answer=answer or "",
         aliases=_dedupe([answer or "", *_str_list(row.get("aliases"), "aliases")]),
-        image_url=row.get("image_url"),
+        image_url=row.get("image_url"), data_id=_text(row, "data_id", required=False),
         meta={k: row.get(k) for k in ("knowledge_type", "search_label", "source", "concept_tier")},
     )
 
@@ -270,7 +271,9 @@ def _id_set(path: Path) -> set[str]:
     if path.suffix.lower() == ".txt":
         return {ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()}
     ids = set()
-    for _, row in read_rows(path):
+    for pos, row in read_rows(path):
+        if isinstance(row, RowError):  # a lost id would silently shrink the subset
+            raise ConfigError(f"subset file {path}, {pos}: {row}")
         if isinstance(row, dict):
             value = _text(row, "data_id", "sample_id", "id", required=False)
             if value:
@@ -285,7 +288,9 @@ def _qtypes(spec: BenchmarkSpec) -> dict[str, str]:
             raise ConfigError(f"InfoSeek qtype file not found: {path}")
         return {}
     out = {}
-    for _, row in read_rows(path):
+    for pos, row in read_rows(path):
+        if isinstance(row, RowError):
+            raise ConfigError(f"InfoSeek qtype file {path}, {pos}: {row}")
         if isinstance(row, dict) and row.get("data_id") is not None and row.get("question_type"):
             out[str(row["data_id"])] = str(row["question_type"])
     return out

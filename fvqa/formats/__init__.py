@@ -1,1 +1,3 @@
-"""File layouts fvqa reads and writes that other tools define (veRL's and upstream's rows)."""
+"""File layouts fvqa reads and writes that other tools define, at the bottom of the package (they import
+nothing from fvqa): JSONL records (`jsonl`), InfoSeek's files (`infoseek`), and upstream's veRL row with
+its candidate-answer rule (`verl`)."""

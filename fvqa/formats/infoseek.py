@@ -7,14 +7,13 @@ image directory holding ``<image_id>.<ext>``. ``answer_eval`` holds the gold ans
 for numerical questions ``{"wikidata": value, "range": [low, high]}`` dicts (alone or in a list).
 
 It lives here, not in the stage, so that evaluation can read the format without depending on the
-build pipelines. Nothing here knows about configs, stages or workspaces.
+build pipelines. The lines themselves are read with ``fvqa.formats.jsonl.read_jsonl`` (one bad-line
+policy for every JSONL file). Nothing here knows about configs, stages or workspaces.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +29,6 @@ QTYPE_FIELDS = ("question_type",)
 """The fields the ``*_qtype`` companion adds to a data_id."""
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".JPEG", ".JPG", ".png", ".webp")
-
-
-@dataclass
-class BadLine:
-    """A line that is not a JSON object (kept with its number for the reject)."""
-
-    line_no: int
-    error: str
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]] | BadLine]:
-    """Yield (line number, object) per line, or BadLine for lines that do not decode or parse."""
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield BadLine(line_no, f"not valid UTF-8 (byte {exc.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield BadLine(line_no, f"{exc.msg} at column {exc.colno}")
-                continue
-            if not isinstance(obj, dict):
-                yield BadLine(line_no, "line is not a JSON object")
-                continue
-            yield line_no, obj
 
 
 def companion(main: Path, suffix: str) -> Path:

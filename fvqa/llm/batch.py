@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from fvqa.errors import FvqaError
+from fvqa.formats.jsonl import BadLine, parse_jsonl
 from fvqa.llm.cache import TERMINAL
 from fvqa.llm.client import CACHEABLE_STATUS, LLMClient, LLMResult, Messages, parse_retry_after, valid_body
 from fvqa.llm.images import BadImageError
@@ -217,11 +218,10 @@ class BatchRunner:
             if not file_id:
                 continue
             text = await self._call("GET", f"/files/{file_id}/content", raw=True)
-            for line in text.splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
+            for rec in parse_jsonl(text):
+                if isinstance(rec, BadLine):
                     continue  # a torn line is simply not merged; its request is sent again later
+                row = rec[1]
                 key = row.get("custom_id")
                 resp = row.get("response") or {}
                 if key not in job_keys or not isinstance(resp, dict):

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fvqa.formats.verl import data_source
+from fvqa.formats.verl import candidate_answers, data_source, verl_row
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.schema import ITEM_ARROW_SCHEMA, SearchLabel
 from fvqa.store import Workspace
@@ -51,34 +51,28 @@ def _category(row: dict[str, Any], imported: dict[str, Any]) -> str | None:
 
 
 def upstream_record(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
-    """One row in upstream's veRL layout; imported rows keep their original fields."""
+    """One row in upstream's released layout; imported rows keep their original prompt, images,
+    data_source and image_urls (so an imported file exports back unchanged)."""
     prov = json.loads(row.get("provenance") or "{}")
     imported = prov.get("import", {})
     prompt = imported.get("prompt")
     user_text = next((m["content"] for m in prompt or [] if m.get("role") == "user"), None)
     if prompt is None or user_text != row["question"]:
-        prompt = [{"content": row["question"], "role": "user"}]
+        prompt = row["question"]
     images = []
     shas = imported.get("image_sha256s") or ([row["image_sha256"]] if row.get("image_sha256") else [])
     paths = imported.get("image_paths") or [None] * len(shas)
     for sha, path in zip(shas, paths, strict=False):
         images.append({"bytes": ws.find_image(sha).read_bytes(), "path": path})
-    candidates = row.get("aliases") or [row["answer"]]
     image_urls = imported["image_urls"] if "image_urls" in imported else (
         [row["image_url"]] if row.get("image_url") else None)
-    return {
-        "prompt": prompt,
-        "images": images,
-        "reward_model": {
-            "candidate_answers": json.dumps(list(candidates)),
-            "ground_truth": row["answer"],
-            "style": "rule",
-        },
-        "data_source": imported.get("data_source") or data_source(row["split"]),
-        "image_urls": image_urls,
-        "data_id": imported.get("data_id") or row["item_id"],
-        "category": _category(row, imported),
-    }
+    return verl_row(
+        layout="released", prompt=prompt, images=images, ground_truth=row["answer"],
+        candidates=candidate_answers(row.get("aliases")),
+        data_source=imported.get("data_source") or data_source(row["split"]),
+        data_id=row.get("data_id"), item_id=row["item_id"], image_urls=image_urls,
+        category=_category(row, imported),
+    )
 
 
 def export_upstream(ws: Workspace, rows: list[dict[str, Any]]) -> list[Path]:

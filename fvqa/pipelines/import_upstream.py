@@ -2,8 +2,10 @@
 
 Users can start from the released dataset: its rows become `items` (source `import`), their images go
 into the content-addressed store, and the 2-way `category` is kept in provenance (the released data
-lost the 4-way label, so no `labels` row is invented for it). The original prompt, data_source, data_id
-and image_urls are kept so `fvqa export --format upstream` reproduces the file.
+lost the 4-way label, so no `labels` row is invented for it). `data_id` goes into the column
+`items.data_id`; the candidate answers become the item's aliases under the one candidate rule
+(`fvqa.formats.verl.candidate_answers`: an empty list stays empty); the original prompt, data_source
+and image_urls are kept in provenance, so `fvqa export --format upstream` reproduces the file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from fvqa.errors import FvqaError
+from fvqa.formats.verl import candidate_answers
 from fvqa.store import ImageError, Workspace, now
 
 REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "data_source")
@@ -70,11 +73,12 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
             rejects.append((STAGE, key, "answer missing (reward_model.ground_truth)", ""))
             continue
         try:
-            candidates = json.loads(reward.get("candidate_answers") or "[]")
+            raw = reward.get("candidate_answers")
+            candidates = raw if isinstance(raw, list) else json.loads(raw or "[]")
             if not isinstance(candidates, list):
                 raise ValueError("not a list")
-        except ValueError as exc:
-            rejects.append((STAGE, key, "candidate_answers is not a JSON list", f"{exc}"))
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+            rejects.append((STAGE, key, "candidate_answers is not a JSON list", f"{exc}"[:200]))
             continue
         shas, paths = [], []
         try:
@@ -89,14 +93,15 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
         provenance = {
             "import": {
                 "file": path.name, "time": now().isoformat(), "prompt": row["prompt"],
-                "data_source": row.get("data_source"), "data_id": data_id,
+                "data_source": row.get("data_source"),
                 "image_urls": row.get("image_urls"), "category": row.get("category"),
                 "image_sha256s": shas, "image_paths": paths,
             }
         }
         items.append(dict(
-            item_id=item_id, source="import", question=question, answer=reward["ground_truth"],
-            aliases=[str(c) for c in candidates], image_sha256=shas[0] if shas else None,
+            item_id=item_id, source="import", data_id=str(data_id) if data_id is not None else None,
+            question=question, answer=reward["ground_truth"], aliases=candidate_answers(candidates),
+            image_sha256=shas[0] if shas else None,
             provenance=json.dumps(provenance, ensure_ascii=False, default=str),
         ))
         splits.append(dict(item_id=item_id, split=split, provenance=json.dumps({"stage": STAGE})))

@@ -24,13 +24,12 @@ from fvqa.formats.infoseek import (
     QTYPE_SUFFIX,
     WITHKB_FIELDS,
     WITHKB_SUFFIX,
-    BadLine,
     aliases_of,
     check_answer_eval,
     companion,
     find_image,
-    read_jsonl,
 )
+from fvqa.formats.jsonl import BadLine, read_jsonl
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.pipelines.sampling import balanced_sample, stratum_counts
 from fvqa.store import ImageError, now
@@ -39,9 +38,9 @@ STAGE = "infoseek"
 
 
 def resolve_paths(cfg: InfoseekConfig, config: RunConfig) -> tuple[Path, Path | None, Path | None, Path]:
-    """Main jsonl, withkb, qtype and image dir, defaulting to the demo world's files."""
-    world = config.world.path / "infoseek" if config.world else None
-    main = cfg.jsonl or (world / "infoseek_train.jsonl" if world else None)
+    """Main jsonl, withkb, qtype and image dir (a demo world's are filled in at load, `fvqa.config`);
+    companions default to the files beside the main jsonl, images to its `images/` folder."""
+    main = cfg.jsonl
     if main is None:
         raise ConfigError("infoseek.jsonl is not set (and no demo world is configured)")
     if not main.is_file():
@@ -51,7 +50,7 @@ def resolve_paths(cfg: InfoseekConfig, config: RunConfig) -> tuple[Path, Path | 
             raise ConfigError(f"infoseek.{name} not found: {given}")
     withkb = cfg.withkb or companion(main, WITHKB_SUFFIX)
     qtype = cfg.qtype or companion(main, QTYPE_SUFFIX)
-    image_dir = cfg.image_dir or (world / "images" if world else main.parent / "images")
+    image_dir = cfg.image_dir or main.parent / "images"
     if not image_dir.is_dir():
         raise ConfigError(f"infoseek.image_dir not found: {image_dir}")
     return main, withkb if withkb.is_file() else None, qtype if qtype.is_file() else None, image_dir
@@ -82,7 +81,11 @@ def read_knowledge_types(path: Path) -> dict[str, str]:
                 raise ConfigError(f"{path}: needs the columns entity_id and knowledge_type")
             rows: Any = list(reader)
     else:
-        rows = [rec[1] for rec in read_jsonl(path) if not isinstance(rec, BadLine)]
+        rows = []
+        for rec in read_jsonl(path):
+            if isinstance(rec, BadLine):
+                raise ConfigError(f"infoseek.knowledge_types {path}: {rec}")
+            rows.append(rec[1])
     for row in rows:
         if row.get("entity_id") and row.get("knowledge_type"):
             out[str(row["entity_id"])] = str(row["knowledge_type"])
@@ -104,7 +107,7 @@ class InfoseekStage(Stage):
         for rec in read_jsonl(main):
             ctx.stats.n_in += 1
             if isinstance(rec, BadLine):
-                ctx.reject(f"{main.name}:{rec.line_no}", "bad JSON line", f"line {rec.line_no}: {rec.error}")
+                ctx.reject(f"{main.name}:{rec.line_no}", "bad JSON line", str(rec))
                 continue
             line_no, obj = rec
             data_id = str(obj.get("data_id") or f"{main.name}:{line_no}")
@@ -130,6 +133,7 @@ class InfoseekStage(Stage):
                 ctx.reject(key, "bad image_id", f"line {line_no}: image_id {image_id!r} is not a plain name")
                 continue
             rows.append({**{k: obj.get(k) for k in MAIN_FIELDS}, "data_id": data_id, "image_id": image_id,
+                         "upstream_data_id": str(obj["data_id"]) if obj.get("data_id") else None,
                          "answers": answers, "line_no": line_no, **kb.get(data_id, {}), **qt.get(data_id, {})})
         return rows
 
@@ -149,7 +153,7 @@ class InfoseekStage(Stage):
                                    "sampled by question type only")
             return None
         from fvqa.pipelines.tag import taxonomy_of
-        from fvqa.textgen.minilm import shared_tagger
+        from fvqa.tagging.minilm import shared_tagger
 
         tags = shared_tagger(taxonomy_of(ctx.config.tag)).tag(names)
         by_name = {n: t.knowledge_type for n, t in zip(names, tags, strict=True)}
@@ -201,7 +205,8 @@ class InfoseekStage(Stage):
         if kt_source:
             prov["stratum"] = {"knowledge_type": row.get("knowledge_type"), "source": kt_source}
         ctx.emit("items", dict(
-            item_id=item_id, source="infoseek", question=row["question"], answer=row["answers"][0],
+            item_id=item_id, source="infoseek", data_id=row.get("upstream_data_id"),
+            question=row["question"], answer=row["answers"][0],
             aliases=aliases_of(row["answers"], answer_eval),
             answer_eval=json.dumps(answer_eval, ensure_ascii=False),
             question_type=row.get("question_type"), image_sha256=ref.sha256,

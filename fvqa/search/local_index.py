@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from fvqa.errors import ConfigError
+from fvqa.formats.jsonl import BadLine, read_jsonl
 from fvqa.search.clip import ClipEmbedder
 from fvqa.search.config import LocalConfig
 from fvqa.search.summarize import extractive_summary, tokenize
@@ -95,15 +96,10 @@ def parse_page(row: Any) -> tuple[str, str, str, str]:
     return key, str(url or ""), title.strip(), text
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, Any | Exception]]:
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, exc
+def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | ValueError]]:
+    """(line number, object) per record, or (line number, ValueError(reason)) per bad line."""
+    for rec in read_jsonl(path):
+        yield (rec.line_no, ValueError(rec.reason)) if isinstance(rec, BadLine) else rec
 
 
 def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | Exception]]:

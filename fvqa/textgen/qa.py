@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from fvqa.errors import ConfigError
+from fvqa.formats.verl import candidate_answers
 from fvqa.llm.images import image_part
 from fvqa.schema import KnowledgeType
 
@@ -85,13 +86,10 @@ def build_messages(prompt: str, concept: str, page_title: str | None, page_text:
 
 
 def clean_aliases(answer: str, aliases: list[str]) -> list[str]:
-    """Answer first, then distinct non-empty aliases (the gold list the metrics compare against)."""
-    out: list[str] = []
-    for a in [answer, *aliases]:
-        a = a.strip()
-        if a and a.casefold() not in {x.casefold() for x in out}:
-            out.append(a)
-    return out
+    """Answer first, then the aliases, under the one candidate-answer rule
+    (``fvqa.formats.verl.candidate_answers``: white space normalised, empties and exact duplicates
+    dropped), so a generated item's list is the one its exported and training rows carry."""
+    return candidate_answers([answer, *aliases])
 
 
 # Offline templates: the answer is the concept; the question names only its kind.

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from fvqa.errors import FvqaError
-from fvqa.formats.verl import AGENT_NAME, data_source
+from fvqa.formats.verl import AGENT_NAME, VERL_SCHEMA, candidate_answers, data_source, verl_row
 from fvqa.protocol import IMAGE_PLACEHOLDER, Prompts, load_prompts, opening_user_text
 from fvqa.store import Workspace
 
@@ -36,44 +36,6 @@ STAGE = "train_prepare"
 DEFAULT_IMAGE_MAX_PIXELS = 1024 * 28 * 28
 """Qwen2.5-VL spends one token per 28x28 patch: this bounds the user image at ~1024 vision tokens."""
 SPLIT_FILES = {"train": "train.parquet", "test": "val.parquet"}
-
-EXTRA_INFO_TYPE = pa.struct(
-    [
-        pa.field("index", pa.int64()),
-        pa.field("item_id", pa.string()),
-        pa.field("data_id", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("question", pa.string()),
-        pa.field("candidate_answers", pa.list_(pa.string())),
-        pa.field("knowledge_type", pa.string()),
-        pa.field("search_label", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("image_sha256", pa.string()),
-    ]
-)
-VERL_SCHEMA = pa.schema(
-    [
-        pa.field("data_source", pa.string()),
-        pa.field(
-            "prompt", pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
-        ),
-        pa.field("images", pa.list_(pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())]))),
-        pa.field("ability", pa.string()),
-        pa.field(
-            "reward_model",
-            pa.struct(
-                [
-                    pa.field("style", pa.string()),
-                    pa.field("ground_truth", pa.string()),
-                    pa.field("candidate_answers", pa.string()),
-                ]
-            ),
-        ),
-        pa.field("extra_info", EXTRA_INFO_TYPE),
-        pa.field("agent_name", pa.string()),
-    ]
-)
-
 
 @dataclass
 class PrepareResult:
@@ -112,26 +74,6 @@ def prompt_fingerprint(prompts: Prompts) -> str:
     return hashlib.sha256(prompts.round_1.encode("utf-8")).hexdigest()
 
 
-def _candidates(row: dict[str, Any]) -> list[str]:
-    """Ground truth first, then aliases, without duplicates (upstream's candidate_answers)."""
-    seen: list[str] = []
-    for value in [row["answer"], *(row.get("aliases") or [])]:
-        if isinstance(value, str) and value.strip() and value not in seen:
-            seen.append(value)
-    return seen
-
-
-def _data_id(row: dict[str, Any]) -> str:
-    """Upstream's ``data_id`` for imported items (image-search replay caches are keyed by it), else
-    the item id."""
-    try:
-        prov = json.loads(row.get("provenance") or "{}")
-    except (TypeError, ValueError):
-        prov = {}
-    data_id = (prov.get("import") or {}).get("data_id") if isinstance(prov, dict) else None
-    return str(data_id) if data_id is not None else row["item_id"]
-
-
 def build_row(
     ws: Workspace, row: dict[str, Any], index: int, prompts: Prompts, image_max_pixels: int
 ) -> dict[str, Any]:
@@ -154,31 +96,21 @@ def build_row(
         raise ValueError(f"image file missing from the workspace ({exc})") from exc
     data, _, _ = bounded_image_bytes(data, image_max_pixels)
     split = row["split"]
-    candidates = _candidates(row)
-    return {
-        "data_source": data_source(split),
-        "prompt": [{"role": "user", "content": opening_user_text(prompts.round_1, question)}],
-        "images": [{"bytes": data, "path": f"{sha}.{row.get('image_ext') or 'img'}"}],
-        "ability": "fvqa",
-        "reward_model": {
-            "style": "rule",
-            "ground_truth": answer,
-            "candidate_answers": json.dumps(candidates, ensure_ascii=False),
-        },
-        "extra_info": {
+    return verl_row(
+        layout="training", prompt=opening_user_text(prompts.round_1, question),
+        images=[{"bytes": data, "path": f"{sha}.{row.get('image_ext') or 'img'}"}],
+        ground_truth=answer, candidates=candidate_answers(row.get("aliases")), data_source=data_source(split),
+        data_id=row.get("data_id"), item_id=row["item_id"],
+        extra_info={
             "index": index,
-            "item_id": row["item_id"],
-            "data_id": _data_id(row),
             "split": split,
             "question": question,
-            "candidate_answers": candidates,
             "knowledge_type": row.get("knowledge_type"),
             "search_label": row.get("search_label"),
             "source": row.get("source"),
             "image_sha256": sha,
         },
-        "agent_name": AGENT_NAME,
-    }
+    )
 
 
 def _write_atomic(records: list[dict[str, Any]], path: Path) -> None:
