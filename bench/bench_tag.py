@@ -26,10 +26,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from fvqa.demo.world import make_world
-    from fvqa.textgen.minilm import MiniLMTagger
+    from fvqa.tagging.minilm import MiniLMTagger, item_text
+    from fvqa.tagging.taxonomy import build_taxonomy
     from fvqa.textgen.qa import template_question
-    from fvqa.textgen.tagging import item_text
-    from fvqa.textgen.taxonomy import build_taxonomy
 
     with tempfile.TemporaryDirectory() as tmp:
         world = make_world(Path(tmp) / "world", seed=1, n_entities=80 if args.quick else 240)

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_openai import FakeOpenAI
 from PIL import Image
 from rich.console import Console
+from support.fake_openai import FakeOpenAI
 
 from fvqa.config import GenerateConfig, RunConfig
 from fvqa.llm.config import Endpoint, LLMConfig
@@ -317,7 +317,7 @@ def test_missing_image_file_is_a_reject_not_an_item(tmp_path: Path):
 
 
 def test_transient_failure_is_retried_on_the_next_run_not_rejected(tmp_path: Path):
-    from fake_openai import server_error
+    from support.fake_openai import server_error
 
     root = _workspace(tmp_path / "ws")
     with FakeOpenAI(_responder) as srv:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_openai import (
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+from support.fake_openai import (
     FakeOpenAI,
     Reply,
     bad_request,
@@ -27,8 +29,6 @@ from fake_openai import (
     rate_limited,
     server_error,
 )
-from PIL import Image
-from pydantic import BaseModel, ValidationError
 
 from fvqa.errors import ConfigError
 from fvqa.llm import (

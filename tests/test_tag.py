@@ -7,17 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_openai import FakeOpenAI
 from rich.console import Console
+from support.fake_openai import FakeOpenAI
 
 from fvqa.config import RunConfig, TagConfig
 from fvqa.llm.config import Endpoint, LLMConfig
 from fvqa.pipelines.base import Estimate, StageContext, execute_stage
 from fvqa.pipelines.tag import TagStage
 from fvqa.store import Workspace
-from fvqa.textgen.minilm import shared_tagger
-from fvqa.textgen.tagging import item_text
-from fvqa.textgen.taxonomy import build_taxonomy
+from fvqa.tagging.minilm import item_text, shared_tagger
+from fvqa.tagging.taxonomy import build_taxonomy
 
 CLEAR = [
     ("What landmark is shown in this photo?", "the Eiffel Tower in Paris", "Place"),

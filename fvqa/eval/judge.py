@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -25,6 +26,8 @@ from fvqa.errors import ConfigError
 from fvqa.eval.metrics import Grade, parse_grade
 from fvqa.llm.client import LLMClient
 from fvqa.llm.config import LLMConfig
+from fvqa.llm.runner import arun_task
+from fvqa.llm.task import REQUEST_FAILED, UNPARSEABLE, LLMTask, Reject, Reply, Request
 
 JUDGE_PROMPT = """\
 You are grading an answer to a question about an image. Decide whether the model's answer is \
@@ -135,44 +138,72 @@ def load_judge_prompts(path: Path | None) -> dict[str, str]:
     return prompts
 
 
+class JudgeTask(LLMTask[JudgeRequest, Verdict]):
+    """A prediction and its gold answers -> a verdict (Yes/No, or SimpleVQA's three grades)."""
+
+    name = "eval-judge"
+
+    def __init__(self, prompts: Mapping[str, str], params: Mapping[str, Any]) -> None:
+        self.prompts = dict(prompts)
+        self.params = dict(params)
+
+    def format(self, item: JudgeRequest) -> Request:
+        template = self.prompts["simplevqa_grader" if item.three_way else "judge"]
+        text = template.format(
+            question=item.question, ground_truth=item.ground_truth, prediction=item.prediction,
+            candidates="; ".join(item.candidates) if item.candidates else "(none)")
+        return Request([{"role": "user", "content": text}], params=self.params)
+
+    def parse(self, item: JudgeRequest, reply: Reply) -> Verdict:
+        try:
+            if item.three_way:
+                grade, reason = parse_grade_reply(reply.text)
+                return Verdict(float(grade is Grade.CORRECT), grade.value, reason, cached=reply.cached)
+            score, reason = parse_judge_reply(reply.text)
+            return Verdict(score, None, reason, cached=reply.cached)
+        except ValueError as exc:
+            raise Reject(UNPARSEABLE, f"{exc}\nraw reply: {reply.text}", why=str(exc)) from exc
+
+    @staticmethod
+    def failed(item: JudgeRequest, error: str) -> Verdict:
+        """The verdict of a request that got no usable verdict: scored 0, with the error kept."""
+        return Verdict(0.0, Grade.NOT_ATTEMPTED.value if item.three_way else None, "", error=error)
+
+
 class Judge:
     """Pinned LLM judge over the cached LLM client; `judge_many` is synchronous for the runner."""
 
     def __init__(self, cfg: LLMConfig, cache_dir: Path, *, temperature: float = 0.0, top_p: float = 0.1,
                  max_tokens: int = 256, prompt_path: Path | None = None) -> None:
         self.cfg = cfg
-        self.client = LLMClient(cfg, cache_dir, stage="eval-judge")
+        self.client = LLMClient(cfg, cache_dir, stage=JudgeTask.name)
         self.params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         self.prompts = load_judge_prompts(prompt_path)
+        self.task = JudgeTask(self.prompts, self.params)
         digest = hashlib.sha256("\x00".join(self.prompts[k] for k in sorted(self.prompts)).encode())
         self.prompt_hash = digest.hexdigest()[:12]
         self.id = f"{cfg.model}@t{temperature:g}-p{top_p:g}-{self.prompt_hash}"
 
-    def _messages(self, req: JudgeRequest) -> list[dict[str, str]]:
-        template = self.prompts["simplevqa_grader" if req.three_way else "judge"]
-        text = template.format(
-            question=req.question, ground_truth=req.ground_truth, prediction=req.prediction,
-            candidates="; ".join(req.candidates) if req.candidates else "(none)")
-        return [{"role": "user", "content": text}]
-
-    async def _one(self, req: JudgeRequest) -> Verdict:
-        res = await self.client.complete(self._messages(req), **self.params)
-        if not res.ok:
-            return Verdict(0.0, Grade.NOT_ATTEMPTED.value if req.three_way else None, "",
-                           error=f"judge request failed: {res.error}", cached=res.cached)
-        try:
-            if req.three_way:
-                grade, reason = parse_grade_reply(res.text or "")
-                return Verdict(float(grade is Grade.CORRECT), grade.value, reason, cached=res.cached)
-            score, reason = parse_judge_reply(res.text or "")
-            return Verdict(score, None, reason, cached=res.cached)
-        except ValueError as exc:
-            return Verdict(0.0, Grade.NOT_ATTEMPTED.value if req.three_way else None, "", error=str(exc),
-                           cached=res.cached)
-
     async def ajudge_many(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        inputs = {str(i): r for i, r in enumerate(requests)}
+        verdicts: dict[str, Verdict] = {}
+
+        def on_reject(key: str, rej: Reject) -> None:
+            # "judge request failed" marks verdicts the next scoring asks again (see eval.runner)
+            error = f"judge {rej.why}" if rej.reason == REQUEST_FAILED else rej.why
+            verdicts[key] = self.task.failed(inputs[key], error)
+
+        def on_retry(key: str, why: str) -> None:  # transient, or still in a batch: asked again next time
+            error = f"judge request failed: {why.removeprefix('request failed: ')}"
+            verdicts[key] = self.task.failed(inputs[key], error)
+
+        def on_output(key: str, verdict: Verdict, _: Reply) -> None:
+            verdicts[key] = verdict
+
         async with self.client:
-            return list(await asyncio.gather(*(self._one(r) for r in requests)))
+            await arun_task(self.task, inputs, self.client, on_output=on_output, on_reject=on_reject,
+                            on_retry=on_retry)
+        return [verdicts[str(i)] for i in range(len(requests))]
 
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         """Verdicts in request order; failures are verdicts with `error` set (scored 0), never raised."""

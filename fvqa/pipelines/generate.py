@@ -13,17 +13,14 @@ from typing import Any
 
 from fvqa.config import GenerateConfig
 from fvqa.llm.config import LLMConfig
-from fvqa.llm.ledger import estimate_cost
-from fvqa.llm.structured import StructuredResult
+from fvqa.llm.task import Reject, Reply
 from fvqa.pipelines.base import Estimate, Stage, StageContext
+from fvqa.pipelines.llm_task import run_stage_task, stage_estimate
 from fvqa.store import now
 from fvqa.textgen import qa
-from fvqa.textgen.llm_run import LazyRequests, cached_count, is_transient, run_structured
-from fvqa.textgen.rules import question_type, rule_violations
+from fvqa.textgen.qa_task import ConceptPage, QAPair, QATask, checked_pair
 
-STAGE = "generate"
-IMAGE_TOKENS = 765  # GPT-4o high-detail cost of a 768 px image (4 tiles x 170 + 85)
-COMPLETION_TOKENS = 60
+STAGE = QATask.name
 
 INPUT_SQL = """
 SELECT c.concept_id, c.concept, c.count, c.tier, c.category, k.image_sha256, k.image_url, k.page_url,
@@ -89,62 +86,45 @@ class GenerateStage(Stage):
         prov = {"backend": "template", "model": None, "prompt": None}
         ctx.stats.notes.append("questions come from fixed templates per category (backend=template), not an LLM; "
                                "set generate.backend=llm for real questions")
+        cfg: GenerateConfig = ctx.cfg
         for row in ctx.progress(rows, description="generate (template)"):
             question = qa.template_question(row["concept_id"], row["category"])
-            self._accept(ctx, row, question, row["concept"], [], prov, raw=question)
+            try:  # the same rules as an LLM's pair
+                pair = checked_pair(row["concept"], question, row["concept"], [], raw=question,
+                                    max_answer_words=cfg.max_answer_words)
+            except Reject as rej:
+                ctx.reject(item_id(row["concept_id"]), rej.reason, rej.detail)
+                continue
+            self._emit(ctx, row, pair, prov)
 
-    def _requests(self, ctx: StageContext, rows: list[dict[str, Any]], prompt: str) -> LazyRequests:
-        """item id -> messages, built (image read) only when a request is about to be sent."""
+    def _task(self, ctx: StageContext) -> QATask:
         cfg: GenerateConfig = ctx.cfg
-        specs = {item_id(r["concept_id"]): (r, self._image(ctx, r) if cfg.send_image else None) for r in rows}
-        return LazyRequests(specs, lambda spec: qa.build_messages(
-            prompt, spec[0]["concept"], spec[0]["page_title"], spec[0]["page_text"], spec[1]))
+        return QATask(qa.load_prompt(cfg.prompt_path), max_answer_words=cfg.max_answer_words,
+                      send_image=cfg.send_image)
+
+    def _task_inputs(self, ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, ConceptPage]:
+        """item id -> what its question is written from (the image is read when its request is sent)."""
+        return {item_id(r["concept_id"]): ConceptPage(r["concept"], r["page_title"], r["page_text"],
+                                                      self._image(ctx, r)) for r in rows}
 
     def _run_llm(self, ctx: StageContext, rows: list[dict[str, Any]]) -> None:
         cfg: GenerateConfig = ctx.cfg
         llm = llm_config(cfg)
-        prompt = qa.load_prompt(cfg.prompt_path)
+        task = self._task(ctx)
         by_id = {item_id(r["concept_id"]): r for r in rows}
-        requests = self._requests(ctx, rows, prompt)
-        prov = {"backend": "llm", "model": llm.model, "prompt": qa.prompt_hash(prompt)}
-        transient: list[str] = []
+        prov = {"backend": "llm", "model": llm.model, "prompt": task.prompt_hash}
 
-        def on_result(rid: str, res: StructuredResult[Any]) -> None:
-            if res.ok and res.value is not None:
-                v = res.value
-                self._accept(ctx, by_id[rid], v.question, v.answer, v.aliases,
-                             {**prov, "repaired": res.repaired}, raw=res.raw or "")
-            elif is_transient(res):
-                transient.append(res.error_reason or "request failed")
-            else:
-                reason = "unparseable reply" if res.raw is not None else "LLM request failed"
-                ctx.reject(rid, reason, f"{res.error_reason}\nraw reply: {res.raw}")
+        def on_output(key: str, pair: QAPair, reply: Reply) -> None:
+            self._emit(ctx, by_id[key], pair, {**prov, "repaired": reply.repaired})
 
-        totals = run_structured(llm, ctx.ws.cache_dir, STAGE, requests, qa.QAReply, on_result,
-                                batch_wait_s=cfg.batch_wait_s)
-        ctx.stats.paid_calls += totals.paid_calls
-        ctx.stats.cache_hits += totals.cache_hits
-        ctx.stats.cost_usd += totals.usd
-        if transient:
-            ctx.stats.notes.append(f"{len(transient)} concepts not done ({transient[0]}); re-run to retry them")
-        if totals.pending:
-            ctx.stats.notes.append(f"{len(totals.pending)} requests still in a running batch; re-run to collect")
+        run_stage_task(ctx, task, self._task_inputs(ctx, rows), llm, on_output, batch_wait_s=cfg.batch_wait_s,
+                       not_done="concepts not done")
 
     # -- out -------------------------------------------------------------------------------------
-    def _accept(self, ctx: StageContext, row: dict[str, Any], question: str, answer: str,
-                aliases: list[str], prov: dict[str, Any], *, raw: str) -> None:
-        """Check the rules, then emit the item (or reject it naming the first broken rule)."""
-        cfg: GenerateConfig = ctx.cfg
-        key = item_id(row["concept_id"])
-        question, answer = question.strip(), answer.strip()
-        broken = rule_violations(question, answer, row["concept"], max_answer_words=cfg.max_answer_words)
-        if broken:
-            ctx.reject(key, f"rule violated: {broken[0]}",
-                       f"broken: {'; '.join(broken)}\nconcept: {row['concept']}\nraw reply: {raw}")
-            return
+    def _emit(self, ctx: StageContext, row: dict[str, Any], pair: QAPair, prov: dict[str, Any]) -> None:
         ctx.emit("items", dict(
-            item_id=key, source="metaclip", question=question, answer=answer,
-            aliases=qa.clean_aliases(answer, aliases), question_type=question_type(question),
+            item_id=item_id(row["concept_id"]), source="metaclip", question=pair.question, answer=pair.answer,
+            aliases=pair.aliases, question_type=pair.question_type,
             image_sha256=row["image_sha256"], image_url=row["image_url"], page_url=row["page_url"],
             page_title=row["page_title"], concept=row["concept"], concept_count=row["count"],
             concept_tier=row["tier"],
@@ -157,26 +137,11 @@ class GenerateStage(Stage):
         if cfg.backend != "llm":
             return None
         llm = llm_config(cfg)
-        prompt = qa.load_prompt(cfg.prompt_path)
+        task = self._task(ctx)
         todo = self._todo(ctx, self._inputs(ctx))
-        requests = self._requests(ctx, todo, prompt)
-        if not requests and ctx.ws.count("crawled") == 0:
+        if not todo and ctx.ws.count("crawled") == 0:
             # nothing crawled yet: price the concepts the config asks for, with a full page excerpt
             n = ctx.config.concepts.n if ctx.config.concepts.enabled else 0
-            avg_prompt = (len(prompt) + qa.MAX_PAGE_CHARS) / 4 + (IMAGE_TOKENS if cfg.send_image else 0)
-            est = estimate_cost(n, avg_prompt, COMPLETION_TOKENS, llm.price, batch=llm.batch)
-            note = f"{n} concepts expected (concepts.n; nothing crawled yet); {llm.model}"
-        else:
-            cached = cached_count(llm, ctx.ws.cache_dir, requests, qa.QAReply) if requests else 0
-            text_chars = n_images = 0
-            for messages in requests.values():
-                text_chars += len(messages[0]["content"][0]["text"])
-                n_images += len(messages[0]["content"]) - 1
-            avg_prompt = (text_chars / 4 + n_images * IMAGE_TOKENS) / max(1, len(requests))
-            est = estimate_cost(len(requests), avg_prompt, COMPLETION_TOKENS, llm.price, cached=cached,
-                                batch=llm.batch)
-            note = f"{len(todo)} concepts to do; {llm.model}"
-        if llm.batch:
-            note += " (batch price)"
-        return Estimate(paid_calls=est.paid_calls, cached=est.cached,
-                        tokens=est.prompt_tokens + est.completion_tokens, usd=est.usd, note=note)
+            note = f"{n} concepts expected (concepts.n; nothing crawled yet)"
+            return stage_estimate(ctx, task, {}, llm, note, expected=n)
+        return stage_estimate(ctx, task, self._task_inputs(ctx, todo), llm, f"{len(todo)} concepts to do")

@@ -5,15 +5,19 @@ keeping the page's main points and whatever answers the question). Offline we ap
 extractively: the page's lead sentence (its main point) plus the sentences that rank highest by BM25
 against the question, in page order. An LLM summariser is any callable `(page_text, question) -> str`
 (the cache keys summaries by page and question, as upstream); `llm_summarizer` builds one from a
-text-completion function.
+text-completion function, with `SummaryTask` (an `fvqa.llm.task.LLMTask`) formatting the prompt and
+reading the reply.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import bm25s
+
+from fvqa.llm.task import LLMTask, Reject, Reply, Request
 
 Summarizer = Callable[[str, str], str]
 """(page_text, question) -> summary; raising means "this page failed" (the next result is used)."""
@@ -79,18 +83,52 @@ def default_summarizer(max_sentences: int = 5, max_chars: int = 30_000) -> Summa
     return summarize
 
 
+@dataclass(frozen=True)
+class PageQuestion:
+    """One page to summarise with respect to one question."""
+
+    page: str
+    question: str
+
+
+class SummaryTask(LLMTask[PageQuestion, str]):
+    """A page and a question -> a summary of at most `max_sentences` sentences; an empty reply is a reject.
+
+    `prompt` may use `{question}`, `{page}` and `{max_sentences}`; the page is cut at `max_chars`."""
+
+    name = "search-summary"
+
+    def __init__(self, prompt: str = SUMMARY_PROMPT, *, max_sentences: int = 5,
+                 max_chars: int = 30_000) -> None:
+        self.prompt = prompt
+        self.max_sentences = max_sentences
+        self.max_chars = max_chars
+
+    def prompt_text(self, item: PageQuestion) -> str:
+        return self.prompt.format(question=item.question, page=item.page[: self.max_chars],
+                                  max_sentences=self.max_sentences)
+
+    def format(self, item: PageQuestion) -> Request:
+        return Request([{"role": "user", "content": self.prompt_text(item)}])
+
+    def parse(self, item: PageQuestion, reply: Reply) -> str:
+        if not reply.text.strip():
+            raise Reject("empty summary", "summariser returned an empty reply")
+        return reply.text.strip()
+
+
 def llm_summarizer(complete: Callable[[str], str], *, prompt: str = SUMMARY_PROMPT, max_sentences: int = 5,
                    max_chars: int = 30_000) -> Summarizer:
     """Wrap a text-completion function (prompt -> reply text, e.g. around `LLMClient`) as a `Summarizer`.
 
     `prompt` may use `{question}`, `{page}` and `{max_sentences}`; it is overridable from config so a
-    run can reproduce upstream's summariser or use its own.
+    run can reproduce upstream's summariser or use its own. An empty reply raises `Reject` (a
+    `ValueError`), so the search tools move on to the next page.
     """
+    task = SummaryTask(prompt, max_sentences=max_sentences, max_chars=max_chars)
 
     def summarize(page: str, question: str) -> str:
-        reply = complete(prompt.format(question=question, page=page[:max_chars], max_sentences=max_sentences))
-        if not reply or not reply.strip():
-            raise ValueError("summariser returned an empty reply")
-        return reply.strip()
+        item = PageQuestion(page, question)
+        return task.parse(item, Reply(complete(task.prompt_text(item)) or ""))
 
     return summarize

