@@ -1,6 +1,6 @@
 """Benchmark: near-duplicate image pairs for the split's leakage guard.
 
-ours   = fvqa.pipelines.leakage.near_duplicate_pairs (numpy XOR + popcount, one row at a time)
+ours   = fvqa.pipelines.split.leakage.near_duplicate_pairs (numpy XOR + popcount, one row at a time)
 anchor = the same all-pairs scan in plain Python (int XOR + int.bit_count), the obvious alternative
 
 Prints `near_dup_pairs_seconds: ours=<s> anchor=<s> ratio=<anchor/ours>` and checks both agree.
@@ -13,7 +13,7 @@ import argparse
 import random
 import time
 
-from fvqa.pipelines.leakage import near_duplicate_pairs
+from fvqa.pipelines.split.leakage import near_duplicate_pairs
 
 
 def python_pairs(hashes: list[str], max_distance: int) -> list[tuple[int, int, int]]:

@@ -6,10 +6,9 @@ user can fix print as one red line and exit with code 2.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +16,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fvqa.errors import FvqaError
+from fvqa.annotation.cli import annotate_app
+from fvqa.errors import ConfigDeprecation, FvqaError
+from fvqa.eval.cli import eval_app
+from fvqa.search.cli import search_app
+from fvqa.train.cli import train_app
 
 app = typer.Typer(
     name="fvqa",
@@ -207,12 +210,16 @@ def import_upstream_cmd(
 
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, workspace: WorkspaceOpt = None, set_: SetOpt = None) -> None:
-    """Print the resolved config (defaults filled in, secrets redacted) as YAML."""
+    """Print the resolved config (defaults and demo-world paths filled in, secrets redacted) as YAML.
+
+    Relative paths in the file are shown resolved against its folder, as the stages will use them.
+    """
     import yaml
 
     from fvqa.config import redacted
 
-    out.print(yaml.safe_dump(redacted(_config(config, workspace, set_)), sort_keys=False), end="")
+    # plain echo, not rich: no line wrapping or markup, so the output is valid YAML at any width
+    typer.echo(yaml.safe_dump(redacted(_config(config, workspace, set_)), sort_keys=False), nl=False)
 
 
 @demo_app.command("world")
@@ -283,26 +290,27 @@ def demo_policy(
                   soft_wrap=True)
 
 
-def _mount_optional(module: str, attr: str, name: str) -> None:
-    """Sub-apps from other packages (search, annotate, train, eval) join when present."""
-    if importlib.util.find_spec(module) is None:
-        return
-    sub = getattr(importlib.import_module(module), attr, None)
-    if sub is not None:
-        app.add_typer(sub, name=name)
+app.add_typer(search_app, name="search")
+app.add_typer(annotate_app, name="annotate")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 
 
-for _module, _attr, _name in (
-    ("fvqa.search.cli", "search_app", "search"),
-    ("fvqa.annotation.cli", "annotate_app", "annotate"),
-    ("fvqa.train.cli", "train_app", "train"),
-    ("fvqa.eval.cli", "eval_app", "eval"),
-):
-    _mount_optional(_module, _attr, _name)
+_show_warning = warnings.showwarning
+
+
+def _note_deprecations(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """Old config forms still load: one yellow line saying the new form, not a Python warning dump."""
+    if issubclass(category, ConfigDeprecation):
+        err.print(f"[yellow]note:[/] {message}", highlight=False)
+    else:
+        _show_warning(message, category, *args, **kwargs)  # type: ignore[arg-type]
 
 
 def main() -> None:
-    """Console entry point: user errors -> one red line, exit code 2."""
+    """Console entry point: user errors -> one red line, exit code 2; old config forms -> a note."""
+    warnings.simplefilter("default", ConfigDeprecation)
+    warnings.showwarning = _note_deprecations
     try:
         app()
     except FvqaError as exc:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from web_server import LoopbackServer, Reply, bomb_png, jpeg_bytes
+from support.paths import FVQA, REPO
+from support.web_server import LoopbackServer, Reply, bomb_png, jpeg_bytes
 
 from fvqa.config import CrawlConfig, RunConfig
 from fvqa.net.fetch import Downloader, FetchOptions, parse_retry_after
@@ -21,8 +22,6 @@ from fvqa.pipelines.crawl import CrawlStage
 from fvqa.store import Workspace
 from fvqa.vision.clip_score import ClipScorer
 from fvqa.vision.imageproc import ImageReject, process_image
-
-from conftest import FVQA, REPO
 
 PAGE = (b"<html><head><title>Blue Ridge tower</title></head><body><nav>Home | About</nav><article>"
         b"<h1>Blue Ridge tower</h1><p>The Blue Ridge tower is a steel tower built in 1931 in a small town."

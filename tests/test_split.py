@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,31 +11,17 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
 from rich.console import Console
+from support.images import picture
 
 from fvqa.config import RunConfig, SplitConfig
 from fvqa.errors import ConfigError
-from fvqa.pipelines.balance import water_fill
 from fvqa.pipelines.base import StageStats, execute_stage
 from fvqa.pipelines.split import SplitStage
+from fvqa.pipelines.split.balance import water_fill
 from fvqa.store import Workspace
 
 QUIET = Console(file=io.StringIO())
-
-
-def picture(seed: int, quality: int = 90, size: int = 96) -> bytes:
-    """A distinct picture per seed; the same seed at another JPEG quality is a near duplicate."""
-    rng = random.Random(seed)
-    img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x0, y0 = rng.randint(0, size - 20), rng.randint(0, size - 20)
-        draw.rectangle([x0, y0, x0 + rng.randint(10, 60), y0 + rng.randint(10, 60)],
-                       fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 class Pool:

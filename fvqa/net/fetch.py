@@ -245,13 +245,3 @@ class Downloader:
         finally:
             self._slots.put_nowait(client)
         return resp.status_code, resp.text[:500_000]
-
-
-def run_fetches(opts: FetchOptions, urls: list[str], *, max_bytes: int | None = None) -> list[FetchResult]:
-    """Synchronous convenience: fetch a list of URLs with a fresh downloader."""
-
-    async def go() -> list[FetchResult]:
-        async with Downloader(opts) as d:
-            return await d.fetch_many(urls, max_bytes=max_bytes)
-
-    return asyncio.run(go())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from fvqa.pipelines.base import Stage
 
@@ -20,16 +19,6 @@ STAGES: dict[str, str] = {
     "split": "fvqa.pipelines.split:SplitStage",
     "export": "fvqa.pipelines.export:ExportStage",
 }
-
-
-def available_stages() -> list[str]:
-    """Stage names whose module exists in this install (later issues add more)."""
-    names = []
-    for name, target in STAGES.items():
-        module = target.split(":")[0]
-        if importlib.util.find_spec(module) is not None:
-            names.append(name)
-    return names
 
 
 def load_stage(name: str) -> Stage:

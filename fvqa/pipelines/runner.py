@@ -9,7 +9,7 @@ from rich.table import Table
 
 from fvqa.config import RunConfig
 from fvqa.errors import ConfigError
-from fvqa.pipelines import STAGES, available_stages, load_stage
+from fvqa.pipelines import STAGES, load_stage
 from fvqa.pipelines.base import Estimate, StageContext, StageStats, execute_stage
 from fvqa.store import Workspace
 
@@ -17,14 +17,11 @@ from fvqa.store import Workspace
 def select_stages(
     config: RunConfig, only: Sequence[str] | None = None, until: str | None = None
 ) -> list[str]:
-    """Stages to run: present in this install, enabled in config, optionally filtered."""
-    present = available_stages()
+    """Stages to run: enabled in config, optionally filtered."""
     for name in [*(only or []), *([until] if until else [])]:
         if name not in STAGES:
             raise ConfigError(f"unknown stage '{name}' (known: {', '.join(STAGES)})")
-        if name not in present:
-            raise ConfigError(f"stage '{name}' is not available in this install")
-    names = [n for n in present if load_stage(n).enabled(config) or (only and n in only)]
+    names = [n for n in STAGES if load_stage(n).enabled(config) or (only and n in only)]
     if only:
         names = [n for n in names if n in only]
     if until:

@@ -19,8 +19,8 @@ from typing import Any
 
 from fvqa.config import CrawlConfig
 from fvqa.net.fetch import Downloader, FetchOptions, FetchResult
-from fvqa.net.sources import Candidate, Source, make_source
 from fvqa.pipelines.base import Stage, StageContext
+from fvqa.pipelines.crawl.sources import Candidate, Source, make_source
 from fvqa.store import now
 from fvqa.vision.dedup import DedupIndex, phash_hex, sha256_hex
 from fvqa.vision.imageproc import ImageReject, Processed, process_image

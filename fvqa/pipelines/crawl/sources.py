@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 
 from fvqa.config import CrawlConfig, RunConfig
 from fvqa.errors import ConfigError
-from fvqa.net.fetch import Downloader, FetchOptions, FetchResult
+from fvqa.formats.jsonl import BadLine, read_jsonl
+from fvqa.net.fetch import Downloader, FetchResult
 from fvqa.net.pages import decode_html, extract_page
 from fvqa.store import Workspace
 
@@ -53,16 +54,12 @@ def _norm(s: str) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a manifest / pages file; a bad line is a one-line error naming it."""
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{line_no}: not JSON ({exc.msg})") from exc
-        if isinstance(row, dict):
-            rows.append(row)
+    for rec in read_jsonl(path):
+        if isinstance(rec, BadLine):
+            raise ConfigError(f"{path}:{rec.line_no}: {rec.reason}")
+        rows.append(rec[1])
     return rows
 
 
@@ -101,8 +98,7 @@ class LocalSource(Source):
 
     def __init__(self, cfg: CrawlConfig, config: RunConfig) -> None:
         super().__init__(cfg, None)
-        world = config.world.path / "web" if config.world else None
-        manifest = cfg.manifest or (world / "images.jsonl" if world else None)
+        manifest = cfg.manifest  # a demo world's is filled in at load (fvqa.config)
         if manifest is None:
             raise ConfigError("crawl.manifest is not set (and no demo world is configured)")
         if not manifest.is_file():
@@ -282,5 +278,4 @@ def make_source(cfg: CrawlConfig, config: RunConfig, ws: Workspace, downloader: 
     return WebSearchSource(cfg, ws, downloader)
 
 
-__all__ = ["Candidate", "Downloader", "FetchOptions", "LocalSource", "Page", "Source", "UrlSource",
-           "WebSearchSource", "make_source"]
+__all__ = ["Candidate", "LocalSource", "Page", "Source", "UrlSource", "WebSearchSource", "make_source"]

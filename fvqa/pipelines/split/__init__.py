@@ -4,12 +4,12 @@ In: the `dataset` view (items with tags, labels and human decisions). Work:
 1. exclude items that cannot be used (unlabelled, `unanswerable`, found in a benchmark file) with a
    reject each;
 2. group items that must stay together (shared entity/concept, near-duplicate image, duplicate
-   normalised question; `fvqa.pipelines.leakage`);
+   normalised question; `fvqa.pipelines.split.leakage`);
 3. test first: per-source quotas (paper: 600 visual-concept, 600 InfoSeek, 600 manual), spread
    evenly over knowledge types, each source's own search-label mix, small groups preferred so few
    items are held out; a picked item claims its whole group for the test side;
 4. train from the rest: per search class quotas (paper: 3,400 search-required, 1,600 search-free)
-   spread evenly over knowledge type x source cells (`fvqa.pipelines.balance.water_fill`), fine
+   spread evenly over knowledge type x source cells (`fvqa.pipelines.split.balance.water_fill`), fine
    labels alternating within a cell.
 Out: one `splits` row per considered item (`train`, `test`, or `unassigned` with the reason in its
 provenance), achieved-vs-target per cell in the stage notes.
@@ -26,9 +26,9 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from fvqa.config import SplitConfig
-from fvqa.pipelines.balance import cell_reports, round_robin, water_fill
 from fvqa.pipelines.base import Stage, StageContext
-from fvqa.pipelines.leakage import (
+from fvqa.pipelines.split.balance import cell_reports, round_robin, water_fill
+from fvqa.pipelines.split.leakage import (
     UnionFind,
     benchmark_index,
     contamination_match,

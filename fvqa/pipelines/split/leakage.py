@@ -18,6 +18,7 @@ import numpy as np
 
 from fvqa.answers import normalize_answer
 from fvqa.errors import ConfigError
+from fvqa.formats.jsonl import BadLine, read_jsonl
 
 QuestionKey = Literal["question_answer", "question"]
 
@@ -140,7 +141,11 @@ def read_benchmark(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = []
+            for rec in read_jsonl(path):
+                if isinstance(rec, BadLine):
+                    raise ConfigError(f"split.contamination_files: cannot read {path}: {rec}")
+                rows.append(rec[1])
         elif suffix == ".json":
             rows = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(rows, dict):
