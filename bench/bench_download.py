@@ -57,7 +57,7 @@ if __name__ == "__main__":  # img2dataset's worker processes re-import this file
 
 
 def start_server(n: int, latency: float, fail: float) -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "web_server.py"), "--bench", str(n),
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "support" / "web_server.py"), "--bench", str(n),
                              "--latency", str(latency), "--fail", str(fail)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

@@ -32,7 +32,7 @@ LATENCY = 0.2
 
 def start_server(latency: float) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "fake_openai.py"), "--latency", str(latency)],
+        [sys.executable, str(REPO / "tests" / "support" / "fake_openai.py"), "--latency", str(latency)],
         stdout=subprocess.PIPE,
         text=True,
     )

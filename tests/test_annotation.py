@@ -13,8 +13,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from ls_server import LiveServer, ls_server  # noqa: F401  (session fixture)
 from PIL import Image
+from support.ls_server import LiveServer, ls_server  # noqa: F401  (session fixture)
+from support.paths import FVQA, REPO
 
 from fvqa.annotation import server
 from fvqa.annotation.client import Connection, LabelStudioClient
@@ -24,8 +25,6 @@ from fvqa.annotation.rounds import create_manual, pull, push
 from fvqa.errors import FvqaError
 from fvqa.pipelines.export import export_all
 from fvqa.store import Workspace
-
-from conftest import FVQA, REPO
 
 pytestmark = pytest.mark.slow
 

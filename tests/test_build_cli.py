@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from support.paths import FVQA, REPO, write_demo_config
 
 from fvqa.store import Workspace
-
-from conftest import FVQA, REPO, write_demo_config
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

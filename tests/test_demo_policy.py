@@ -104,8 +104,9 @@ def test_primed_policy_writes_protocol_turns_and_says_it_is_a_stand_in(primed: d
 
 def test_default_build_is_the_tests_tiny_model(tmp_path: Path) -> None:
     """Without a corpus the builder is the one the agent/eval/train tests were written against."""
-    from tiny_qwen import build_tiny_qwen
     from transformers import AutoConfig, AutoTokenizer
+
+    from fvqa.demo.tiny_model import build_tiny_qwen
 
     path = build_tiny_qwen(tmp_path)
     assert path == tmp_path / "tiny-qwen2.5-vl"

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from eval_files import write_benchmarks
-from fake_openai import FakeOpenAI, last_user_text
-from pixel_embedder import PixelEmbedder
+from support.eval_files import write_benchmarks
+from support.fake_openai import FakeOpenAI, last_user_text
+from support.pixel_embedder import PixelEmbedder
 
 from fvqa.answers import normalize_answer
 from fvqa.eval.aggregate import cells, scored_rows
@@ -240,8 +240,7 @@ def test_cli_run_direct_workflow_with_limit(world: Path, servers, tmp_path: Path
 @pytest.mark.slow  # model build (~6 s) + three CPU generations; ~25-45 s on a busy 2-core machine
 def test_tiny_qwen_through_transformers_runs_direct_and_rag(world: Path, tools, tmp_path: Path) -> None:
     """Mechanics with a real (tiny, random) Qwen2.5-VL: chat template, images, thumbnails, token counts."""
-    from tiny_qwen import build_tiny_qwen
-
+    from fvqa.demo.tiny_model import build_tiny_qwen
     from fvqa.eval.config import EvalConfig
 
     specs = write_benchmarks(world, tmp_path / "bench", n=2)

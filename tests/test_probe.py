@@ -140,7 +140,7 @@ class StubTools:
 def probe_model(body: dict[str, Any]) -> str:
     """A scripted VLM: knows 'known' items directly; finds 'image' items by image search, 'text' ones by
     text search; never answers 'hopeless' ones."""
-    from fake_openai import last_user_text
+    from support.fake_openai import last_user_text
 
     first = body["messages"][0]["content"]
     first_text = " ".join(p.get("text", "") for p in first if p.get("type") == "text")
@@ -160,8 +160,8 @@ def probe_model(body: dict[str, Any]) -> str:
 
 
 def test_model_probe_labels_from_rollouts_and_keeps_every_rollout(tmp_path: Path, monkeypatch):
-    from fake_openai import FakeOpenAI
-    from test_split import picture
+    from support.fake_openai import FakeOpenAI
+    from support.images import picture
 
     import fvqa.search.tools
 
@@ -204,8 +204,8 @@ def test_model_probe_labels_from_rollouts_and_keeps_every_rollout(tmp_path: Path
 
 
 def test_model_probe_rejects_items_whose_calls_fail(tmp_path: Path, monkeypatch):
-    from fake_openai import FakeOpenAI, Reply, error_body
-    from test_split import picture
+    from support.fake_openai import FakeOpenAI, Reply, error_body
+    from support.images import picture
 
     import fvqa.search.tools
 

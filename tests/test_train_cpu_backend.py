@@ -17,7 +17,7 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_qwen import build_tiny_qwen
+    from fvqa.demo.tiny_model import build_tiny_qwen
 
     return build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"))
 

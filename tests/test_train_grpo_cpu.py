@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from conftest import FVQA, REPO, write_demo_config
+from support.paths import FVQA, REPO, write_demo_config
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ early (truncated transfer), redirect, or carry any headers. Unknown paths answer
     with LoopbackServer({"/a.jpg": Reply(body=jpeg, content_type="image/jpeg")}) as srv:
         srv.url("/a.jpg")
 
-`python tests/web_server.py --bench 2000 --latency 0.05 --fail 0.1` serves the downloader
+`python tests/support/web_server.py --bench 2000 --latency 0.05 --fail 0.1` serves the downloader
 benchmark's URL set (`/img/<i>.jpg`) from its own process and prints its port.
 """
 

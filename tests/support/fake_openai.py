@@ -11,7 +11,7 @@ Every request is recorded so tests can assert counts and the absence of repeats.
         assert srv.count("POST", "/v1/chat/completions") == 3
 
 Run standalone (used by the benchmark, so the server does not share the client's GIL):
-`python tests/fake_openai.py --latency 0.2` prints `port=<n>` and serves until killed.
+`python tests/support/fake_openai.py --latency 0.2` prints `port=<n>` and serves until killed.
 """
 
 from __future__ import annotations
