@@ -21,17 +21,14 @@ import asyncio
 import hashlib
 import io
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
+from support.search_service import serve_search
 
 from fvqa.config import ProbeConfig, RunConfig
 from fvqa.generators.base import Generation, Request
@@ -205,25 +202,6 @@ class ScriptedServer:
         return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids))
 
 
-def _serve(tools: SearchTools) -> Any:
-    import uvicorn
-
-    from fvqa.search.service import create_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(tools), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "search service did not start"
-    return SimpleNamespace(url=f"http://127.0.0.1:{port}", stop=lambda: setattr(server, "should_exit", True),
-                           thread=thread)
-
-
 def _verl_view(tmp_path: Path, tools: SearchTools) -> dict[str, Any]:
     import hydra
     from transformers import AutoProcessor
@@ -246,11 +224,10 @@ def _verl_view(tmp_path: Path, tools: SearchTools) -> dict[str, Any]:
                                  "return_raw_chat": True, "filter_overlong_prompts": False, "truncation": "error",
                                  "cache_dir": str(tmp_path / "verl-cache")})
     row = RLHFDataset(str(result.files["train"]), processor.tokenizer, data_cfg, processor)[0]
-    service = _serve(tools)
-    try:
+    with serve_search(tools) as url:
         cfg = OmegaConf.create({
             "actor_rollout_ref": {"rollout": {"prompt_length": 2048, "response_length": 4096}},
-            "data": {}, "fvqa": {"search_url": service.url, "limits": LIMITS.model_dump()}})
+            "data": {}, "fvqa": {"search_url": url, "limits": LIMITS.model_dump()}})
         [entry] = [e for e in OmegaConf.load(agent_loop_config_path()) if e.name == row["agent_name"]]
 
         async def go() -> Any:
@@ -262,9 +239,6 @@ def _verl_view(tmp_path: Path, tools: SearchTools) -> dict[str, Any]:
             return await loop.run({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True}, **row)
 
         out = asyncio.run(go())
-    finally:
-        service.stop()
-        service.thread.join(timeout=10)
     assert out.extra_fields["stop_reason"] == "answer"
     thumbs = [hashlib.sha256(image_bytes(im)).hexdigest() for im in out.multi_modal_data["images"][1:]]
     return _view(out.extra_fields["assistant_turns"], out.extra_fields["tool_calls"], thumbs)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from support.search_service import serve_search
 
 from fvqa.protocol import ImageHit, TextHit
 from fvqa.store import Workspace
@@ -492,31 +493,13 @@ class PageBackend:
 
 @pytest.fixture(scope="module")
 def search_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     from fvqa.search.config import SearchConfig
-    from fvqa.search.service import create_app
     from fvqa.search.tools import SearchTools
 
     backend = PageBackend()
     tools = SearchTools(SearchConfig(), backend, cache_dir=tmp_path_factory.mktemp("search-cache"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(tools), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "search service did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", backend=backend, tools=tools)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_search(tools) as url:
+        yield SimpleNamespace(url=url, backend=backend, tools=tools)
 
 
 def test_episode_over_http_search_service(prepared: dict[str, Any], processor: Any, search_service: Any) -> None:

@@ -15,6 +15,20 @@ from support.paths import FVQA, REPO
 from fvqa.store import Workspace
 
 
+def fvqa(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it, from the repository root."""
+    return subprocess.run([*FVQA, *args], capture_output=True, text=True, cwd=REPO)
+
+
+def _import(tmp_path: Path, table: pa.Table) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    """Write `table` as upstream's parquet and import it: (file, workspace, the CLI's result)."""
+    src, ws = tmp_path / "fvqa_train.parquet", tmp_path / "ws"
+    pq.write_table(table, src)
+    res = fvqa("import-upstream", str(src), "--workspace", str(ws))
+    assert res.returncode == 0, res.stderr
+    return src, ws, res
+
+
 def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40 + seed, 30), (seed * 40 % 255, 80, 120)).save(buf, format="JPEG")
@@ -38,19 +52,12 @@ def _upstream_table(n: int = 4) -> pa.Table:
 
 
 def test_import_then_export_reproduces_rows_and_schema(tmp_path: Path):
-    src = tmp_path / "fvqa_train.parquet"
     original = _upstream_table()
-    pq.write_table(original, src)
-    ws = tmp_path / "ws"
-    res = subprocess.run([*FVQA, "import-upstream", str(src), "--workspace", str(ws)], capture_output=True,
-                         text=True, cwd=REPO)
-    assert res.returncode == 0, res.stderr
+    src, ws, res = _import(tmp_path, original)
     assert "imported 4" in res.stdout
-    again = subprocess.run([*FVQA, "import-upstream", str(src), "--workspace", str(ws)], capture_output=True,
-                           text=True, cwd=REPO)
+    again = fvqa("import-upstream", str(src), "--workspace", str(ws))
     assert "imported 0, already present 4" in again.stdout
-    res = subprocess.run([*FVQA, "export", "--format", "upstream", "--workspace", str(ws)], capture_output=True,
-                         text=True, cwd=REPO)
+    res = fvqa("export", "--format", "upstream", "--workspace", str(ws))
     assert res.returncode == 0, res.stderr
     exported = pq.read_table(ws / "exports" / "upstream" / "fvqa_train.parquet")
     assert exported.schema.remove_metadata() == original.schema.remove_metadata()
@@ -61,8 +68,7 @@ def test_import_then_export_reproduces_rows_and_schema(tmp_path: Path):
 def test_missing_column_is_a_clear_error_and_writes_nothing(tmp_path: Path):
     src = tmp_path / "bad.parquet"
     pq.write_table(_upstream_table().drop(["reward_model"]), src)
-    res = subprocess.run([*FVQA, "import-upstream", str(src), "--workspace", str(tmp_path / "ws")],
-                         capture_output=True, text=True, cwd=REPO)
+    res = fvqa("import-upstream", str(src), "--workspace", str(tmp_path / "ws"))
     assert res.returncode == 2
     assert "missing column(s) reward_model" in res.stderr
     with Workspace(tmp_path / "ws") as ws:
@@ -114,20 +120,14 @@ def _varied_table() -> pa.Table:
 
 
 def test_round_trip_keeps_candidate_lists_as_they_are_and_data_id_as_a_column(tmp_path: Path):
-    src = tmp_path / "fvqa_train.parquet"
     original = _varied_table()
-    pq.write_table(original, src)
-    ws = tmp_path / "ws"
-    res = subprocess.run([*FVQA, "import-upstream", str(src), "--workspace", str(ws)], capture_output=True,
-                         text=True, cwd=REPO)
-    assert res.returncode == 0, res.stderr
+    src, ws, res = _import(tmp_path, original)
     with Workspace(ws) as w:
         rows = {r[0]: r[1:] for r in w.execute("SELECT data_id, aliases, provenance FROM items")}
         assert set(rows) == {f"fvqa_train_{i:05d}" for i in range(4)}
         assert rows["fvqa_train_00001"][0] == []  # an empty list stays empty ...
         assert all("data_id" not in json.loads(prov)["import"] for _, prov in rows.values())  # ... id: a column
-    res = subprocess.run([*FVQA, "export", "--format", "upstream", "--workspace", str(ws)], capture_output=True,
-                         text=True, cwd=REPO)
+    res = fvqa("export", "--format", "upstream", "--workspace", str(ws))
     assert res.returncode == 0, res.stderr
     exported = pq.read_table(ws / "exports" / "upstream" / "fvqa_train.parquet")
     assert exported.schema.remove_metadata() == original.schema.remove_metadata()
