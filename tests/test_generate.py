@@ -141,7 +141,7 @@ def test_llm_backend_enforces_rules_rejects_with_reasons_and_never_repays(tmp_pa
     root = _workspace(tmp_path / "ws")
     with FakeOpenAI(_responder) as srv:
         llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env="FVQA_TEST_KEY")],
-                        model="fake-model", max_retries=0, backoff_base_s=0.0)
+                        model="fake-model", max_retries=0, backoff_base_s=0.0, price={})  # billed though on loopback
         cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm))
         est = _estimate(cfg)
         assert est is not None and est.paid_calls == 5 and est.cached == 0 and est.usd > 0
@@ -227,7 +227,7 @@ def test_llm_batch_mode_collects_later_and_never_submits_twice(tmp_path: Path):
     with FakeOpenAI(_responder, batch_polls=1) as srv:
         srv.hold_batches = True  # the batch keeps running: the first build stops waiting
         llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model",
-                        batch=True, batch_poll_s=0.05, max_retries=0)
+                        batch=True, batch_poll_s=0.05, max_retries=0, price={})
         cfg = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=llm, batch_wait_s=0.2))
         first = _build(cfg)
         assert first.n_out == 0 and first.n_rejected == 0

@@ -73,6 +73,7 @@ def _count_reply(body: dict[str, Any]) -> str:
 
 
 def _llm(srv: FakeOpenAI, **kw: Any) -> LLMConfig:
+    kw.setdefault("price", {})  # list prices set explicitly: a loopback endpoint without one is billed $0
     return LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model",
                      max_retries=0, backoff_base_s=0.0, **kw)
 

@@ -107,7 +107,7 @@ def test_llm_tagger_rejects_unknown_types_and_never_repays(tmp_path: Path):
     root = _items(tmp_path / "ws")
     with FakeOpenAI(_tag_reply) as srv:
         llm = LLMConfig(endpoints=[Endpoint(base_url=srv.base_url, api_key_env=None)], model="fake-model",
-                        max_retries=0)
+                        max_retries=0, price={})  # list prices although on loopback (else $0)
         cfg = RunConfig(workspace=root, tag=TagConfig(backend="llm", llm=llm))
         est = _estimate(cfg)
         assert est.paid_calls == 8 and est.cached == 0 and est.tokens > 0

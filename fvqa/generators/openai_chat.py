@@ -2,6 +2,10 @@
 
 Uses the project's LLM client (cache, retries, cost ledger), so a re-run of a probe repeats no paid
 call: the request, including its per-rollout `seed`, is the cache key.
+
+A failed request becomes `Generation(error=...)`; an endpoint refusing the configuration (HTTP
+401/403: the key; 404: the model) is not a failed rollout: `LLMConfigError` propagates and stops
+the probe, and the other requests of the batch are cancelled.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ class OpenAIChatGenerator:
     """Batch of requests -> concurrent chat completions (bounded by the client's concurrency)."""
 
     def __init__(self, cfg: LLMConfig, cache_dir: Path | str, *, stage: str = "probe",
-                 ledger: CostLedger | None = None) -> None:
+                 ledger: CostLedger | None = None, section: str | None = None) -> None:
         self.cfg = cfg
-        self.client = LLMClient(cfg, cache_dir, stage=stage, ledger=ledger)
+        self.client = LLMClient(cfg, cache_dir, stage=stage, ledger=ledger, section=section or (
+            "probe.llm" if stage == "probe" else "llm"))
         self.name = f"openai:{cfg.model}"
 
     @property
@@ -61,7 +66,7 @@ class OpenAIChatGenerator:
             params["seed"] = s.seed
         if s.stop:
             params["stop"] = list(s.stop)
-        res = await self.client.complete(wire_messages(req.messages), **params)
+        res = await self.client.complete(wire_messages(req.messages), **params)  # LLMConfigError: stop
         if not res.ok:
             return Generation(error=f"{res.error_class}: {res.error}")
         text = res.text or ""
@@ -72,7 +77,14 @@ class OpenAIChatGenerator:
 
     async def agenerate(self, requests: Sequence[Request]) -> list[Generation]:
         async with self.client:
-            return list(await asyncio.gather(*(self._one(r) for r in requests)))
+            tasks = [asyncio.ensure_future(self._one(r)) for r in requests]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:  # e.g. LLMConfigError: the rest would fail alike, stop them
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         """Run the batch on a private event loop (callers here are synchronous stages)."""

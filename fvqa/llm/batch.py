@@ -5,6 +5,25 @@ uploaded, the file id before the batch is created, and the batch carries `metada
 process killed at any point finds its batch again (by id, or by listing batches) on the next run
 and polls it instead of paying twice. `custom_id` is the request's cache key: stable across runs and
 mapped straight back into the cache when results arrive.
+
+Creating a batch is not idempotent, so it is never retried blindly (a 500 that created the batch, or
+a create slower than the timeout, used to make 2-6 batches for one job). The protocol:
+
+1. the job (its keys) is committed, then the file uploaded (an ambiguous upload may leave a second,
+   unused file: harmless) and its id committed; the job is marked `creating` before the POST;
+2. before any create, existing batches are listed and one carrying `metadata.fvqa_job` (or the
+   job's input file) is adopted;
+3. a create that fails *ambiguously* (5xx, timeout, connection lost after sending) is followed by a
+   pause and a new listing, never by a blind second POST; a create refused outright (429, 4xx,
+   connection refused) created nothing and may be retried;
+4. if several batches exist for one job, the oldest is kept and the others cancelled. A duplicate
+   that could not be cancelled in time is polled to its end and whatever it billed is booked (spend
+   table and ledger), its replies never merged a second time.
+
+Every reply merged is stored with its spend row (stage, tokens, batch-price dollars, batch id) in one
+transaction, and merging the same batch again after a kill books nothing twice. Lines a batch did
+not answer go into a new batch on the next run, or online in this run with `batch_online_fallback`.
+File upload and download use `batch_transfer_timeout_s`, not the chat `timeout_s`.
 """
 
 from __future__ import annotations
@@ -36,6 +55,14 @@ class BatchError(FvqaError):
     """The Batch API could not be reached or refused a control call; re-running resumes."""
 
 
+class _Ambiguous(Exception):
+    """A non-idempotent call may or may not have taken effect (5xx, timeout, connection lost)."""
+
+
+class _Refused(Exception):
+    """A call that certainly did not take effect but may be tried again (429, connection refused)."""
+
+
 @dataclass
 class BatchOutcome:
     results: dict[str, LLMResult] = field(default_factory=dict)  # id -> result (finished ones)
@@ -53,6 +80,8 @@ class BatchRunner:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self.work_dir = Path(self.cache.dir) / "batches"
+        self.price = client.cfg.price_at(self.ep.endpoint.base_url)
+        self.line_errors: dict[str, str] = {}  # key -> why its batch line failed (this run)
 
     async def run(
         self,
@@ -79,6 +108,7 @@ class BatchRunner:
         )
         for job in [*open_jobs, *new_jobs]:
             await self._ensure_submitted(job)
+        await self._settle_extras()  # duplicates left by earlier runs
         fresh = await self._poll(list(dict.fromkeys([*open_jobs, *new_jobs])), wait, poll_s, max_wait_s)
         return self._collect(keys, open_jobs | new_jobs, fresh, bad)
 
@@ -150,43 +180,147 @@ class BatchRunner:
             fd.add_field("file", content, filename=path.name, content_type="application/jsonl")
             return fd
 
-        data = await self._call("POST", "/files", data=form)
+        data = await self._call("POST", "/files", data=form, timeout=self._transfer_timeout())
         self.cache.update_job(job, input_file_id=data["id"], status="uploaded")
         path.unlink(missing_ok=True)
         return keys
 
     async def _ensure_submitted(self, job: str) -> None:
+        """Give `job` exactly one batch: adopt one that exists, else create it (see the module doc)."""
         info = self.cache.job(job)
         assert info is not None and info.input_file_id is not None
         if info.batch_id:
             return
-        batch_id = await self._find_batch(job)  # created before a crash, id not yet recorded?
-        if batch_id is None:
-            data = await self._call(
-                "POST",
-                "/batches",
-                json={
-                    "input_file_id": info.input_file_id,
-                    "endpoint": "/v1/chat/completions",
-                    "completion_window": "24h",
-                    "metadata": {"fvqa_job": job},
-                },
-            )
-            batch_id = data["id"]
+        file_id = info.input_file_id
+        batch_id = await self._adopt(job, file_id)  # created before a crash, id not yet recorded?
+        cfg = self.client.cfg
+        ambiguous = False
+        last = ""
+        attempt = 0
+        while batch_id is None:
+            self.cache.update_job(job, status="creating")
+            try:
+                batch_id = await self._create(job, file_id)
+            except _Ambiguous as exc:
+                ambiguous, last = True, str(exc)
+            except _Refused as exc:
+                last = str(exc)
+            else:
+                if ambiguous:  # an earlier attempt may have created one after all: keep this one
+                    await self._adopt(job, file_id, keep=batch_id)
+                break
+            if attempt >= cfg.max_retries:
+                raise BatchError(
+                    f"could not create a batch for job {job} on {self.ep.endpoint.base_url}: {last}; "
+                    "re-running looks for it again before creating one"
+                )
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+            if ambiguous:
+                batch_id = await self._adopt(job, file_id)
         self.cache.update_job(job, batch_id=batch_id, status="submitted")
 
-    async def _find_batch(self, job: str, pages: int = 10) -> str | None:
+    async def _create(self, job: str, file_id: str) -> str:
+        """One POST /batches, classified: the batch id, `_Ambiguous`, `_Refused` or `BatchError`."""
+        http = self.ep.http
+        assert http is not None
+        body = {
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {"fvqa_job": job},
+        }
+        try:
+            async with http.post(self.ep.endpoint.base_url + "/batches", json=body) as resp:
+                status, text = resp.status, await resp.text(errors="replace")
+        except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+            raise _Refused(type(exc).__name__) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _Ambiguous(f"{type(exc).__name__} after sending (timeout_s={self.client.cfg.timeout_s:g})") from exc
+        if status == 200:
+            try:
+                return str(json.loads(text)["id"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise _Ambiguous(f"unreadable reply {text[:100]!r}") from exc
+        detail = self._redact(f"HTTP {status}: {text[:300]}")
+        if status == 429:
+            raise _Refused(detail)
+        if status >= 500 or status in (408, 409):
+            raise _Ambiguous(detail)
+        raise BatchError(f"Batch API call POST /batches on {self.ep.endpoint.base_url} failed: {detail}")
+
+    async def _adopt(self, job: str, file_id: str, *, keep: str | None = None) -> str | None:
+        """The batch of `job` among those the server lists (by `metadata.fvqa_job` or input file):
+        `keep` if given, else the oldest live one; every other live one is cancelled as a duplicate."""
+        found = [
+            b
+            for b in await self._list_batches()
+            if (b.get("metadata") or {}).get("fvqa_job") == job or b.get("input_file_id") == file_id
+        ]
+        live = [b for b in found if b.get("status") not in ("cancelled", "cancelling")]
+        if keep is None and live:
+            keep = min(live, key=lambda b: (b.get("created_at") or 0, str(b["id"])))["id"]
+        for b in live:
+            if b["id"] != keep and b["id"] not in self.cache.extra_batches(job):
+                await self._cancel_duplicate(job, b)
+        return keep
+
+    async def _list_batches(self, pages: int = 10) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         after = None
         for _ in range(pages):
             query = {"limit": 100, **({"after": after} if after else {})}
             data = await self._call("GET", "/batches", params=query)
-            for b in data.get("data", []):
-                if (b.get("metadata") or {}).get("fvqa_job") == job:
-                    return b["id"]
+            out += [b for b in data.get("data", []) if isinstance(b, dict) and "id" in b]
             if not data.get("has_more") or not data.get("data"):
-                return None
+                break
             after = data["data"][-1]["id"]
-        return None
+        return out
+
+    async def _cancel_duplicate(self, job: str, batch: dict[str, Any]) -> None:
+        """Cancel a second batch of `job`; it is recorded either way and polled until it ends, so
+        whatever it billed before the cancel took (or if it could not be cancelled) is booked."""
+        status = str(batch.get("status"))
+        if status not in DONE:
+            try:
+                data = await self._call("POST", f"/batches/{batch['id']}/cancel")
+                status = str(data.get("status") or "cancelling")
+            except BatchError:
+                status = "uncancelled"
+        self.cache.add_extra_batch(job, str(batch["id"]), status)
+
+    async def _settle_extras(self) -> None:
+        """Poll duplicate batches; book the lines of those that ended (replies stored only if missing)."""
+        for batch_id in self.cache.extra_batches():
+            batch = await self._call("GET", f"/batches/{batch_id}")
+            status = str(batch.get("status"))
+            if status in ("in_progress", "validating", "finalizing"):
+                try:  # not cancelled yet (the cancel failed earlier): try again
+                    await self._call("POST", f"/batches/{batch_id}/cancel")
+                except BatchError:
+                    pass
+            if status not in DONE:
+                continue
+            if batch.get("output_file_id"):
+                text = await self._call(
+                    "GET", f"/files/{batch['output_file_id']}/content", raw=True, timeout=self._transfer_timeout()
+                )
+                for key, code, body in self._lines(text):
+                    if code != 200 or not valid_body(body):
+                        continue
+                    res = LLMResult.from_body(key, body, cached=False)
+                    usd = self.price.usd(res.prompt_tokens, res.completion_tokens, batch=True)
+                    if not self.cache.has(key):
+                        self.cache.put_ok(key, body, self.client.cfg.model, stage=self.client.stage,
+                                          usd=usd, batch=batch_id)
+                    elif not self.cache.add_spend(key, self.client.stage, self.client.cfg.model, usd,
+                                                  res.prompt_tokens, res.completion_tokens, batch_id):
+                        continue  # booked by an earlier run
+                    self.client.record(res, batch=True)
+            self.cache.add_extra_batch(self._extra_job(batch), batch_id, "settled")
+
+    def _extra_job(self, batch: dict[str, Any]) -> str:
+        return str((batch.get("metadata") or {}).get("fvqa_job") or "?")
 
     # -- polling and merging ----------------------------------------------------------------------
 
@@ -202,6 +336,8 @@ class BatchRunner:
                 batch = await self._call("GET", f"/batches/{info.batch_id}")
                 if batch.get("status") in DONE:
                     fresh |= await self._merge(job, batch)
+                    if self.cache.extra_batches(job):
+                        await self._settle_extras()
                     status = "merged" if batch["status"] == "completed" else batch["status"]
                     self.cache.update_job(job, status=status)
                     active.remove(job)
@@ -211,38 +347,43 @@ class BatchRunner:
         return fresh
 
     async def _merge(self, job: str, batch: dict[str, Any]) -> set[str]:
-        """Store every successful line (and deterministic errors) of the output files in the cache."""
+        """Store every successful line (with its spend row) and deterministic errors in the cache."""
         job_keys = set(self.cache.job_keys(job))
         stored: set[str] = set()
+        model = self.client.cfg.model
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
             if not file_id:
                 continue
-            text = await self._call("GET", f"/files/{file_id}/content", raw=True)
-            for rec in parse_jsonl(text):
-                if isinstance(rec, BadLine):
-                    continue  # a torn line is simply not merged; its request is sent again later
-                row = rec[1]
-                key = row.get("custom_id")
-                resp = row.get("response") or {}
-                if key not in job_keys or not isinstance(resp, dict):
+            text = await self._call("GET", f"/files/{file_id}/content", raw=True, timeout=self._transfer_timeout())
+            for key, code, body in self._lines(text):
+                if key not in job_keys:
                     continue
-                code = resp.get("status_code")
-                body = resp.get("body")
                 if code == 200 and valid_body(body):
-                    self.cache.put_ok(key, body, self.client.cfg.model)
+                    self.cache.put_ok(key, body, model, stage=self.client.stage, price=self.price, batch=batch["id"])
                     stored.add(key)
-                elif code in CACHEABLE_STATUS:
-                    msg = (
-                        ((body or {}).get("error") or {}).get("message", "") if isinstance(body, dict) else ""
-                    )
-                    self.cache.put_error(
-                        key,
-                        f"http_{code}",
-                        f"HTTP {code} in batch {batch['id']}: {msg}"[:600],
-                        self.client.cfg.model,
-                    )
+                    continue
+                msg = ((body or {}).get("error") or {}).get("message", "") if isinstance(body, dict) else ""
+                why = f"HTTP {code} in batch {batch['id']}: {msg}"[:600]
+                if code in CACHEABLE_STATUS:
+                    self.cache.put_error(key, f"http_{code}", why, model)
                     stored.add(key)
+                else:
+                    self.line_errors[key] = why
         return stored
+
+    @staticmethod
+    def _lines(text: str) -> list[tuple[str, Any, Any]]:
+        """(custom_id, status_code, body) of each readable line of a batch output or error file."""
+        out = []
+        for rec in parse_jsonl(text):
+            if isinstance(rec, BadLine):
+                continue  # a torn line is simply not merged; its request is sent again later
+            row = rec[1]
+            resp = row.get("response") if isinstance(row, dict) else None
+            if not isinstance(resp, dict) or not isinstance(row.get("custom_id"), str):
+                continue
+            out.append((row["custom_id"], resp.get("status_code"), resp.get("body")))
+        return out
 
     def _collect(
         self, keys: dict[str, str], jobs: dict[str, list[str]], fresh: set[str], bad: dict[str, LLMResult]
@@ -272,21 +413,36 @@ class BatchRunner:
                 out.pending.append(rid)
             else:
                 status = info.status if info else "unknown"
+                why = f"batch {info.batch_id if info else '?'} ended '{status}' without a reply for this request"
+                if key in self.line_errors:
+                    why += f" ({self.line_errors[key]})"
+                then = (
+                    "it is sent online now (batch_online_fallback)"
+                    if self.client.cfg.batch_online_fallback
+                    else "it is sent again on the next run, in a new batch (batch_online_fallback: true sends "
+                    "it online now)"
+                )
                 out.results[rid] = self.client.record(
-                    LLMResult(
-                        ok=False,
-                        key=key,
-                        error_class="batch_" + status,
-                        error=f"batch {info.batch_id if info else '?'} ended '{status}' without a reply for this "
-                        "request; it is sent again on the next run",
-                    )
+                    LLMResult(ok=False, key=key, error_class="batch_" + status, error=f"{why}; {then}")
                 )
         return out
 
     # -- HTTP -------------------------------------------------------------------------------------
 
+    def _transfer_timeout(self) -> aiohttp.ClientTimeout:
+        total = self.client.cfg.batch_transfer_timeout_s
+        return aiohttp.ClientTimeout(total=total, connect=min(30.0, total))
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.client.cfg
+        return min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self.ep.key, "***") if self.ep.key else text
+
     async def _call(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
-        """A control call with the client's retry policy; BatchError when it keeps failing."""
+        """An idempotent call (or a file upload, where a duplicate is harmless) with the client's
+        retry policy; BatchError when it keeps failing. Never used to create a batch."""
         http = self.ep.http
         assert http is not None
         cfg = self.client.cfg
@@ -300,6 +456,10 @@ class BatchRunner:
                     status, headers, text = resp.status, resp.headers, await resp.text(errors="replace")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last = f"{type(exc).__name__}"
+                if isinstance(exc, TimeoutError) and "timeout" in kwargs:
+                    last += f" (batch_transfer_timeout_s={cfg.batch_transfer_timeout_s:g})"
+                elif isinstance(exc, TimeoutError):
+                    last += f" (timeout_s={cfg.timeout_s:g})"
             else:
                 if status == 200:
                     if raw:
@@ -314,7 +474,6 @@ class BatchRunner:
                         break
                     wait = parse_retry_after(headers) or 0.0
             if attempt < cfg.max_retries:
-                backoff = min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(max(wait, backoff))
-        last = last.replace(self.ep.key, "***") if self.ep.key else last
+                await asyncio.sleep(max(wait, self._backoff(attempt)))
+        last = self._redact(last)
         raise BatchError(f"Batch API call {method} {path} on {self.ep.endpoint.base_url} failed: {last}")

@@ -1,7 +1,9 @@
 """Persistent response cache and batch-job records, in one SQLite file (WAL).
 
 Why SQLite: every write is one committed transaction, so `kill -9` at any point loses at most the
-reply in flight, and readers never see half a record. Errors are stored with their class so a
+reply in flight, and readers never see half a record. Each paid reply is stored together with its
+`spend` row (stage, tokens, dollars; the batch id for Batch API lines) in one transaction, so after
+a kill the money on the books equals the replies kept: `read_spend` sums it for `fvqa status`. Errors are stored with their class so a
 deterministic failure (HTTP 400) is not paid for twice; transient ones are never stored.
 """
 
@@ -15,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fvqa.llm.config import Price
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -42,7 +46,62 @@ CREATE TABLE IF NOT EXISTS batch_items (
     PRIMARY KEY (job, key)
 );
 CREATE INDEX IF NOT EXISTS batch_items_key ON batch_items(key);
+CREATE TABLE IF NOT EXISTS spend (
+    key TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    model TEXT,
+    usd REAL NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    batch TEXT,
+    created REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS spend_batch_line ON spend(key, batch);
+CREATE TABLE IF NOT EXISTS batch_extra (
+    batch_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    status TEXT NOT NULL,
+    updated REAL NOT NULL
+);
 """
+
+@dataclass(frozen=True)
+class SpendRow:
+    stage: str
+    model: str | None
+    batch: bool
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    usd: float
+
+
+def _spend_rows(con: sqlite3.Connection) -> list[SpendRow]:
+    rows = con.execute(
+        "SELECT stage, model, batch IS NOT NULL, count(*), sum(prompt_tokens), sum(completion_tokens), sum(usd) "
+        "FROM spend GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ).fetchall()
+    return [SpendRow(s, m, bool(b), n, int(p or 0), int(c or 0), float(u or 0.0)) for s, m, b, n, p, c, u in rows]
+
+
+def read_spend(root: Path | str) -> list[SpendRow]:
+    """Every `llm.sqlite` under `root` (a workspace's `cache/`), read-only: its booked spend.
+
+    Caches of an older fvqa (no `spend` table) contribute nothing."""
+    out: list[SpendRow] = []
+    for path in sorted(Path(root).rglob("llm.sqlite")):
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        except sqlite3.Error:
+            continue
+        try:
+            out += _spend_rows(con)
+        except sqlite3.Error:  # no spend table
+            pass
+        finally:
+            con.close()
+    return out
+
 
 # Batch states after which a job holds nothing more to merge.
 TERMINAL = ("merged", "failed", "expired", "cancelled", "abandoned")
@@ -116,8 +175,45 @@ class ResponseCache:
         """How many of `keys` are answered already (for cost estimates)."""
         return sum(self.has(k) for k in keys)
 
-    def put_ok(self, key: str, body: dict[str, Any], model: str) -> None:
-        self._put(key, True, json.dumps(body, ensure_ascii=False), None, None, model)
+    def put_ok(
+        self,
+        key: str,
+        body: dict[str, Any],
+        model: str,
+        *,
+        stage: str | None = None,
+        price: Price | None = None,
+        usd: float | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        batch: str | None = None,
+    ) -> None:
+        """Store a reply; with `stage`, also its spend row in the same transaction.
+
+        Tokens default to the body's `usage`; `usd` defaults to `price` (batch-discounted when
+        `batch`, the batch id, is set). One row per online payment; a batch line is booked once per
+        (key, batch), so merging a batch's output again after a kill books nothing twice."""
+        spend = None
+        if stage is not None:
+            usage = body.get("usage") or {}
+            p = int(prompt_tokens if prompt_tokens is not None else usage.get("prompt_tokens") or 0)
+            c = int(completion_tokens if completion_tokens is not None else usage.get("completion_tokens") or 0)
+            if usd is None:
+                usd = price.usd(p, c, batch=batch is not None) if price is not None else 0.0
+            spend = (key, stage, model, float(usd), p, c, batch)
+        self._put(key, True, json.dumps(body, ensure_ascii=False), None, None, model, spend=spend)
+
+    def add_spend(
+        self, key: str, stage: str, model: str, usd: float, prompt_tokens: int, completion_tokens: int, batch: str
+    ) -> bool:
+        """Book a batch line whose reply is not stored (a duplicate batch that could not be
+        cancelled still bills its lines); False if this line was booked already."""
+        with self._lock:
+            cur = self._con.execute(
+                "INSERT OR IGNORE INTO spend VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, stage, model, usd, prompt_tokens, completion_tokens, batch, time.time()),
+            )
+            return cur.rowcount > 0
 
     def put_error(self, key: str, error_class: str, error: str, model: str) -> None:
         self._put(key, False, None, error_class, error, model)
@@ -131,14 +227,36 @@ class ResponseCache:
         return text
 
     def _put(
-        self, key: str, ok: bool, body: str | None, ecls: str | None, err: str | None, model: str
+        self,
+        key: str,
+        ok: bool,
+        body: str | None,
+        ecls: str | None,
+        err: str | None,
+        model: str,
+        *,
+        spend: tuple[Any, ...] | None = None,
     ) -> None:
         body, err = self.scrub(body), self.scrub(err)
+        now = time.time()
         with self._lock:
-            self._con.execute(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, int(ok), body, ecls, err, model, time.time()),
-            )
+            self._con.execute("BEGIN")
+            try:
+                self._con.execute(
+                    "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, int(ok), body, ecls, err, model, now),
+                )
+                if spend is not None:
+                    self._con.execute("INSERT OR IGNORE INTO spend VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*spend, now))
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def spend(self) -> list[SpendRow]:
+        """Paid calls booked in this cache, per (stage, model, online/batch)."""
+        with self._lock:
+            return _spend_rows(self._con)
 
     def forget_errors(self) -> int:
         """Drop cached errors so the next run retries them (e.g. after fixing a prompt)."""
@@ -192,6 +310,23 @@ class ResponseCache:
             if key in wanted:
                 out.setdefault(job, []).append(key)
         return out
+
+    def add_extra_batch(self, job: str, batch_id: str, status: str) -> None:
+        """A second batch found for `job` (an ambiguous create): cancelled, or still billing."""
+        with self._lock:
+            self._con.execute(
+                "INSERT OR REPLACE INTO batch_extra VALUES (?, ?, ?, ?)", (batch_id, job, status, time.time())
+            )
+
+    def extra_batches(self, job: str | None = None) -> dict[str, str]:
+        """Duplicate batches not yet settled (batch id -> last status), of `job` or of every job."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT batch_id, status FROM batch_extra WHERE status != 'settled'"
+                + (" AND job = ?" if job else ""),
+                (job,) if job else (),
+            ).fetchall()
+        return dict(rows)
 
     def job_keys(self, job: str) -> list[str]:
         with self._lock:

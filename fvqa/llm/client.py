@@ -7,15 +7,26 @@ SDK whose major versions move fast. aiohttp, not httpx: at 64 concurrent request
 machine httpx's async pool reached ~25 req/s, httpx2 (the openai SDK's transport) ~110, aiohttp ~290
 of an ideal 320 (bench/bench_llm.py). Tests check wire compatibility with the official `openai` client.
 
-Every request goes: cache -> (miss) encode images -> pick a healthy endpoint -> bounded send with
-per-request timeout -> retry transient failures with exponential backoff -> cache the outcome
-(replies, and deterministic errors) -> record it in the cost ledger. Failures come back as a
-`LLMResult` with `ok=False` and a human-readable `error`; they never raise.
+Every request goes: cache -> (miss) join an identical request already in flight, else encode
+images -> pick a healthy endpoint -> bounded send with per-request timeout -> retry transient
+failures with exponential backoff -> cache the outcome (replies, and deterministic errors) -> record
+it in the cost ledger. Failures of a request come back as a `LLMResult` with `ok=False` and a
+human-readable `error`; they never raise.
+
+A failure of the *configuration* does raise: HTTP 401/403 (the key) or 404 (the model or URL) would
+fail every request the same way, so the first one raises `LLMConfigError` (a `ConfigError`: the CLI
+prints one red line and exits 2), later requests of the same client raise it without sending, and it
+is never cached nor turned into a reject. Until an endpoint has answered once, requests to it wait
+for that first answer, so a wrong key costs one request, not `max_concurrency` of them.
+
+Identical requests in flight at the same time (same cache key) share one call: the first sends it,
+the others await its result and are counted as cache hits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import itertools
 import json
@@ -28,13 +39,16 @@ from typing import Any
 
 import aiohttp
 
+from fvqa.errors import ConfigError
 from fvqa.llm.cache import ResponseCache, request_key
 from fvqa.llm.config import Endpoint, LLMConfig
 from fvqa.llm.images import BadImageError, DataUrlEncoder, has_images, messages_for_key
 from fvqa.llm.ledger import CostLedger
 
 KIND = "openai-chat"
-CACHEABLE_STATUS = frozenset({400, 404, 413, 422})  # the same request will fail the same way
+CACHEABLE_STATUS = frozenset({400, 413, 422})  # the same request will fail the same way
+CONFIG_STATUS = frozenset({401, 403, 404})  # every request will fail: the key, model or URL is wrong
+CONFIG_ERROR_CLASSES = frozenset(f"http_{s}" for s in CONFIG_STATUS)  # never replayed from the cache
 RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 MAX_RETRY_AFTER_S = 300.0
 
@@ -56,6 +70,8 @@ class LLMResult:
     error_class: str | None = None  # e.g. http_400, http_429, timeout, connection, bad_response, bad_image
     error: str | None = None
     attempts: int = 0
+    endpoint: str | None = None  # base_url that answered (prices the call); None: cache or batch
+    shared: bool = False  # joined an identical request in flight: not sent, not paid (a cache hit)
 
     @classmethod
     def from_body(cls, key: str, body: dict[str, Any], *, cached: bool, attempts: int = 0) -> LLMResult:
@@ -74,14 +90,35 @@ class LLMResult:
         )
 
 
+class LLMConfigError(ConfigError):
+    """An endpoint refused the configuration, not a request: HTTP 401/403 (`api_key_env` or the key
+    it names) or 404 (`model`, or a `base_url` without `/chat/completions`). Names the endpoint,
+    never the key."""
+
+    def __init__(self, message: str, *, base_url: str, status: int) -> None:
+        super().__init__(message)
+        self.base_url = base_url
+        self.status = status
+
+
 class _Failure(Exception):
     """One failed attempt, classified."""
 
-    def __init__(self, error_class: str, message: str, *, retry: bool, retry_after: float | None = None):
+    def __init__(self, error_class: str, message: str, *, retry: bool, retry_after: float | None = None,
+                 config: LLMConfigError | None = None):
         super().__init__(message)
         self.error_class = error_class
         self.retry = retry
         self.retry_after = retry_after
+        self.config = config  # set for 401/403/404: stop everything
+
+
+class _InFlight:
+    """One request being sent, and how many callers await it."""
+
+    def __init__(self, task: asyncio.Task[LLMResult]) -> None:
+        self.task = task
+        self.waiters = 0
 
 
 class _EndpointState:
@@ -94,6 +131,8 @@ class _EndpointState:
         self.down_until = 0.0  # unhealthy: skipped while another endpoint is healthy
         self.not_before = 0.0  # Retry-After: nobody sends here before this time
         self.failures = 0
+        self.verified = False  # answered once with anything but 401/403/404
+        self.probe: asyncio.Event | None = None  # set when the first request in flight here settles
 
 
 def valid_body(body: Any) -> bool:
@@ -127,8 +166,9 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
 class LLMClient:
     """Async client over one or more endpoints; use `async with LLMClient(...) as llm:`.
 
-    `stage` names the ledger row the calls are billed to. Set `retry_cached_errors` to resend
-    requests whose deterministic error is cached (e.g. after fixing the endpoint)."""
+    `stage` names the ledger row the calls are billed to; `section` is where the config lives
+    (e.g. "generate.llm"), named in errors. Set `retry_cached_errors` to resend requests whose
+    deterministic error is cached (e.g. after fixing the endpoint)."""
 
     def __init__(
         self,
@@ -137,6 +177,7 @@ class LLMClient:
         *,
         ledger: CostLedger | None = None,
         stage: str = "llm",
+        section: str = "llm",
         retry_cached_errors: bool = False,
     ) -> None:
         self.cfg = cfg
@@ -144,11 +185,14 @@ class LLMClient:
         self.cache = ResponseCache(cache_dir, secrets=[ep.key for ep in self._eps if ep.key])
         self.ledger = ledger if ledger is not None else CostLedger()
         self.stage = stage
+        self.section = section
         self.retry_cached_errors = retry_cached_errors
         self.encoder = DataUrlEncoder(cfg.image_max_side)
         self._rr = itertools.count()
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: dict[str, _InFlight] = {}
+        self._config_error: LLMConfigError | None = None  # sticky: this client sends nothing more
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -165,8 +209,10 @@ class LLMClient:
         if loop is not self._loop:
             self._loop = loop
             self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+            self._inflight = {}
             for ep in self._eps:
                 ep.http = None  # a pool from a closed loop cannot be reused
+                ep.probe = None
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
         for ep in self._eps:
             if ep.http is None:
@@ -207,8 +253,8 @@ class LLMClient:
     def lookup(self, key: str) -> LLMResult | None:
         """A cached outcome as a result, honouring `retry_cached_errors`."""
         hit = self.cache.get(key)
-        if hit is None or (not hit.ok and self.retry_cached_errors):
-            return None
+        if hit is None or (not hit.ok and (self.retry_cached_errors or hit.error_class in CONFIG_ERROR_CLASSES)):
+            return None  # a 401/404 cached by an older fvqa said nothing about the request: ask again
         if hit.ok and valid_body(hit.body):
             return LLMResult.from_body(key, hit.body or {}, cached=True)
         if hit.ok:
@@ -216,16 +262,18 @@ class LLMClient:
         return LLMResult(ok=False, key=key, cached=True, error_class=hit.error_class, error=hit.error)
 
     def record(self, res: LLMResult, *, batch: bool = False) -> LLMResult:
-        """Bill one result to this client's stage."""
-        usd = self.cfg.price.usd(res.prompt_tokens, res.completion_tokens, batch=batch)
+        """Bill one result to this client's stage, at the price of the endpoint that answered it
+        (a shared in-flight result counts as a cache hit)."""
+        price = self.cfg.price_at(res.endpoint)
+        usd = price.usd(res.prompt_tokens, res.completion_tokens, batch=batch)
         self.ledger.record(
             self.stage,
             "llm",
             usd=usd,
             prompt_tokens=res.prompt_tokens,
             completion_tokens=res.completion_tokens,
-            cached=res.cached,
-            failed=not res.ok and not res.cached,
+            cached=res.cached or res.shared,
+            failed=not res.ok and not res.cached and not res.shared,
             retries=max(0, res.attempts - 1),
         )
         return res
@@ -242,15 +290,48 @@ class LLMClient:
         return {"model": self.cfg.model, "messages": wire, **self.request_params(messages, params)}
 
     async def complete(self, messages: Messages, **params: Any) -> LLMResult:
-        """One chat completion: from the cache if answered before, else from an endpoint."""
+        """One chat completion: from the cache if answered before, else shared with an identical
+        request in flight, else from an endpoint. Raises `LLMConfigError` on 401/403/404."""
+        self._raise_if_misconfigured()
         key = self.key_for(messages, **params)
         if (hit := self.lookup(key)) is not None:
             return self.record(hit)
+        self._open()
+        flight = self._inflight.get(key)
+        leader = flight is None
+        if flight is None:  # no await between the cache lookup and here: no identical request slips by
+            flight = _InFlight(asyncio.ensure_future(self._fetch(key, messages, params)))
+            self._inflight[key] = flight
+            flight.task.add_done_callback(lambda _t, k=key, f=flight: self._land(k, f))
+        flight.waiters += 1
+        try:
+            res = await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            if flight.waiters == 1:  # nobody else wants it: stop the request itself
+                flight.task.cancel()
+            raise
+        finally:
+            flight.waiters -= 1
+        if leader:
+            return res  # billed by `_fetch`, even if every caller went away
+        return self.record(dataclasses.replace(res, shared=True, attempts=0))
+
+    def _land(self, key: str, flight: _InFlight) -> None:
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+        if not flight.task.cancelled():
+            flight.task.exception()  # retrieved here so an exception nobody awaited is not logged
+
+    async def _fetch(self, key: str, messages: Messages, params: Mapping[str, Any]) -> LLMResult:
         try:
             payload = await self.wire_payload(messages, **params)
         except BadImageError as exc:
             return self.record(LLMResult(ok=False, key=key, error_class="bad_image", error=str(exc)))
         return self.record(await self._send(key, payload))
+
+    def _raise_if_misconfigured(self) -> None:
+        if self._config_error is not None:
+            raise self._config_error
 
     async def stream(
         self, requests: Mapping[str, Messages], *, window: int | None = None, **params: Any
@@ -332,11 +413,22 @@ class LLMClient:
             async with self._sem:  # pick inside, so the pick sees the outcome of earlier attempts
                 ep, wait = self._pick()
                 if wait <= 0:
-                    attempts += 1
+                    first = await self._first_contact(ep)
                     try:
-                        reply = await self._attempt(ep, body)
-                    except _Failure as exc:
-                        failure = exc
+                        self._raise_if_misconfigured()
+                        attempts += 1
+                        try:
+                            reply = await self._attempt(ep, body)
+                        except _Failure as exc:
+                            failure = exc
+                            if exc.config is not None:
+                                self._config_error = exc.config
+                                raise exc.config from None
+                        ep.verified = True
+                    finally:
+                        if first and ep.probe is not None:
+                            ep.probe.set()
+                            ep.probe = None
             if wait > 0:  # every endpoint asked us to wait (Retry-After)
                 await asyncio.sleep(wait)
                 continue
@@ -351,8 +443,9 @@ class LLMClient:
                 continue
             ep.failures = 0
             ep.down_until = 0.0
-            self.cache.put_ok(key, reply, self.cfg.model)
-            return LLMResult.from_body(key, reply, cached=False, attempts=attempts)
+            self.cache.put_ok(key, reply, self.cfg.model, stage=self.stage, price=self.cfg.price_for(ep.endpoint))
+            return dataclasses.replace(LLMResult.from_body(key, reply, cached=False, attempts=attempts),
+                                       endpoint=ep.endpoint.base_url)
         assert failure is not None
         message = str(failure)
         if failure.retry:
@@ -360,6 +453,17 @@ class LLMClient:
         elif failure.error_class.startswith("http_") and int(failure.error_class[5:]) in CACHEABLE_STATUS:
             self.cache.put_error(key, failure.error_class, message, self.cfg.model)
         return LLMResult(ok=False, key=key, error_class=failure.error_class, error=message, attempts=attempts)
+
+    async def _first_contact(self, ep: _EndpointState) -> bool:
+        """Until `ep` has answered once, one request at a time goes there (True: the caller is it);
+        the others wait for its outcome, so a wrong key or model costs one request."""
+        while not ep.verified:
+            self._raise_if_misconfigured()
+            if ep.probe is None:
+                ep.probe = asyncio.Event()
+                return True
+            await ep.probe.wait()
+        return False
 
     def _note_failure(self, ep: _EndpointState, exc: _Failure) -> None:
         """Mark an endpoint unhealthy (timeouts, connection errors, 5xx) and record its Retry-After."""
@@ -377,7 +481,7 @@ class LLMClient:
             status, headers, text = await asyncio.wait_for(self._post(ep, body), timeout=self.cfg.timeout_s)
         except TimeoutError as exc:
             raise _Failure(
-                "timeout", f"no reply from {where} within {self.cfg.timeout_s:g} s", retry=True
+                "timeout", f"{self.section}.timeout_s={self.cfg.timeout_s:g} exceeded on {where}", retry=True
             ) from exc
         except aiohttp.ClientError as exc:
             raise _Failure("connection", f"cannot reach {where}: {type(exc).__name__}", retry=True) from exc
@@ -391,15 +495,26 @@ class LLMClient:
             if not valid_body(reply):
                 raise _Failure("bad_response", f"{where} replied without choices: {text[:200]!r}", retry=True)
             return reply
-        if status in (401, 403):
-            env = ep.endpoint.api_key_env or "(no key configured)"
-            raise _Failure(
-                f"http_{status}", f"{where} rejected the API key from {env} (HTTP {status})", retry=False
-            )
         detail = self._redact(ep, _error_detail(text))
+        if status in CONFIG_STATUS:
+            message = self._config_message(ep, status, detail)
+            raise _Failure(f"http_{status}", message, retry=False,
+                           config=LLMConfigError(message, base_url=where, status=status))
         message = f"HTTP {status} from {where}: {detail}"
         retry = status in RETRY_STATUS or status >= 500
         raise _Failure(f"http_{status}", message, retry=retry, retry_after=parse_retry_after(headers))
+
+    def _config_message(self, ep: _EndpointState, status: int, detail: str) -> str:
+        """One line: the endpoint, what it said, the setting to fix (never the key itself)."""
+        where, sec = ep.endpoint.base_url, self.section
+        if status in (401, 403):
+            env = ep.endpoint.api_key_env
+            sent = f"the API key from ${env}" if env else "no API key (api_key_env is null)"
+            return (f"LLM endpoint {where} refused {sent} (HTTP {status}): fix {sec}.endpoints[].api_key_env "
+                    f"or the key it names; stopped at the first refusal, nothing was rejected")
+        return (f"LLM endpoint {where} has no model {self.cfg.model!r} or no /chat/completions (HTTP 404: "
+                f"{detail[:200]}): fix {sec}.model or {sec}.endpoints[].base_url; stopped at the first "
+                f"refusal, nothing was rejected")
 
     @staticmethod
     async def _post(ep: _EndpointState, body: bytes) -> tuple[int, Mapping[str, str], str]:

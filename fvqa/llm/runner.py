@@ -2,7 +2,9 @@
 
 `run_task` answers every input (key -> input) of a task: online with bounded concurrency, or first
 through the Batch API when the config asks for it (the batch fills the response cache; the online
-pass then finds every first request there and pays only for repair requests). Each input ends in
+pass then finds every first request there and pays only for repair requests). A request the batch
+did not answer goes into a new batch on the next run (`on_retry`), or online in this run with
+`batch_online_fallback`. Each input ends in
 exactly one callback, as soon as its reply is in, so a stage commits progressively and one slow
 call never holds the rest:
 
@@ -11,6 +13,11 @@ call never holds the rest:
   JSON after one repair) or `REQUEST_FAILED` (a deterministic error such as HTTP 400);
 - `on_retry(key, why)`: not done, and not a reject: a transient failure (network, 5xx, rate limit)
   or a request still in a running batch; the next run tries again.
+
+A configuration error (HTTP 401/403: the key; 404: the model or URL) is no input's fault: the first
+one raises `LLMConfigError` out of the run, after the inputs already answered got their callback;
+requests in flight are cancelled and nothing is rejected for it, so the same command, once the
+config is fixed, does the rest.
 
 Exactly-once spending comes from the client: every outcome is cached by a hash of the request, so a
 re-run pays for no reply it already got, and the Batch API's jobs are found again after a crash.
@@ -28,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fvqa.llm.batch import BatchOutcome, BatchRunner
-from fvqa.llm.client import LLMClient, Messages
+from fvqa.llm.client import LLMClient, LLMConfigError, Messages
 from fvqa.llm.config import Endpoint, LLMConfig
 from fvqa.llm.ledger import CostEstimate, CostLedger, estimate_cost
 from fvqa.llm.structured import StructuredResult, complete_json, response_format, schema_instruction
@@ -60,7 +67,9 @@ class TaskRun:
 
 
 def is_transient(result: StructuredResult[Any]) -> bool:
-    """A failure worth retrying on the next run (network, 5xx, rate limit), not a reject."""
+    """A failure worth retrying on the next run (network, 5xx, rate limit), not a reject.
+
+    (401/403/404 never get here: the client raises `LLMConfigError` for them.)"""
     if result.ok or not result.results:
         return False
     last = result.results[-1]
@@ -185,6 +194,12 @@ async def arun_task(task: LLMTask[In, Out], inputs: Mapping[str, In], client: LL
         served_by_batch = sum(client.cache.has(r.key) for r in outcome.results.values())
         for key in run.pending:
             settle.retry(key, PENDING)
+        if not client.cfg.batch_online_fallback:  # a line the batch did not answer waits for the next batch
+            for key, res in outcome.results.items():
+                if not res.ok and not res.cached and str(res.error_class or "").startswith("batch_"):
+                    skip.add(key)
+                    run.transient.append(res.error or "batch line failed")
+                    settle.retry(key, res.error or "batch line failed")
     before = client.ledger.stage(task.name)
     window = 4 * client.cfg.max_concurrency
     todo = ((key, item) for key, item in inputs.items() if key not in skip)  # formatted lazily
@@ -205,9 +220,17 @@ async def arun_task(task: LLMTask[In, Out], inputs: Mapping[str, In], client: LL
     try:
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            stop: LLMConfigError | None = None
             for fut in done:
                 key, item = running.pop(fut)
-                settle.result(key, item, fut.result())
+                try:
+                    res = fut.result()
+                except LLMConfigError as exc:  # no reject: the input is fine, the config is not
+                    stop = stop or exc
+                    continue
+                settle.result(key, item, res)
+            if stop is not None:
+                raise stop  # `finally` cancels the requests in flight
             fill()
     finally:
         for fut in running:
@@ -222,15 +245,16 @@ async def arun_task(task: LLMTask[In, Out], inputs: Mapping[str, In], client: LL
 def run_task(task: LLMTask[In, Out], inputs: Mapping[str, In], llm: LLMConfig, cache_dir: Path | str, *,
              on_output: OnOutput, on_reject: OnReject | None = None, on_retry: OnRetry | None = None,
              ledger: CostLedger | None = None, batch_wait_s: float | None = None,
-             progress: Callable[[], None] | None = None) -> TaskRun:
+             progress: Callable[[], None] | None = None, section: str = "llm") -> TaskRun:
     """Answer every input of `task` through a client on `llm` and the cache in `cache_dir`.
 
     Calls are billed to `task.name` in `ledger` (a fresh one if None). Inputs still running in a
     batch after `batch_wait_s` get `on_retry`: they stay to do, and the next run polls the same
-    batch. `progress()` is called once per input settled. A missing API key raises `ConfigError`."""
+    batch. `progress()` is called once per input settled. A missing API key raises `ConfigError`; an
+    endpoint refusing the key or model raises `LLMConfigError` naming `section` (e.g. "tag.llm")."""
 
     async def main() -> TaskRun:
-        async with LLMClient(llm, cache_dir, stage=task.name, ledger=ledger) as client:
+        async with LLMClient(llm, cache_dir, stage=task.name, ledger=ledger, section=section) as client:
             try:
                 return await arun_task(task, inputs, client, on_output=on_output, on_reject=on_reject,
                                        on_retry=on_retry, batch_wait_s=batch_wait_s, progress=progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from fvqa.llm.client import LLMConfigError
 from fvqa.llm.config import LLMConfig
 from fvqa.llm.ledger import CostEstimate
 from fvqa.llm.runner import TaskRun, estimate, run_task
@@ -25,7 +26,10 @@ def run_stage_task(ctx: StageContext, task: LLMTask[In, Out], inputs: Mapping[st
     """Run `task` for a stage: rejects go to `rejects`, cost to the stats, retries into a note.
 
     `not_done` names what a transient failure leaves undone in the stage's note, e.g. "items not
-    tagged"; those inputs are neither emitted nor rejected, so the next run retries them."""
+    tagged"; those inputs are neither emitted nor rejected, so the next run retries them. An endpoint
+    refusing the key or model (401/403/404) stops the stage with `LLMConfigError` after committing
+    the outputs already made; nothing is rejected for it. A self-hosted endpoint without a price is
+    billed $0, and the note says so."""
     if task.name != ctx.stage.name:
         raise ValueError(f"task {task.name!r} would reject rows of stage {ctx.stage.name!r}")
 
@@ -36,12 +40,17 @@ def run_stage_task(ctx: StageContext, task: LLMTask[In, Out], inputs: Mapping[st
     next(bar, None)  # opens the bar; each settled input advances it
     try:
         run = run_task(task, inputs, llm, ctx.ws.cache_dir, on_output=on_output, on_reject=on_reject,
-                       batch_wait_s=batch_wait_s, progress=lambda: next(bar, None))
+                       batch_wait_s=batch_wait_s, progress=lambda: next(bar, None), section=f"{task.name}.llm")
+    except LLMConfigError:
+        ctx.commit()  # keep what was answered before the refusal; the stage records no run
+        raise
     finally:
         bar.close()
     ctx.stats.paid_calls += run.paid_calls
     ctx.stats.cache_hits += run.cache_hits
     ctx.stats.cost_usd += run.usd
+    for url in llm.free_endpoints():
+        ctx.stats.notes.append(f"endpoint {url} priced at $0 (self-hosted); set its price to bill it")
     if run.transient:
         ctx.stats.notes.append(f"{len(run.transient)} {not_done} ({run.transient[0]}); re-run to retry them")
     if run.pending:

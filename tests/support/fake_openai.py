@@ -1,7 +1,9 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
 
 Speaks the wire format of `/v1/chat/completions`, `/v1/models`, `/v1/files`,
-`/v1/files/{id}/content`, `/v1/batches` and `/v1/batches/{id}`. Replies are scripted (a function of
+`/v1/files/{id}/content`, `/v1/batches` (create, list), `/v1/batches/{id}` and
+`/v1/batches/{id}/cancel`. `inject_route` scripts faults on those control routes, including
+ambiguous ones (the batch is created, the reply is a 500 or comes too late). Replies are scripted (a function of
 the request body) and faults are injected in order (429 with Retry-After, 5xx, hangs, non-JSON).
 Every request is recorded so tests can assert counts and the absence of repeats.
 
@@ -40,6 +42,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to hold the request before answering (a hang past the timeout)
     content_type: str = "application/json"
+    applied: bool = False  # route faults only: the request takes effect, then this reply is sent
 
 
 def completion(
@@ -93,6 +96,16 @@ def hang(seconds: float) -> Reply:
 
 def not_json() -> Reply:
     return Reply(200, "<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+
+
+def ambiguous(status: int = 500) -> Reply:
+    """For `inject_route`: the server does what was asked (creates the batch) but answers 5xx."""
+    return Reply(status, error_body("The server had an error", "server_error"), applied=True)
+
+
+def slow(seconds: float) -> Reply:
+    """For `inject_route`: the request takes effect, the normal reply comes `seconds` late."""
+    return Reply(delay=seconds, applied=True)
 
 
 def bad_request(message: str = "Invalid request") -> Reply:
@@ -155,6 +168,7 @@ class FakeOpenAI:
         self.batch_final_status = "completed"  # or "expired", "failed"
         self.model = model
         self._faults: deque[Reply] = deque()
+        self._route_faults: list[tuple[str, str, deque[Reply]]] = []
         self._lock = threading.Lock()
         self._records: list[Recorded] = []
         self._ids = itertools.count(1)
@@ -195,6 +209,20 @@ class FakeOpenAI:
         """Faults answered, in order, to the next chat requests (before the responder)."""
         with self._lock:
             self._faults.extend(replies)
+
+    def inject_route(self, method: str, path: str, *replies: Reply) -> None:
+        """Faults answered, in order, to the next requests of `method` on a path starting with
+        `path` (files, batches...). A reply with `applied=True` (`ambiguous`, `slow`) lets the request
+        take effect first; others refuse it."""
+        with self._lock:
+            self._route_faults.append((method, path, deque(replies)))
+
+    def _route_fault(self, method: str, path: str) -> Reply | None:
+        with self._lock:
+            for m, prefix, queue in self._route_faults:
+                if m == method and path.startswith(prefix) and queue:
+                    return queue.popleft()
+        return None
 
     def clear_faults(self) -> int:
         """Drop faults not yet served; returns how many there were."""
@@ -350,7 +378,16 @@ class _Handler(BaseHTTPRequestHandler):
         rec = Recorded(self.command, path, dict(self.headers.items()), raw, time.time())
         fake._record(rec)
         try:
-            reply = self._route(fake, path, raw)
+            fault = fake._route_fault(self.command, path)
+            if fault is not None and not fault.applied:
+                reply = fault
+            else:
+                reply = self._route(fake, path, raw)
+                if fault is not None:
+                    if fault.status == 200 and fault.body is None:
+                        reply.delay = max(reply.delay, fault.delay)
+                    else:
+                        reply = fault
         except Exception as exc:  # a bug in a responder must show up in the test, not hang it
             reply = Reply(500, error_body(f"fake server error: {type(exc).__name__}: {exc}"))
         self._send(rec, reply)
@@ -404,6 +441,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "last_id": data[-1]["id"] if data else None,
                 }
             )
+        if cmd == "POST" and path.startswith("/v1/batches/") and path.endswith("/cancel"):
+            return self._cancel_batch(fake, path.split("/")[3])
         if cmd == "GET" and path.startswith("/v1/batches/"):
             return self._get_batch(fake, path.split("/")[3])
         return Reply(404, error_body(f"Unknown route {cmd} {path}"))
@@ -463,6 +502,18 @@ class _Handler(BaseHTTPRequestHandler):
             fake.batches[bid] = batch
             fake._polls[bid] = 0
         return Reply(body=batch)
+
+    def _cancel_batch(self, fake: FakeOpenAI, bid: str) -> Reply:
+        """Cancels a running batch at once (nothing billed); a finished one answers 400, like OpenAI."""
+        with fake._lock:
+            batch = fake.batches.get(bid)
+            if batch is None:
+                return Reply(404, error_body(f"No such Batch: {bid}"))
+            if batch["status"] in ("completed", "failed", "expired"):
+                return Reply(400, error_body(f"Cannot cancel a batch with status '{batch['status']}'."))
+            batch["status"] = "cancelled"
+            batch["cancelled_at"] = int(time.time())
+            return Reply(body=json.loads(json.dumps(batch)))
 
     def _get_batch(self, fake: FakeOpenAI, bid: str) -> Reply:
         with fake._lock:
