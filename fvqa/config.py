@@ -340,7 +340,20 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     return load_yaml_config(RunConfig, path, overrides)
 
 
-_SECRET_WORDS = ("password", "secret", "token", "api_key")
+_SECRET_WORDS = ("password", "passwd", "secret", "api_key", "apikey", "credential", "private_key")
+_SECRET_NAMES = ("token", "authorization", "bearer")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a credential: `api_key`, `password`, `*_secret`, `token`, `hf_token`,
+    `access_token`... but never a count such as `max_tokens` / `max_new_tokens` / `*_tokens`, nor the
+    *name* of an environment variable (`api_key_env`)."""
+    lowered = key.lower().replace("-", "_")
+    if lowered.endswith("_env"):
+        return False
+    if lowered in _SECRET_NAMES or any(w in lowered for w in _SECRET_WORDS):
+        return True
+    return lowered.endswith("_token")  # hf_token, access_token; `question_key` etc. are not secrets
 
 
 def redacted(config: RunConfig) -> dict[str, Any]:
@@ -351,8 +364,7 @@ def redacted(config: RunConfig) -> dict[str, Any]:
             return {k: walk(v, k) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v, key) for v in node]
-        lowered = key.lower()
-        if node and not lowered.endswith("_env") and any(w in lowered for w in _SECRET_WORDS):
+        if node and is_secret_key(key):
             return "***"
         return node
 

@@ -165,7 +165,7 @@ def test_seeded_and_rerun_keeps_assignments(ws: Workspace, tmp_path: Path):
 
 # -- exclusions ----------------------------------------------------------------------------------
 
-def test_unanswerable_unlabelled_and_contaminated_items_are_rejected(ws: Workspace, tmp_path: Path):
+def test_unanswerable_and_contaminated_items_are_rejected_unlabelled_wait(ws: Workspace, tmp_path: Path):
     add_item(ws, "a-1", label="unanswerable")
     add_item(ws, "a-2", label=None)
     add_item(ws, "a-3", question="Which river flows past this tower?", answer="Seine")
@@ -176,9 +176,10 @@ def test_unanswerable_unlabelled_and_contaminated_items_are_rejected(ws: Workspa
                       contamination_files=[bench])
     rejects = {k: (r, d) for k, r, d in ws.execute("SELECT key, reason, detail FROM rejects WHERE stage='split'")}
     assert rejects["a-1"][0] == "unanswerable"
-    assert rejects["a-2"][0] == "no search label"
+    assert "a-2" not in rejects  # no label yet: it waits (see the waiting tests below), it is not rejected
+    assert any("1 item(s) waiting for label" in n for n in stats.notes)
     assert rejects["a-3"][0] == "benchmark contamination" and "bench.jsonl" in rejects["a-3"][1]
-    assert splits(ws) == {"a-4": "train"} and stats.n_rejected == 3
+    assert splits(ws) == {"a-4": "train"} and stats.n_rejected == 2
 
 
 def test_unreadable_contamination_file_is_a_config_error(ws: Workspace, tmp_path: Path):
@@ -244,3 +245,81 @@ def test_near_duplicate_threshold_is_configurable(ws: Workspace):
     run_split(ws, train_size=1, train_search_required=1, train_search_free=0,
               test_per_source={"metaclip": 1}, phash_distance=-1)
     assert splits(ws) == {"mc-1": "test", "is-1": "train"}  # guard off: the pair crosses (documented)
+
+
+# -- waiting for tags and labels -----------------------------------------------------------------
+
+def _leaks(ws: Workspace) -> list[tuple[str, str]]:
+    """(train, test) pairs sharing an entity: the planted links of the waiting tests below."""
+    rows = ws.execute("SELECT d.item_id, d.split, lower(i.entity_text) FROM dataset d JOIN items i USING (item_id)")
+    by_entity: dict[str, dict[str, list[str]]] = {}
+    for iid, split, ent in rows:
+        by_entity.setdefault(ent, {}).setdefault(split, []).append(iid)
+    return [(a, b) for sides in by_entity.values() for a in sides.get("train", []) for b in sides.get("test", [])]
+
+
+def test_untagged_items_wait_and_a_rerun_after_tagging_assigns_them_balanced(ws: Workspace):
+    cfg = dict(train_size=32, train_search_required=16, train_search_free=16, test_per_source={"infoseek": 8})
+    pool, tags_later = Pool(ws), []
+    for kt in ("Arts", "Place"):
+        for j in range(32):
+            iid, pair = f"{kt}-{j}", j // 2
+            untagged = j % 2 == 1  # half of every cell has no tag yet
+            # every untagged item shares its entity with a tagged one (a leakage link across the wait)
+            label = "search_free" if pair % 2 == 0 else ("text_search_required", "image_search_required")[pair % 4 // 2]
+            pool.add(iid, ktype=None if untagged else kt, entity=f"entity {kt} {pair}", label=label)
+            if untagged:
+                tags_later.append(dict(item_id=iid, knowledge_type=kt))
+    pool.flush()
+    first = run_split(ws, **cfg)
+    got = splits(ws)
+    waiting = {t["item_id"] for t in tags_later}
+    assert not waiting & set(got) and len(got) == 32  # untagged: no row (and no reject) yet
+    assert first.extra["waiting"] == {"label": 0, "tag": 32} and first.n_rejected == 0
+    assert any("32 item(s) waiting for tag" in n for n in first.notes)
+    assert "untagged" not in json.dumps(first.extra["cells"])
+    assert any("SHORT" in n for n in first.notes)  # the tagged half alone cannot fill train
+
+    ws.insert("tags", tags_later)  # the tag stage catches up
+    second = run_split(ws, **cfg)
+    got = splits(ws)
+    assert set(got) == {f"{kt}-{j}" for kt in ("Arts", "Place") for j in range(32)}
+    assert second.n_in == 32 and second.extra["waiting"] == {"label": 0, "tag": 0}
+    assert "untagged" not in json.dumps(second.extra["cells"])
+    rows = ws.execute("SELECT split, search_label, knowledge_type FROM dataset")
+    # quotas reached over both runs, each knowledge type evenly, and no link crosses the split
+    test = [r for r in rows if r[0] == "test"]
+    train = [r for r in rows if r[0] == "train"]
+    assert len(test) == 8 and Counter(r[2] for r in test) == {"Arts": 4, "Place": 4}
+    assert Counter(r[1] == "search_free" for r in train) == {True: 16, False: 16}
+    assert Counter(r[2] for r in train) == {"Arts": 16, "Place": 16}
+    assert second.extra["assigned"]["train"] > 0 and not any("SHORT" in n for n in second.notes)
+    assert _leaks(ws) == [] and second.extra["leaks"] == 0
+    assert run_split(ws, **cfg).n_in == 0  # done: nothing waits any more
+
+
+def test_without_a_tag_stage_untagged_items_are_split_at_once(ws: Workspace):
+    for i in range(4):
+        add_item(ws, f"u-{i}", ktype=None)
+    config = RunConfig(workspace=ws.root, split=SplitConfig(train_size=4, train_search_required=4,
+                                                            train_search_free=0, test_per_source={}),
+                       tag={"enabled": False})
+    stats = execute_stage(SplitStage(), ws, config, QUIET)
+    assert Counter(splits(ws).values()) == {"train": 4} and stats.extra["waiting"]["tag"] == 0
+    # ... and so are items the tag stage rejected (they will never get a tag)
+    add_item(ws, "r-1", ktype=None)
+    ws.reject("tag", "r-1", "no usable text")
+    stats = run_split(ws, train_size=5, train_search_required=5, train_search_free=0, test_per_source={})
+    assert splits(ws)["r-1"] == "train" and stats.extra["waiting"]["tag"] == 0
+
+
+def test_unlabelled_items_wait_for_the_probe(ws: Workspace):
+    add_item(ws, "l-1", label=None)
+    add_item(ws, "l-2")
+    cfg = dict(train_size=2, train_search_required=2, train_search_free=0, test_per_source={})
+    stats = run_split(ws, **cfg)
+    assert splits(ws) == {"l-2": "train"} and stats.extra["waiting"]["label"] == 1
+    assert ws.rejected_keys("split") == set()
+    ws.insert("labels", [dict(item_id="l-1", search_label="text_search_required", probe_method="popularity-prior")])
+    run_split(ws, **cfg)
+    assert splits(ws) == {"l-1": "train", "l-2": "train"}

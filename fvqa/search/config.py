@@ -123,6 +123,36 @@ class ServiceConfig(_Section):
     timeout_s: float = Field(120.0, gt=0)
 
 
+class SummarizerConfig(_Section):
+    """How text search summarises each result page with respect to the question.
+
+    `extractive` (offline default): the page's lead plus its best BM25 sentences. `llm`: a prompt to an
+    OpenAI-compatible endpoint (upstream used Qwen3-32B, e.g. behind `vllm serve`), through the same
+    client, response cache (`<workspace>/cache/llm`) and cost accounting as every stage."""
+
+    kind: Literal["extractive", "llm"] = "extractive"
+    llm: Any = None  # kind llm: fvqa.llm.config.LLMConfig; None: its defaults (GPT-4o, OPENAI_API_KEY)
+    max_sentences: int | None = Field(None, ge=1)  # None: search.summary_sentences
+    max_chars: int | None = Field(None, ge=100)  # page characters summarised; None: search.reader.max_chars
+    max_tokens: int | None = Field(None, ge=1)  # reply limit; None: the llm's max_tokens
+    prompt: str | None = None  # may use {question}, {page}, {max_sentences}; None: the built-in prompt
+
+    @field_validator("llm", mode="before")
+    @classmethod
+    def _llm_config(cls, v: Any) -> Any:
+        from fvqa.llm.config import LLMConfig  # lazy: only the llm summariser needs the LLM layer
+
+        return None if v is None else LLMConfig.model_validate(v)
+
+    @model_validator(mode="after")
+    def _llm_defaults(self) -> SummarizerConfig:
+        if self.kind == "llm" and self.llm is None:
+            from fvqa.llm.config import LLMConfig
+
+            self.llm = LLMConfig()
+        return self
+
+
 class SearchConfig(_Section):
     """Everything the search tools need; `backend` picks where results come from."""
 
@@ -136,6 +166,7 @@ class SearchConfig(_Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     summary_sentences: int = Field(5, ge=1)
+    summarizer: SummarizerConfig = Field(default_factory=SummarizerConfig)
 
     merged_sections: ClassVar[frozenset[str]] = frozenset({"options"})  # see fvqa.configfile.resolve_paths
 

@@ -11,9 +11,15 @@ reading the reply.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import bm25s
 
@@ -132,3 +138,57 @@ def llm_summarizer(complete: Callable[[str], str], *, prompt: str = SUMMARY_PROM
         return task.parse(item, Reply(complete(task.prompt_text(item)) or ""))
 
     return summarize
+
+
+class ClientSummarizer:
+    """An LLM `Summarizer` over `fvqa.llm.LLMClient`: its response cache (a summary asked before is
+    served from it, nothing paid), retries, endpoint failover and ledger, as every stage uses them.
+
+    Text search calls summarisers from worker threads; the client's async requests run on one event
+    loop of its own in a daemon thread. `cost_hook(kind, n_calls, usd)` hears of every paid call.
+    A missing key or an endpoint refusing it is a `ConfigError` (raised when built / on first call).
+    """
+
+    def __init__(self, llm: Any, cache_dir: Path | str, *, task: SummaryTask | None = None,
+                 max_tokens: int | None = None, ledger: Any = None, stage: str = "search-summary",
+                 cost_hook: Callable[[str, int, float], None] | None = None) -> None:
+        from fvqa.llm.client import LLMClient
+
+        self.task = task or SummaryTask()
+        self.params: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+        self.cost_hook = cost_hook
+        self.client = LLMClient(llm, cache_dir, ledger=ledger, stage=stage, section="search.summarizer.llm")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fvqa-summarizer", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    @property
+    def cache_id(self) -> str:
+        """Names model, prompt and limits: a summary cached for other settings is never reused."""
+        spec = [self.client.cfg.model, self.task.prompt, self.task.max_sentences, self.task.max_chars, self.params]
+        return "llm:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __call__(self, page: str, question: str) -> str:
+        item = PageQuestion(page, question)
+        req = self.task.format(item)
+        res = asyncio.run_coroutine_threadsafe(self.client.complete(req.messages, **self.params), self._loop).result()
+        if not res.ok:
+            raise RuntimeError(f"summary request failed ({res.error_class}): {res.error}")
+        if self.cost_hook is not None and not res.cached and not res.shared:
+            usd = self.client.cfg.price_at(res.endpoint).usd(res.prompt_tokens, res.completion_tokens)
+            self.cost_hook("summary", 1, usd)
+        return self.task.parse(item, Reply(res.text or "", cached=res.cached))
+
+    def close(self) -> None:
+        """Close the client's connections and cache, and stop its loop."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self.client.aclose(), self._loop).result(timeout=30)
+        finally:
+            self.client.cache.close()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()

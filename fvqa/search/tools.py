@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from fvqa.errors import ConfigError
 from fvqa.search.cache import SearchCache, cache_key
 from fvqa.search.config import SearchConfig
 from fvqa.search.summarize import Summarizer, default_summarizer
@@ -271,6 +272,8 @@ class SearchTools:
             try:
                 text = self.page_text(cand)
                 summary = self.summary(text, question)
+            except ConfigError:  # a missing / refused summariser key is no page's fault: stop
+                raise
             except Exception as exc:  # noqa: BLE001 - one bad page is replaced by the next candidate
                 self._count("pages_failed")
                 log.info("text search: skipping %s (%s)", cand.url, exc)
@@ -290,15 +293,15 @@ class SearchTools:
     def close(self) -> None:
         if self.cache:
             self.cache.close()
-        close = getattr(self.backend, "close", None)
-        if callable(close):
-            close()
+        for part in (self.backend, self.summarizer):
+            close = getattr(part, "close", None)
+            if callable(close):
+                close()
 
 
 def make_backend(config: SearchConfig, *, cost_hook: CostHook | None = None) -> Backend:
     """The backend named by `config.backend` (imports only what that backend needs)."""
     if config.backend == "local":
-        from fvqa.errors import ConfigError
         from fvqa.search.local_index import LocalIndex
 
         if config.local.index_dir is None:
@@ -323,8 +326,14 @@ def make_search_tools(
     cache_dir: Path | str | None = None,
     cost_hook: CostHook | None = None,
     summarizer: Summarizer | None = None,
+    llm_cache_dir: Path | str | None = None,
+    ledger: Any = None,
 ) -> Any:
-    """`SearchTools` for local/web/replay, or an HTTP `SearchClient` for backend `http` (same interface)."""
+    """`SearchTools` for local/web/replay, or an HTTP `SearchClient` for backend `http` (same interface).
+
+    The page summariser is `summarizer` if given, else `search.summarizer` (`extractive`, or `llm`:
+    replies cached in `llm_cache_dir`, default `<cache_dir>/../llm`, i.e. the workspace's LLM cache;
+    paid calls reported to `cost_hook` as kind "summary" and billed in `ledger` if given)."""
     if not isinstance(config, SearchConfig):
         config = SearchConfig.from_section(config)  # compat: a plain dict, either form
     if config.backend == "http":
@@ -332,7 +341,32 @@ def make_search_tools(
 
         return SearchClient(config.service.url, timeout_s=config.service.timeout_s)
     backend = make_backend(config, cost_hook=cost_hook)
-    return SearchTools(config, backend, cache_dir=cache_dir, cost_hook=cost_hook, summarizer=summarizer)
+    summarizer_id = None
+    if summarizer is None and config.summarizer.kind == "llm":
+        built = make_llm_summarizer(config, llm_cache_dir=llm_cache_dir, cache_dir=cache_dir or config.cache.dir,
+                                    cost_hook=cost_hook, ledger=ledger)
+        summarizer, summarizer_id = built, built.cache_id
+    return SearchTools(config, backend, cache_dir=cache_dir, cost_hook=cost_hook, summarizer=summarizer,
+                       summarizer_id=summarizer_id)
+
+
+def make_llm_summarizer(config: SearchConfig, *, llm_cache_dir: Path | str | None = None,
+                        cache_dir: Path | str | None = None, cost_hook: CostHook | None = None,
+                        ledger: Any = None) -> Any:
+    """The `search.summarizer` LLM summariser: its LLM response cache is `llm_cache_dir`, by default
+    the workspace's `cache/llm` next to the search cache `cache_dir` (`<workspace>/cache/search`)."""
+    from fvqa.search.summarize import SUMMARY_PROMPT, ClientSummarizer, SummaryTask
+
+    sc = config.summarizer
+    if llm_cache_dir is None:
+        if cache_dir is None:
+            raise ConfigError("search.summarizer.kind is llm but there is no cache folder for its replies "
+                              "(pass the workspace's cache, or set search.cache.dir)")
+        llm_cache_dir = Path(cache_dir).parent / "llm"
+    task = SummaryTask(sc.prompt or SUMMARY_PROMPT, max_sentences=sc.max_sentences or config.summary_sentences,
+                       max_chars=sc.max_chars or config.reader.max_chars)
+    return ClientSummarizer(sc.llm, llm_cache_dir, task=task, max_tokens=sc.max_tokens, ledger=ledger,
+                            cost_hook=cost_hook)
 
 
 def ledger_hook(ledger: Any, stage: str) -> CostHook:

@@ -1,7 +1,11 @@
 """Balance and split: labelled items -> FVQA-train and FVQA-test with no leakage between them.
 
 In: the `dataset` view (items with tags, labels and human decisions). Work:
-1. exclude items that cannot be used (unlabelled, `unanswerable`, found in a benchmark file) with a
+0. wait for inputs: an item with no search label yet, or (when the train/test cells use knowledge
+   types and the tag stage is on) no tag yet, is not decided now — no row, no reject; it is counted
+   in the notes ("waiting for label/tag") and the next `fvqa build` considers it, since it is still
+   missing from `splits`;
+1. exclude items that cannot be used (`unanswerable`, unknown label, found in a benchmark file) with a
    reject each;
 2. group items that must stay together (shared entity/concept, near-duplicate image, duplicate
    normalised question; `fvqa.pipelines.split.leakage`);
@@ -17,6 +21,8 @@ provenance), achieved-vs-target per cell in the stage notes.
 The split is one decision, so its rows are committed in a single transaction. Rows already in
 `splits` (an earlier run, or an upstream import) are kept and count towards the quotas; new items
 only fill what is still missing, and never onto the side opposite to an item they are linked to.
+That is what makes waiting safe: items that get their tag or label later are assigned by a later run
+into the cells still short, on the side their leakage group already has.
 """
 
 from __future__ import annotations
@@ -118,7 +124,8 @@ class SplitStage(Stage):
         todo = set(ctx.todo([r["item_id"] for r in rows if r["item_id"] not in fixed]))
         ctx.stats.n_in = len(todo)
 
-        usable = self._exclude(ctx, cfg, [r for r in rows if r["item_id"] in todo])
+        ready = self._wait_for_inputs(ctx, cfg, [r for r in rows if r["item_id"] in todo])
+        usable = self._exclude(ctx, cfg, ready)
         pool = [r for r in rows if r["item_id"] in fixed and fixed[r["item_id"]] in ("train", "test")] + usable
         grouping = Grouping(pool, self._phashes(ctx, pool), cfg)
         side: dict[str, str] = {}  # group -> train | test
@@ -136,16 +143,44 @@ class SplitStage(Stage):
         ctx.stats.extra["near_duplicate_pairs"] = grouping.n_near_pairs
         ctx.stats.extra["leaks"] = len(cross_split_links(grouping, {**fixed, **{k: v[0] for k, v in chosen.items()}}))
 
+    # -- 0. inputs not there yet -----------------------------------------------------------------
+    def _wait_for_inputs(self, ctx: StageContext, cfg: SplitConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows that have what the split decides on; the others wait (no row, no reject), counted.
+
+        A label is always needed. A tag is needed when cells use knowledge types and the tag stage is
+        enabled; an item the tag stage rejected, or tagged without a type, will not get one and goes
+        in as `untagged`."""
+        from fvqa.pipelines import load_stage
+
+        need_tag = "knowledge_type" in cfg.strata and load_stage("tag").enabled(ctx.config)
+        decided = ctx.ws.keys("tags", "item_id") | ctx.ws.rejected_keys("tag") if need_tag else set()
+        probe_rejected = ctx.ws.rejected_keys("probe")
+        ready, no_label, no_tag = [], [], []
+        for r in rows:
+            if r["search_label"] is None:
+                no_label.append(r["item_id"])
+            elif need_tag and r["knowledge_type"] is None and r["item_id"] not in decided:
+                no_tag.append(r["item_id"])
+            else:
+                ready.append(r)
+        if no_label:
+            gone = sum(1 for i in no_label if i in probe_rejected)
+            ctx.stats.notes.append(
+                f"{len(no_label)} item(s) waiting for label: not assigned yet (the next build assigns them once "
+                f"probed)" + (f"; {gone} of them rejected by probe (see its rejects)" if gone else ""))
+        if no_tag:
+            ctx.stats.notes.append(f"{len(no_tag)} item(s) waiting for tag: not assigned yet (run the tag stage, "
+                                   "then build again)")
+        ctx.stats.extra["waiting"] = {"label": len(no_label), "tag": len(no_tag)}
+        return ready
+
     # -- 1. exclusions -------------------------------------------------------------------------
     def _exclude(self, ctx: StageContext, cfg: SplitConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         index = benchmark_index(cfg.contamination_files, cfg.question_key) if cfg.contamination_files else {}
         keep = []
         for r in rows:
             label = r["search_label"]
-            if label is None:
-                ctx.reject(r["item_id"], "no search label",
-                           "the probe stage did not label this item (see its rejects), so it cannot be balanced")
-            elif label == SearchLabel.unanswerable:
+            if label == SearchLabel.unanswerable:
                 ctx.reject(r["item_id"], "unanswerable",
                            "no probe rollout answered it correctly, with or without search")
             elif label not in SearchLabel.__members__:
