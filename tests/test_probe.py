@@ -223,6 +223,69 @@ def test_model_probe_rejects_items_whose_calls_fail(tmp_path: Path, monkeypatch)
     assert stats.n_out == 0
 
 
+def test_transient_failures_defer_items_and_the_next_run_makes_only_missing_rollouts(tmp_path: Path, monkeypatch):
+    """30% of first attempts fail with a 503 (no client retries): the run keeps every successful rollout,
+    labels only complete items, rejects nothing; the next run — with the response cache deleted, so only
+    the kept rollouts can prevent repeats — starts exactly the missing rollouts, and its labels equal
+    those of a run that never saw a fault."""
+    import hashlib
+    import shutil
+
+    from support.fake_openai import FakeOpenAI, Reply, error_body
+    from support.images import picture
+
+    import fvqa.search.tools
+
+    monkeypatch.setattr(fvqa.search.tools, "make_search_tools", lambda *a, **kw: StubTools())
+    faults = {"on": True}
+
+    def flaky(body: dict[str, Any]) -> Any:
+        key = json.dumps(body, sort_keys=True)
+        if faults["on"] and hashlib.sha256(key.encode()).digest()[0] < 77:  # ~30% of distinct requests
+            return Reply(503, error_body("overloaded", "server_error"))
+        return probe_model(body)
+
+    def first_turns(bodies: list[dict[str, Any]]) -> int:
+        return sum(1 for b in bodies if not any(m["role"] == "assistant" for m in b["messages"]))
+
+    kinds = ["known", "image", "text", "hopeless"] * 3
+    items = [dict(item_id=f"it{n}-{k}", source="infoseek", question=f"Who built this? #{k}", answer="Ur Sta",
+                  aliases=[], concept=None, concept_count=None, entity_text=None) for n, k in enumerate(kinds)]
+
+    def fill(ws: Workspace) -> None:
+        shas = [ws.put_image(picture(n)).sha256 for n in range(len(items))]
+        ws.insert("items", [dict(it, image_sha256=sha) for it, sha in zip(items, shas, strict=True)])
+
+    def labels_of(ws: Workspace) -> dict[str, str]:
+        return dict(ws.execute("SELECT item_id, search_label FROM labels"))
+
+    with Workspace(tmp_path / "clean") as ws, FakeOpenAI(probe_model) as srv:
+        fill(ws)
+        llm = {"endpoints": [{"base_url": srv.base_url, "api_key_env": None}], "model": "fake-model",
+               "max_retries": 0}
+        run_probe(ws, backend="openai", k=2, llm=llm)
+        expected = labels_of(ws)
+    with Workspace(tmp_path / "ws") as ws, FakeOpenAI(flaky) as srv:
+        fill(ws)
+        llm = {"endpoints": [{"base_url": srv.base_url, "api_key_env": None}], "model": "fake-model",
+               "max_retries": 0}
+        first = run_probe(ws, backend="openai", k=2, llm=llm)
+        failed = srv.count("POST", "/v1/chat/completions", status=503)
+        kept = ws.count("probe_rollouts")
+        n_labelled = ws.count("labels")
+        assert failed > 0 and 0 < n_labelled < len(items) and ws.count("rejects") == 0
+        assert kept > 0 and any("deferred" in n for n in first.notes)
+        shutil.rmtree(ws.cache_dir / "llm")
+        faults["on"] = False
+        srv.reset_records()
+        second = run_probe(ws, backend="openai", k=2, llm=llm)
+        assert first_turns(srv.chat_bodies()) == len(items) * 2 * 2 - kept  # only the missing rollouts
+        assert any("resumed" in n for n in second.notes)
+        assert labels_of(ws) == expected and ws.count("rejects") == 0
+        assert ws.count("probe_rollouts") == len(items) * 2 * 2
+        assert second.n_in == len(items) - n_labelled
+
+
 def test_model_backend_config_errors_are_clear(tmp_path: Path):
     with _ws_with_items(tmp_path / "ws", [dict(item_id="x", source="infoseek", question="q", answer="a")]) as ws:
         with pytest.raises(ConfigError, match="needs a probe.llm section"):

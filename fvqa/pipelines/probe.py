@@ -10,7 +10,8 @@ with an error that says to `--force probe`):
 * `openai` | `transformers` | `vllm`: per item, k sampled rollouts of the search agent
   (`fvqa.agent`) plus k direct answers; each scored by exact match after SQuAD normalisation
   against answer + aliases; the label follows the rollout rule. Every rollout is kept in
-  `probe_rollouts` with its full trajectory, for audit (`fvqa sql "SELECT * FROM probe_rollouts"`).
+  `probe_rollouts` with its full trajectory, for audit (`fvqa sql "SELECT * FROM probe_rollouts"`);
+  an item whose rollouts failed transiently is deferred and resumed (`fvqa.pipelines.probe_model`).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ ROLLOUTS_DDL = """
 CREATE TABLE IF NOT EXISTS probe_rollouts (
     item_id VARCHAR, rollout INTEGER, mode VARCHAR, correct BOOLEAN, used_image_search BOOLEAN,
     used_text_search BOOLEAN, answer VARCHAR, n_turns INTEGER, prompt_tokens BIGINT,
-    completion_tokens BIGINT, stop_reason VARCHAR, trajectory VARCHAR,
+    completion_tokens BIGINT, stop_reason VARCHAR, trajectory VARCHAR, probe_method VARCHAR,
     PRIMARY KEY (item_id, mode, rollout))
 """
+ROLLOUTS_MIGRATION = "ALTER TABLE probe_rollouts ADD COLUMN IF NOT EXISTS probe_method VARCHAR"
+"""Workspaces from before rollouts were kept across runs: their rows have no method (always labelled)."""
 ITEM_COLUMNS = ("item_id", "source", "data_id", "question", "answer", "aliases", "image_sha256", "image_url",
                 "concept", "concept_count", "entity_text", "provenance")
 
@@ -91,6 +94,7 @@ class ProbeStage(Stage):
 
     def prepare(self, ws: Workspace) -> None:
         ws.ensure_table(ROLLOUTS_DDL)
+        ws.execute(ROLLOUTS_MIGRATION)
 
     def reset(self, ws: Workspace) -> None:
         self.prepare(ws)  # `--force probe` on a workspace that never probed
@@ -115,7 +119,9 @@ class ProbeStage(Stage):
     def run(self, ctx: StageContext) -> None:
         cfg: ProbeConfig = ctx.cfg
         method = probe_method(cfg)
-        stored = {m for (m,) in ctx.ws.execute("SELECT DISTINCT probe_method FROM labels") if m is not None}
+        stored = {m for (m,) in ctx.ws.execute(
+            "SELECT DISTINCT probe_method FROM labels UNION SELECT DISTINCT probe_method FROM probe_rollouts")
+            if m is not None}  # kept rollouts of deferred items count: they would go into a label
         if stored - {method}:
             raise ConfigError(
                 f"labels in this workspace come from {', '.join(sorted(stored))}; this config probes with "

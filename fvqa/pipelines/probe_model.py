@@ -1,9 +1,16 @@
 """The model probe: k sampled search-agent rollouts and k direct answers per item -> label + audit rows.
 
 Items go in chunks; each chunk's 2k rollouts per item advance together (one batched generator call
-per round), then each item's rollouts and its label are emitted together, so a crash loses at most
-the chunk in flight (and HTTP backends replay it from their cache: the per-rollout seed is part of
-the request). Correctness is exact match after SQuAD normalisation against answer + aliases.
+per round), then each item's successful rollouts (and its label, once all 2k are in) are committed
+together, so a crash loses at most the chunk in flight (and HTTP backends replay it from their
+cache: the per-rollout seed is part of the request). Correctness is exact match after SQuAD
+normalisation against answer + aliases.
+
+Every successful rollout is kept, whatever happens to its siblings. An item with a rollout whose
+model call failed transiently (timeout, 5xx, rate limit, an engine error) is *deferred*: it gets no
+label and no reject, and the next run makes only its missing rollouts — paid ones are never made
+twice, for any backend. Only a failure that would repeat (HTTP 400/413/422, an image the endpoint
+cannot take) rejects the item; an endpoint refusing the key or model stops the stage.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from fvqa.answers import exact_match
 from fvqa.config import ProbeConfig
 from fvqa.generators import Sampling, make_generator
 from fvqa.generators.base import Generator
+from fvqa.llm.client import CACHEABLE_STATUS
 from fvqa.pipelines.base import StageContext
 from fvqa.pipelines.probe_labels import RolloutOutcome, label_from_rollouts
 from fvqa.protocol import AgentItem, Trajectory, load_prompts
@@ -38,14 +46,30 @@ def upstream_data_id(row: dict[str, Any]) -> str | None:
     return str(row["data_id"]) if row.get("data_id") else None
 
 
-def jobs_for(item: AgentItem, cfg: ProbeConfig) -> list[Job]:
-    """k search rollouts then k direct ones, each with its own seed."""
+def rollout_slots(k: int) -> list[tuple[str, int]]:
+    """The (mode, rollout index) of an item's 2k rollouts: k search ones, then k direct ones."""
+    return [("search", i) for i in range(k)] + [("direct", i) for i in range(k)]
+
+
+def jobs_for(item: AgentItem, cfg: ProbeConfig, have: set[tuple[str, int]] = frozenset()
+             ) -> list[tuple[tuple[str, int], Job]]:
+    """The rollouts of `item` still to make (not in `have`), each with its slot and its own seed."""
     def sampling(i: int) -> Sampling:
         return Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                         seed=rollout_seed(cfg.seed, item.item_id, i))
 
-    return ([Job(item, "search", sampling(i)) for i in range(cfg.k)]
-            + [Job(item, "direct", sampling(cfg.k + i)) for i in range(cfg.k)])
+    return [((mode, i), Job(item, mode, sampling(i if mode == "search" else cfg.k + i)))
+            for mode, i in rollout_slots(cfg.k) if (mode, i) not in have]
+
+
+def is_permanent_failure(error: str) -> bool:
+    """Whether a failed model call would fail the same way again (the request itself is bad).
+
+    The OpenAI-wire generator reports `"<error_class>: <message>"`; only its cacheable HTTP
+    statuses and undecodable images are permanent. Everything else (timeouts, 5xx, rate limits,
+    local engine errors such as out-of-memory) is worth another try on the next run."""
+    cls = error.split(":", 1)[0].strip()
+    return cls == "bad_image" or cls in {f"http_{s}" for s in CACHEABLE_STATUS}
 
 
 def is_correct(traj: Trajectory, golds: Sequence[str]) -> bool:
@@ -53,17 +77,13 @@ def is_correct(traj: Trajectory, golds: Sequence[str]) -> bool:
     return traj.answer is not None and bool(exact_match(traj.answer, golds))
 
 
-def rollout_rows(item_id: str, trajs: Sequence[Trajectory], golds: Sequence[str]) -> list[dict[str, Any]]:
-    """One `probe_rollouts` row per trajectory (index within its mode)."""
-    rows, seen = [], {"search": 0, "direct": 0}
-    for t in trajs:
-        rows.append(dict(
-            item_id=item_id, rollout=seen[t.mode], mode=t.mode, correct=is_correct(t, golds),
-            used_image_search=t.n_image_search > 0, used_text_search=t.n_text_search > 0, answer=t.answer,
-            n_turns=len(t.turns), prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
-            stop_reason=t.stop_reason, trajectory=json.dumps(t.to_dict(), ensure_ascii=False)))
-        seen[t.mode] += 1
-    return rows
+def rollout_row(item_id: str, index: int, t: Trajectory, golds: Sequence[str], method: str) -> dict[str, Any]:
+    """The `probe_rollouts` row of one trajectory (`index` within its mode)."""
+    return dict(
+        item_id=item_id, rollout=index, mode=t.mode, correct=is_correct(t, golds),
+        used_image_search=t.n_image_search > 0, used_text_search=t.n_text_search > 0, answer=t.answer,
+        n_turns=len(t.turns), prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
+        stop_reason=t.stop_reason, trajectory=json.dumps(t.to_dict(), ensure_ascii=False), probe_method=method)
 
 
 def label_row(item_id: str, rows: Sequence[dict[str, Any]], k: int, method: str, prov: dict[str, Any]
@@ -101,6 +121,20 @@ def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, An
             close()
 
 
+def stored_rollouts(ctx: StageContext, item_ids: Sequence[str], k: int) -> dict[str, dict[tuple[str, int], dict]]:
+    """Rollouts an earlier (interrupted or partly failed) run already made, per item and slot."""
+    out: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+    if not item_ids:
+        return out
+    cur = ctx.ws.con.execute(
+        "SELECT item_id, mode, rollout, correct, used_image_search, used_text_search FROM probe_rollouts "
+        "WHERE rollout < ? AND item_id IN (SELECT unnest(?::VARCHAR[]))", [k, list(item_ids)])
+    for item_id, mode, idx, correct, img, txt in cur.fetchall():
+        out.setdefault(item_id, {})[(mode, idx)] = dict(mode=mode, correct=correct, used_image_search=img,
+                                                        used_text_search=txt)
+    return out
+
+
 def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], method: str, generator: Generator,
            tools: Any) -> None:
     prompts = load_prompts(cfg.prompts)
@@ -108,8 +142,12 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
     prov_base = {"method": method, "backend": cfg.backend, "generator": generator.name, "k": cfg.k,
                  "temperature": cfg.temperature, "seed": cfg.seed, "limits": limits.model_dump(),
                  "prompts": sorted(set(prompts.source.values()))}
+    have_all = stored_rollouts(ctx, [r["item_id"] for r in rows], cfg.k)
     chunk = max(1, ctx.batch_size // max(1, 2 * cfg.k))
     labels: dict[str, int] = {}
+    deferred: list[str] = []  # item ids
+    failures: list[str] = []  # first error of each deferred item
+    resumed = 0
     for start in ctx.progress(range(0, len(rows), chunk), description=f"probe: {generator.name} ({chunk}/step)"):
         items: list[tuple[dict[str, Any], AgentItem]] = []
         for r in rows[start:start + chunk]:
@@ -123,20 +161,35 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
                 ctx.reject(r["item_id"], "image missing", why)
                 continue
             items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"), upstream_data_id(r))))
-        jobs = [j for _, it in items for j in jobs_for(it, cfg)]
-        trajs = run_many(jobs, generator, tools, limits, prompts) if jobs else []
-        for n, (r, _) in enumerate(items):
-            mine = trajs[n * 2 * cfg.k:(n + 1) * 2 * cfg.k]
-            errors = [t.stop_detail for t in mine if t.stop_reason == "error"]
-            if errors:
-                ctx.reject(r["item_id"], "probe model call failed",
-                           f"{len(errors)} of {len(mine)} rollouts failed; first: {errors[0]}")
-                continue
+        plan = [(r, slot, job) for r, it in items for slot, job in jobs_for(it, cfg, set(have_all.get(r["item_id"], {})))]
+        trajs = run_many([job for _, _, job in plan], generator, tools, limits, prompts) if plan else []
+        made: dict[str, list[tuple[tuple[str, int], Trajectory]]] = {}
+        for (r, slot, _), traj in zip(plan, trajs, strict=True):
+            made.setdefault(r["item_id"], []).append((slot, traj))
+        for r, _ in items:
+            item_id = r["item_id"]
             golds = [r["answer"], *(r["aliases"] or [])]
-            rrows = rollout_rows(r["item_id"], mine, golds)
-            for row in rrows:
-                ctx.emit("probe_rollouts", row)
-            label = label_row(r["item_id"], rrows, cfg.k, method, {**prov_base, "time": now().isoformat()})
+            have = dict(have_all.get(item_id, {}))
+            resumed += bool(have)
+            errors = []
+            for (mode, idx), traj in made.get(item_id, []):
+                if traj.stop_reason == "error":
+                    errors.append(traj.stop_detail)
+                    continue
+                row = rollout_row(item_id, idx, traj, golds, method)
+                ctx.emit("probe_rollouts", row)  # kept whatever happens to its siblings
+                have[(mode, idx)] = row
+            if errors:
+                permanent = [e for e in errors if is_permanent_failure(e)]
+                if permanent:
+                    ctx.reject(item_id, "probe model call failed",
+                               f"{len(errors)} of {2 * cfg.k} rollouts failed; first: {permanent[0]}")
+                else:
+                    deferred.append(item_id)
+                    failures.append(errors[0])
+                continue
+            outcomes = [have[slot] for slot in rollout_slots(cfg.k)]
+            label = label_row(item_id, outcomes, cfg.k, method, {**prov_base, "time": now().isoformat()})
             labels[label["search_label"]] = labels.get(label["search_label"], 0) + 1
             ctx.emit("labels", label)
         ctx.commit()
@@ -147,5 +200,11 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
         ctx.stats.paid_calls += totals.calls
         ctx.stats.cache_hits += totals.cache_hits
     ctx.stats.notes.append("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
+    if resumed:
+        ctx.stats.notes.append(f"{resumed} item(s) resumed from rollouts an earlier run kept")
+    if deferred:
+        ctx.stats.notes.append(
+            f"{len(deferred)} item(s) deferred: a model call failed ({failures[0]}); their successful rollouts "
+            "are kept and the next run makes only the missing ones")
     if labels.get(SearchLabel.unanswerable):
         ctx.stats.notes.append(f"{labels[SearchLabel.unanswerable]} unanswerable item(s) will be excluded by split")
