@@ -26,12 +26,13 @@ def run_cmd(
 ) -> None:
     """Generate missing predictions, score them, write lmms-eval outputs (and the report).
 
-    Re-running the same command resumes: nothing already predicted or scored is paid for again.
+    Re-running the same command resumes: nothing already predicted or scored is paid for again, and
+    predictions whose model or judge call failed (reported as not scored, never as wrong) are asked again.
     """
     from rich.console import Console
     from rich.table import Table
 
-    from fvqa.eval.aggregate import averages, cells, scored_rows
+    from fvqa.eval.aggregate import averages, cells, scored_rows, unscored, unscored_note
     from fvqa.eval.config import load_eval_config
     from fvqa.eval.runner import run_eval
     from fvqa.store import Workspace
@@ -47,19 +48,32 @@ def run_cmd(
     summary = run_eval(cfg, rescore=rescore, log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
     out = Console(soft_wrap=True)
     with Workspace(cfg.workspace) as ws:
-        cs = cells(scored_rows(ws, cfg.run), n_resamples=200)
+        counts = unscored(ws, cfg.run)
+        cs = cells(scored_rows(ws, cfg.run), n_resamples=200, unscored_counts=counts)
         table = Table(title=f"eval run {cfg.run} ({cfg.primary_metric})")
-        for col in ("model", "workflow", "benchmark", "n", "accuracy %", "95% CI", "search ratio %"):
+        # the not-scored column only when something is not scored: the usual table stays narrow
+        cols = ["model", "workflow", "benchmark", "n", "accuracy %", "95% CI", "search ratio %"]
+        for col in cols + (["not scored (model/judge call failed)"] if counts else []):
             table.add_column(col)
         for c in cs:
-            table.add_row(c.model, c.workflow, c.benchmark, str(c.n), f"{100 * c.accuracy:.1f}",
-                          f"{100 * c.ci_lo:.1f}-{100 * c.ci_hi:.1f}", f"{100 * c.search_ratio:.1f}")
+            nums = ([f"{100 * c.accuracy:.1f}", f"{100 * c.ci_lo:.1f}-{100 * c.ci_hi:.1f}", f"{100 * c.search_ratio:.1f}"]
+                    if c.n else ["–", "–", "–"])
+            extra = [f"{c.not_scored_model}/{c.not_scored_judge}"] if counts else []
+            table.add_row(c.model, c.workflow, c.benchmark, str(c.n), *nums, *extra)
         for (model, wf), v in sorted(averages(cs).items()):
-            table.add_row(model, wf, "average", "", f"{100 * v['accuracy']:.1f}", "", f"{100 * v['search_ratio']:.1f}")
+            table.add_row(model, wf, "average", "", f"{100 * v['accuracy']:.1f}", "", f"{100 * v['search_ratio']:.1f}",
+                          *([""] if counts else []))
         out.print(table)
-        out.print(f"generated {sum(c.generated for c in summary.cells)} predictions, scored {summary.scored}; "
+        retried = sum(c.retried for c in summary.cells)
+        out.print(f"generated {sum(c.generated for c in summary.cells)} predictions"
+                  + (f" ({retried} retried)" if retried else "")
+                  + f", {summary.model_failures} model calls failed, scored {summary.scored}; "
                   f"judge: {summary.judge_calls} paid requests, {summary.judge_cache_hits} from cache, "
-                  f"{summary.judge_failures} failures; cost ${summary.usd:.4f}")
+                  f"{summary.judge_failures} failures ({summary.judge_unscored} left unscored); "
+                  f"cost ${summary.usd:.4f}")
+        note = unscored_note(counts)
+        if note:
+            out.print(f"[yellow]{note}[/]", highlight=False)
         if report:
             from fvqa.eval.report import build_report
 

@@ -166,7 +166,8 @@ class JudgeTask(LLMTask[JudgeRequest, Verdict]):
 
     @staticmethod
     def failed(item: JudgeRequest, error: str) -> Verdict:
-        """The verdict of a request that got no usable verdict: scored 0, with the error kept."""
+        """The verdict of a request that got no usable verdict, with the error kept (the runner scores an
+        unusable reply 0 and leaves a failed request unscored, to be asked again)."""
         return Verdict(0.0, Grade.NOT_ATTEMPTED.value if item.three_way else None, "", error=error)
 
 
@@ -185,7 +186,12 @@ class Judge:
         self.id = f"{cfg.model}@t{temperature:g}-p{top_p:g}-{self.prompt_hash}"
 
     async def ajudge_many(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
-        inputs = {str(i): r for i, r in enumerate(requests)}
+        # A verdict depends only on (question, gold, candidates, prediction, grader), not on the model or
+        # workflow that produced the prediction: identical requests (direct and on-demand giving the same
+        # answer, two models agreeing) are sent once, concurrently, and share the verdict.
+        unique = list(dict.fromkeys(requests))
+        inputs = {str(i): r for i, r in enumerate(unique)}
+        index = {r: str(i) for i, r in enumerate(unique)}
         verdicts: dict[str, Verdict] = {}
 
         def on_reject(key: str, rej: Reject) -> None:
@@ -203,10 +209,11 @@ class Judge:
         async with self.client:
             await arun_task(self.task, inputs, self.client, on_output=on_output, on_reject=on_reject,
                             on_retry=on_retry)
-        return [verdicts[str(i)] for i in range(len(requests))]
+        return [verdicts[index[r]] for r in requests]
 
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
-        """Verdicts in request order; failures are verdicts with `error` set (scored 0), never raised."""
+        """Verdicts in request order, one request per distinct input; failures are verdicts with `error` set
+        (a request failure starts with "judge request failed": the runner leaves it unscored), never raised."""
         if not requests:
             return []
         return asyncio.run(self.ajudge_many(requests))

@@ -4,6 +4,9 @@ lmms-eval is the harness this field already runs; writing its output shapes lets
 numbers to the tools they use on lmms-eval logs. Task names are ``fvqa_<benchmark>_<workflow>``
 (prefixed so they never collide with lmms-eval's built-in tasks, e.g. its F1-only ``mmsearch``).
 Metric keys follow lmms-eval's ``"<metric>,<filter>"`` convention with the ``none`` filter.
+Predictions that are not scored (failed model or judge call, asked again by the next run) are not
+samples: ``n-samples`` counts them apart (``original`` = all, ``effective`` = scored) and a task with
+nothing scored has null metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fvqa.eval.aggregate import cells, scored_rows
+from fvqa.eval.aggregate import cells, scored_rows, unscored, unscored_note
 from fvqa.store import Workspace
 
 
@@ -41,23 +44,30 @@ def write_lmms_outputs(ws: Workspace, run: str, out_dir: Path) -> list[Path]:
     rows = scored_rows(ws, run)
     written: list[Path] = []
     by_model: dict[str, list[Any]] = {}
-    for c in cells(rows, n_resamples=200):
+    counts = unscored(ws, run)
+    for c in cells(rows, n_resamples=200, unscored_counts=counts):
         by_model.setdefault(c.model, []).append(c)
     for model, cs in by_model.items():
         folder = out_dir / model
         results, configs, n_samples = {}, {}, {}
         for c in cs:
             task = task_name(c.benchmark, c.workflow)
-            results[task] = {
-                "alias": task, "accuracy,none": c.accuracy, "accuracy_stderr,none": _stderr(c.accuracy, c.n),
-                "exact_match,none": c.em, "sub_exact_match,none": c.subem, f"{c.official_name},none": c.official,
-                "search_ratio,none": c.search_ratio,
-            }
-            if c.judge is not None:
-                results[task]["llm_judge,none"] = c.judge
+            if c.n:
+                results[task] = {
+                    "alias": task, "accuracy,none": c.accuracy, "accuracy_stderr,none": _stderr(c.accuracy, c.n),
+                    "exact_match,none": c.em, "sub_exact_match,none": c.subem,
+                    f"{c.official_name},none": c.official, "search_ratio,none": c.search_ratio,
+                }
+                if c.judge is not None:
+                    results[task]["llm_judge,none"] = c.judge
+            else:  # nothing scored: no numbers rather than zeros
+                results[task] = {"alias": task, "accuracy,none": None, "accuracy_stderr,none": None}
             configs[task] = {"task": task, "dataset_path": c.benchmark, "output_type": "generate_until",
                              "metadata": {"workflow": c.workflow, "benchmark_kind": c.kind, "harness": "fvqa"}}
-            n_samples[task] = {"original": c.n, "effective": c.n}
+            n_samples[task] = {"original": c.n + c.not_scored, "effective": c.n,
+                               "not_scored_model_call_failed": c.not_scored_model,
+                               "not_scored_judge_call_failed": c.not_scored_judge,
+                               "not_scored_pending": c.not_scored_pending}
             samples = [r for r in rows if r["model"] == model and r["benchmark"] == c.benchmark
                        and r["workflow"] == c.workflow]
             lines = []
@@ -75,11 +85,12 @@ def write_lmms_outputs(ws: Workspace, run: str, out_dir: Path) -> list[Path]:
                     "n_text_search": r["n_text_search"],
                 }, ensure_ascii=False, default=str))
             path = folder / f"samples_{task}.jsonl"
-            _atomic_write(path, "\n".join(lines) + "\n")
+            _atomic_write(path, "".join(line + "\n" for line in lines))
             written.append(path)
         doc = {"results": results, "configs": configs, "versions": dict.fromkeys(results, "fvqa-1"),
                "n-samples": n_samples, "config": {"model": model, "model_args": "", "run": run},
-               "date": datetime.now(UTC).isoformat()}
+               "date": datetime.now(UTC).isoformat(),
+               "fvqa_not_scored_note": unscored_note({k: u for k, u in counts.items() if k[0] == model})}
         path = folder / "results.json"
         _atomic_write(path, json.dumps(doc, indent=2, ensure_ascii=False))
         written.append(path)

@@ -3,7 +3,8 @@
 The HTML embeds its plots as ``data:image/png;base64`` so it can be mailed or attached as one file;
 the Markdown links the same PNGs from `plots/`. The protocol section states how the numbers were
 made (decoding, judge model and prompt hash, primary metric, limits, prompts), because published
-numbers move by 10-15 points with it.
+numbers move by 10-15 points with it. Predictions that are not scored (failed model or judge call) are
+never counted as wrong: the report says how many per cell, and a cell with nothing scored shows n=0.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fvqa.errors import FvqaError
-from fvqa.eval.aggregate import Cell, averages, cells, scored_rows
+from fvqa.eval.aggregate import Cell, Unscored, averages, cells, scored_rows, unscored, unscored_note
 from fvqa.store import Workspace
 
 BENCH_ORDER = ("fvqa", "infoseek", "mmsearch", "simplevqa", "livevqa")
@@ -55,6 +56,7 @@ def _plots(cs: list[Cell]) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     out: dict[str, bytes] = {}
+    cs = [c for c in cs if c.n]  # an empty cell has no accuracy to plot
     avg = averages(cs)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for (model, wf), v in sorted(avg.items()):
@@ -67,7 +69,8 @@ def _plots(cs: list[Cell]) -> dict[str, bytes]:
     ax.set_xlim(-5, 110)
     ax.set_ylim(0, 100)
     ax.set_title("accuracy vs search ratio (hollow: paper Table 1)")
-    ax.legend(fontsize=7, loc="lower right")
+    if avg:
+        ax.legend(fontsize=7, loc="lower right")
     out["accuracy_vs_search_ratio"] = _png(fig)
     plt.close(fig)
 
@@ -90,7 +93,8 @@ def _plots(cs: list[Cell]) -> dict[str, bytes]:
     ax.set_ylabel("accuracy (%) with 95% bootstrap CI")
     ax.set_ylim(0, 105)
     ax.set_title("accuracy per benchmark")
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
     out["accuracy_per_benchmark"] = _png(fig)
     plt.close(fig)
     return out
@@ -105,6 +109,13 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def _not_scored(c: Cell) -> str:
+    parts = [f"{n} {what}" for n, what in ((c.not_scored_model, "model call failed"),
+                                           (c.not_scored_judge, "judge call failed"),
+                                           (c.not_scored_pending, "not scored yet")) if n]
+    return ", ".join(parts) or "0"
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -117,12 +128,19 @@ def _tables(cs: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
     kinds = {c.benchmark: c.kind for c in cs}
     avg = averages(cs)
     main_rows = []
-    for (model, wf), v in sorted(avg.items()):
+    for model, wf in sorted({(c.model, c.workflow) for c in cs}):
+        v = avg.get((model, wf), {})
         row = [f"{model} / {wf}"]
         for b in benches:
             c = next((c for c in cs if (c.model, c.workflow, c.benchmark) == (model, wf, b)), None)
-            row.append("–" if c is None else f"{_pct(c.accuracy)} [{_pct(c.ci_lo)}, {_pct(c.ci_hi)}]")
-        main_rows.append(row + [_pct(v["accuracy"]), _pct(v["search_ratio"])])
+            if c is None:
+                row.append("–")
+            elif c.n == 0:
+                row.append(f"– ({c.not_scored} not scored)")
+            else:
+                row.append(f"{_pct(c.accuracy)} [{_pct(c.ci_lo)}, {_pct(c.ci_hi)}]"
+                           + (f" ({c.not_scored} not scored)" if c.not_scored else ""))
+        main_rows.append(row + [_pct(v.get("accuracy")), _pct(v.get("search_ratio"))])
     for label, vals in PAPER_TABLE1.items():
         row = [f"paper: {label}"]
         for b in benches:
@@ -142,14 +160,17 @@ def _tables(cs: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
         if c.infoseek_final is not None:
             extra.append(f"InfoSeek final (HM unseen q/e)={_pct(c.infoseek_final)}")
         if c.judge_failures:
-            extra.append(f"{c.judge_failures} judge failures (scored 0)")
+            extra.append(f"{c.judge_failures} judge errors")
+        if c.n == 0:
+            detail_rows.append([c.model, c.workflow, c.benchmark, "0", *["–"] * 8, _not_scored(c), ""])
+            continue
         detail_rows.append([
             c.model, c.workflow, c.benchmark, str(c.n), _pct(c.accuracy), _pct(c.em), _pct(c.subem),
             f"{_pct(c.official)} ({c.official_name})", _pct(c.judge), _pct(c.search_ratio),
-            f"{c.image_calls}/{c.text_calls}", _pct(c.correct_without_search), "; ".join(extra)])
+            f"{c.image_calls}/{c.text_calls}", _pct(c.correct_without_search), _not_scored(c), "; ".join(extra)])
     detail = ("All metrics per cell", ["model", "workflow", "benchmark", "n", "accuracy", "EM", "SubEM",
                                        "official", "judge", "search ratio", "image/text calls",
-                                       "correct w/o search", "notes"], detail_rows)
+                                       "correct w/o search", "not scored", "notes"], detail_rows)
     out = [main, detail]
     for key in ("knowledge_type", "search_label", "split", "question_type"):
         rows = []
@@ -161,7 +182,8 @@ def _tables(cs: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
-def _protocol(config: dict[str, Any], judge_ids: list[str], rejects: list[tuple[str, str, int]]) -> list[str]:
+def _protocol(config: dict[str, Any], judge_ids: list[str], rejects: list[tuple[str, str, int]],
+              counts: dict[tuple[str, str, str], Unscored]) -> list[str]:
     s = config.get("sampling", {})
     temp = s.get("temperature", 0.0)
     decoding = "greedy decoding (temperature 0)" if temp == 0 else f"sampled decoding (temperature {temp})"
@@ -178,8 +200,11 @@ def _protocol(config: dict[str, Any], judge_ids: list[str], rejects: list[tuple[
         "steps (on-demand: rounds - 1; RAG: 2; direct: none).",
         f"- Prompts: {config.get('prompts') or 'fvqa defaults (fvqa/prompts/default.yaml)'}; search backend: "
         f"{(config.get('search') or {}).get('backend', 'local')}.",
-        "- 95% intervals: percentile bootstrap over items (seeded).",
+        "- 95% intervals: percentile bootstrap over the scored items (seeded).",
     ]
+    note = unscored_note(counts)
+    if note:
+        lines.append(f"- **Not scored**: {note}")
     if rejects:
         lines.append("- Rejected benchmark rows: " + "; ".join(f"{st.removeprefix('eval:')}: {n} ({r})"
                                                                  for st, r, n in rejects))
@@ -191,10 +216,11 @@ def build_report(ws: Workspace, run: str, out_dir: Path | None = None) -> Report
     from fvqa.eval.runner import load_run_config
 
     rows = scored_rows(ws, run)
-    if not rows:
-        raise FvqaError(f"no scored predictions for run {run!r} in {ws.root} (run `fvqa eval run` first)")
+    counts = unscored(ws, run)
+    if not rows and not counts:
+        raise FvqaError(f"no predictions for run {run!r} in {ws.root} (run `fvqa eval run` first)")
     config = load_run_config(ws, run)
-    cs = cells(rows, n_resamples=int(config.get("bootstrap_resamples", 1000)))
+    cs = cells(rows, n_resamples=int(config.get("bootstrap_resamples", 1000)), unscored_counts=counts)
     judge_ids = sorted({r["judge_id"] for r in rows if r["judge_id"]})
     rejects = [(st, r, int(n)) for st, r, n in ws.execute(
         "SELECT stage, reason, count(*) FROM rejects WHERE stage LIKE 'eval:%' GROUP BY 1, 2 ORDER BY 1, 3 DESC")]
@@ -207,7 +233,7 @@ def build_report(ws: Workspace, run: str, out_dir: Path | None = None) -> Report
         path = plot_dir / f"{name}.png"
         path.write_bytes(data)
         plot_paths.append(path)
-    protocol = _protocol(config, judge_ids, rejects)
+    protocol = _protocol(config, judge_ids, rejects, counts)
     tables = _tables(cs)
     title = f"fvqa evaluation: run `{run}`"
 
@@ -237,5 +263,5 @@ def build_report(ws: Workspace, run: str, out_dir: Path | None = None) -> Report
     html_path = out_dir / "report.html"
     html_path.write_text("".join(parts), encoding="utf-8")
     (out_dir / "summary.json").write_text(json.dumps(
-        [c.__dict__ for c in cs], indent=1, default=str), encoding="utf-8")
+        [c.to_dict() for c in cs], indent=1, default=str), encoding="utf-8")
     return ReportFiles(md_path, html_path, plot_paths)

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS eval_runs (run VARCHAR PRIMARY KEY, config VARCHAR, u
 """
 KEY = ("run", "model", "benchmark", "workflow", "item_id")
 JUDGE_REQUEST_FAILED = "judge request failed"
+MODEL_CALL_FAILED = "error"  # stop_reason of a trajectory whose generator call failed: not a final answer
 
 
 def ensure_tables(ws: Workspace) -> None:
@@ -60,6 +61,8 @@ class CellSummary:
     workflow: str
     n_items: int
     generated: int = 0
+    failed: int = 0  # of `generated`: the model call failed (stored, not scored, retried next run)
+    retried: int = 0  # earlier failed predictions asked again in this invocation
     seconds: float = 0.0
 
 
@@ -71,8 +74,13 @@ class RunSummary:
     scored: int = 0
     judge_calls: int = 0  # paid judge requests (cache misses)
     judge_cache_hits: int = 0
-    judge_failures: int = 0
+    judge_failures: int = 0  # verdicts with an error (request failures are not scored, asked again next run)
+    judge_unscored: int = 0  # predictions left unscored in this invocation because the judge call failed
     usd: float = 0.0
+
+    @property
+    def model_failures(self) -> int:
+        return sum(c.failed for c in self.cells)
 
 
 def _agent_item(it: EvalItem) -> Any:
@@ -127,11 +135,15 @@ def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summ
         for bench in cfg.benchmarks:
             items = loaded[bench.name].items
             for wf in cfg.workflows:
-                done = {r[0] for r in ws.execute(
-                    "SELECT item_id FROM eval_predictions WHERE run=? AND model=? AND benchmark=? AND workflow=?",
-                    [cfg.run, spec.name, bench.name, wf])}
+                stored = dict(ws.execute(
+                    "SELECT item_id, stop_reason FROM eval_predictions "
+                    "WHERE run=? AND model=? AND benchmark=? AND workflow=?",
+                    [cfg.run, spec.name, bench.name, wf]))
+                # a failed model call is not an answer: those items are asked again, finished ones never
+                done = {k for k, reason in stored.items() if reason != MODEL_CALL_FAILED}
                 pending = [it for it in items if it.item_id not in done]
                 cell = CellSummary(spec.name, bench.name, wf, len(items))
+                cell.retried = sum(1 for it in pending if it.item_id in stored)
                 summary.cells.append(cell)
                 if not pending:
                     continue
@@ -153,8 +165,15 @@ def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summ
                     rows = [_prediction_row(cfg, spec.name, wf, it, tr, sampling, prompts_source, m)
                             for it, tr in zip(chunk, trajs, strict=True)]
                     with ws.transaction():
-                        ws.insert("eval_predictions", rows)
+                        again = [r["item_id"] for r in rows if r["item_id"] in stored]
+                        if again:  # the old failed prediction's score row (if any) goes with it
+                            ws.execute(
+                                "DELETE FROM eval_scores WHERE run=? AND model=? AND benchmark=? AND workflow=? "
+                                f"AND item_id IN ({', '.join('?' * len(again))})",
+                                [cfg.run, spec.name, bench.name, wf, *again])
+                        ws.insert("eval_predictions", rows, replace=True)
                     cell.generated += len(rows)
+                    cell.failed += sum(1 for r in rows if r["stop_reason"] == MODEL_CALL_FAILED)
                     log(f"{spec.name} / {bench.name} / {wf}: {len(done) + cell.generated}/{len(items)}")
                 cell.seconds = time.perf_counter() - t0
     for gen in generators.values():
@@ -166,9 +185,10 @@ def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summ
 
 def _pending_scores(ws: Workspace, run: str, rescore: bool) -> list[dict[str, Any]]:
     todo = "" if rescore else f"AND (s.item_id IS NULL OR s.judge_error LIKE '{JUDGE_REQUEST_FAILED}%')"
-    cur = ws.con.execute(
+    cur = ws.con.execute(  # failed model calls are never scored: they are generated again first
         "SELECT p.* FROM eval_predictions p LEFT JOIN eval_scores s USING (run, model, benchmark, workflow, item_id) "
-        f"WHERE p.run = ? {todo} ORDER BY p.model, p.benchmark, p.workflow, p.item_id", [run])
+        f"WHERE p.run = ? AND p.stop_reason IS DISTINCT FROM '{MODEL_CALL_FAILED}' {todo} "
+        "ORDER BY p.model, p.benchmark, p.workflow, p.item_id", [run])
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
@@ -200,19 +220,25 @@ def score(cfg: EvalConfig, ws: Workspace, summary: RunSummary, *, rescore: bool 
         rs = rule_scores(row["kind"], row["prediction"], row["answer"], list(row["aliases"] or []), answer_eval,
                          row["question_type"])
         v = verdicts.get(i)
-        judge_score = None if judge is None else (v.score if v is not None else 0.0)
-        grade = v.grade if v is not None else ("not_attempted" if judge and row["kind"] == "simplevqa" else None)
+        # a judge call that failed is no verdict: no judge score (not a 0), asked again on the next run
+        no_verdict = v is not None and bool(v.error) and v.error.startswith(JUDGE_REQUEST_FAILED)
+        judge_score = None if judge is None or no_verdict else (v.score if v is not None else 0.0)
+        grade = None if no_verdict else (
+            v.grade if v is not None else ("not_attempted" if judge and row["kind"] == "simplevqa" else None))
         official = rs.official
         if official is None:  # SimpleVQA / LiveVQA: the judge is the official scorer
-            official = judge_score if judge_score is not None else rs.em
+            official = judge_score if judge_score is not None or no_verdict else rs.em
         metric = cfg.primary_metric
         primary = {"judge": judge_score, "official": official, "em": rs.em, "subem": rs.subem}[metric]
+        if no_verdict and primary is None:  # the primary score needs the judge: the item is not scored
+            summary.judge_unscored += 1
         out.append(dict(
             **{k: row[k] for k in KEY}, em=rs.em, subem=rs.subem, official=official,
             official_name=rs.official_name if (rs.official is not None or judge) else "exact_match (no judge)",
             judge=judge_score, judge_grade=grade, judge_reason=v.reason if v else None,
             judge_error=v.error if v else None, judge_id=judge.id if judge else None,
-            score=float(primary if primary is not None else 0.0), metric=metric, created_at=now(),
+            score=None if no_verdict and primary is None else float(primary if primary is not None else 0.0),
+            metric=metric, created_at=now(),
         ))
         if v is not None and v.error:
             summary.judge_failures += 1
