@@ -65,6 +65,41 @@ def _split_csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
+def _span(mid: float, low: float | None, high: float | None, fmt: str = "{:,.0f}") -> str:
+    """`mid (low-high)`, or just `mid` when the range is a point."""
+    lo, hi = (mid if low is None else low), (mid if high is None else high)
+    if fmt.format(lo) == fmt.format(hi):
+        return fmt.format(mid)
+    return f"{fmt.format(mid)} ({fmt.format(lo)}-{fmt.format(hi)})"
+
+
+def _print_estimate(estimates: dict[str, Estimate | None]) -> None:  # noqa: F821 - fvqa.pipelines.base, lazy
+    """The `--estimate` table: per stage paid calls, tokens and dollars (mid and range), then the
+    total and what the numbers assume."""
+    table = Table(title="estimate (nothing spent): mid (low-high)")
+    for col in ("stage", "paid calls", "cached", "tokens", "USD", "note"):
+        table.add_column(col)
+    total = [0.0, 0.0, 0.0]
+    assumptions: list[str] = []
+    for name, est in estimates.items():
+        if est is None:
+            table.add_row(name, "0", "-", "-", "0.00", "no paid calls")
+            continue
+        for i, v in enumerate((est.usd_low, est.usd, est.usd_high)):
+            total[i] += est.usd if v is None else v
+        table.add_row(name, _span(est.paid_calls, est.paid_calls_low, est.paid_calls_high), f"{est.cached:,}",
+                      _span(est.tokens, est.tokens_low, est.tokens_high),
+                      _span(est.usd, est.usd_low, est.usd_high, "{:,.2f}"), est.note)
+        assumptions += [a for a in est.assumptions if a not in assumptions]
+    table.add_row("total", "", "", "", _span(total[1], total[0], total[2], "{:,.2f}"), "")
+    out.print(table)
+    out.print(f"total API spend: ${total[1]:,.2f} (range ${total[0]:,.2f}-${total[2]:,.2f})")
+    if assumptions:
+        out.print("assumes:")
+        for a in assumptions:
+            out.print(f"  - {a}", soft_wrap=True)
+
+
 @app.command()
 def build(
     config: ConfigOpt = None,
@@ -84,18 +119,7 @@ def build(
 
     cfg = _config(config, workspace, set_)
     if estimate:
-        table = Table(title="estimate (nothing spent)")
-        for col in ("stage", "paid calls", "cached", "tokens", "USD", "note"):
-            table.add_column(col)
-        total = 0.0
-        for name, est in estimate_build(cfg, console=err).items():
-            if est is None:
-                table.add_row(name, "0", "-", "-", "0.00", "no paid calls")
-                continue
-            total += est.usd
-            table.add_row(name, str(est.paid_calls), str(est.cached), str(est.tokens), f"{est.usd:.2f}", est.note)
-        table.add_row("total", "", "", "", f"{total:.2f}", "")
-        out.print(table)
+        _print_estimate(estimate_build(cfg, console=err))
         return
     run_build(cfg, only=_split_csv(stages) or None, until=until, force=_split_csv(force), console=err)
     exports = cfg.workspace / "exports"
@@ -104,7 +128,8 @@ def build(
 
 @app.command()
 def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
-    """Per-stage counts, last run, and rejects by reason."""
+    """Per-stage counts, last run, paid LLM calls and dollars per stage, and rejects by reason."""
+    from fvqa.llm.cache import read_spend
     from fvqa.store import Workspace
 
     with Workspace(_workspace_path(config, workspace), read_only=True) as ws:
@@ -120,11 +145,28 @@ def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
             "arg_max(seconds, started_at), sum(cost_usd) FROM runs GROUP BY stage ORDER BY min(started_at)"
         ).fetchall()
         rt = Table(title="stages (last run)")
-        for col in ("stage", "last run", "out", "rejected", "seconds", "total $"):
+        for col in ("stage", "last run", "out", "rejected", "seconds"):
             rt.add_column(col)
-        for stage, when, n_out, n_rej, secs, cost in runs:
-            rt.add_row(stage, str(when)[:19], str(n_out), str(n_rej), f"{secs:.1f}", f"{cost or 0:.4f}")
+        for stage, when, n_out, n_rej, secs, _cost in runs:
+            rt.add_row(stage, str(when)[:19], str(n_out), str(n_rej), f"{secs:.1f}")
         out.print(rt)
+        # Money from the response caches' spend tables (booked with each reply, so right after a
+        # kill), not from `runs` (written when a stage finishes).
+        spend: dict[str, list[float]] = {}
+        for row in read_spend(ws.cache_dir):
+            acc = spend.setdefault(row.stage, [0, 0, 0, 0, 0.0])
+            for i, v in enumerate((row.calls, row.calls if row.batch else 0, row.prompt_tokens,
+                                   row.completion_tokens, row.usd)):
+                acc[i] += v
+        if spend:
+            st = Table(title="paid LLM calls (from the response caches; includes killed runs)")
+            for col in ("stage", "paid calls", "of which batch", "prompt tokens", "completion tokens", "$"):
+                st.add_column(col, justify="left" if col == "stage" else "right")
+            for stage, (n, nb, p, c, usd) in sorted(spend.items()):
+                st.add_row(stage, str(int(n)), str(int(nb)), str(int(p)), str(int(c)), f"{usd:.4f}")
+            totals = [sum(v[i] for v in spend.values()) for i in range(5)]
+            st.add_row("total", *(str(int(v)) for v in totals[:4]), f"{totals[4]:.4f}")
+            out.print(st)
         rejects = ws.con.execute(
             "SELECT stage, reason, count(*) FROM rejects GROUP BY 1, 2 ORDER BY 1, 3 DESC"
         ).fetchall()
@@ -314,7 +356,7 @@ def main() -> None:
     try:
         app()
     except FvqaError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
         sys.exit(2)
 
 

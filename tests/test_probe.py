@@ -292,18 +292,3 @@ def test_model_backend_config_errors_are_clear(tmp_path: Path):
             run_probe(ws, backend="openai")
         with pytest.raises(ConfigError, match="needs probe.model_path"):
             run_probe(ws, backend="transformers")
-
-
-def test_estimate_prices_an_openai_probe_before_spending(tmp_path: Path):
-    from rich.console import Console as C
-
-    from fvqa.pipelines.base import StageContext
-
-    items = [dict(item_id=f"i{n}", source="infoseek", question="q", answer="a") for n in range(5)]
-    with _ws_with_items(tmp_path / "ws", items) as ws:
-        config = RunConfig(workspace=ws.root, probe=ProbeConfig(
-            backend="openai", k=2, llm={"endpoints": [{"base_url": "http://127.0.0.1:9", "api_key_env": None}]}))
-        stage = ProbeStage()
-        stage.prepare(ws)
-        est = stage.estimate(StageContext(ws, config, stage, console=C(file=io.StringIO())))
-    assert est.paid_calls == 5 * 2 * 4 and est.usd > 0 and "upper bound" in est.note

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from fvqa.config import RunConfig
 
 T = TypeVar("T")
+
+PAID_LLM_BACKENDS = frozenset({"llm", "openai"})
+"""`backend` values of stage sections that call a paid OpenAI-compatible endpoint (`section.llm`)."""
 
 
 @dataclass
@@ -59,13 +63,30 @@ class StageStats:
 
 @dataclass
 class Estimate:
-    """What a stage expects to spend before it runs (`fvqa build --estimate`)."""
+    """What a stage expects to spend before it runs (`fvqa build --estimate`).
+
+    `paid_calls`, `tokens` and `usd` are the central guess; the `*_low` / `*_high` fields bound it
+    (None: the same as the central value) and `assumptions` says, one line each, what the numbers
+    rest on (expected counts of stages not run yet, token lengths, cache hits)."""
 
     paid_calls: int = 0
     cached: int = 0
     tokens: int = 0
     usd: float = 0.0
     note: str = ""
+    paid_calls_low: int | None = None
+    paid_calls_high: int | None = None
+    tokens_low: int | None = None
+    tokens_high: int | None = None
+    usd_low: float | None = None
+    usd_high: float | None = None
+    assumptions: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("paid_calls", "tokens", "usd"):
+            for end in ("low", "high"):
+                if getattr(self, f"{name}_{end}") is None:
+                    setattr(self, f"{name}_{end}", getattr(self, name))
 
 
 class StageContext:
@@ -89,6 +110,7 @@ class StageContext:
         self._rejects: list[tuple[str, str, str, str]] = []
         self._pending = 0
         self._rejected_before: set[str] | None = None
+        self._reset_tx: AbstractContextManager[None] | None = None  # open while a `--force` reset is pending
 
     @property
     def cfg(self) -> Any:
@@ -130,7 +152,8 @@ class StageContext:
             self.commit()
 
     def commit(self) -> None:
-        """Write buffered rows and rejects in one transaction."""
+        """Write buffered rows and rejects in one transaction (the first one also commits a pending
+        `--force` reset: see `begin_reset`)."""
         if not self._rows and not self._rejects:
             return
         with self.ws.transaction():
@@ -138,6 +161,40 @@ class StageContext:
                 self.ws.insert(table, rows)
             self.ws.add_rejects(self._rejects)
         self._rows, self._rejects, self._pending = {}, [], 0
+        self.end_reset()
+
+    # -- --force ---------------------------------------------------------------------------
+    def begin_reset(self) -> None:
+        """Delete the stage's old outputs inside a transaction left open until the stage's first
+        commit (or its successful end), so the deletion and the first new rows land together: a
+        stage that fails before committing anything rolls back to its previous outputs.
+
+        While it is open the stage sees its tables already emptied (its own transaction), and every
+        nested `ws.transaction()` joins it."""
+        tx = self.ws.transaction()
+        tx.__enter__()
+        self._reset_tx = tx
+        try:
+            self.stage.reset(self.ws)
+        except BaseException as exc:
+            self.abort_reset(exc)
+            raise
+
+    def end_reset(self) -> None:
+        """Commit a pending reset (no-op when none is pending)."""
+        tx, self._reset_tx = self._reset_tx, None
+        if tx is not None:
+            tx.__exit__(None, None, None)
+
+    def abort_reset(self, exc: BaseException) -> None:
+        """Roll a pending reset back: the previous outputs are there again."""
+        tx, self._reset_tx = self._reset_tx, None
+        if tx is not None:
+            try:
+                tx.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException as again:  # noqa: BLE001 - the transaction manager re-raises `exc`
+                if again is not exc:
+                    raise
 
     # -- progress --------------------------------------------------------------------------
     def progress(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
@@ -177,6 +234,23 @@ class Stage:
         """Expected paid calls/cost before running; None for stages that spend nothing."""
         return None
 
+    def check(self, ctx: StageContext) -> None:
+        """Raise `ConfigError` (one line) if this stage cannot run with this config and environment.
+
+        Called for every selected stage before a build runs or resets anything, so a `--force` of a
+        stage that cannot run deletes nothing. It must be cheap and spend nothing. Default: the API
+        keys of the section's LLM endpoints when its `backend` is a paid one (`llm` / `openai`)."""
+        section = ctx.cfg
+        if getattr(section, "backend", None) not in PAID_LLM_BACKENDS:
+            return
+        from fvqa.llm.config import LLMConfig
+
+        llm = getattr(section, "llm", None)
+        if llm is None:
+            llm = LLMConfig()  # the sections' default: GPT-4o at api.openai.com with OPENAI_API_KEY
+        for endpoint in getattr(llm, "endpoints", ()):
+            endpoint.api_key()  # ConfigError naming the unset variable
+
     def reset(self, ws: Workspace) -> None:
         """Forget this stage's outputs and rejects (`--force`)."""
         with ws.transaction():
@@ -185,15 +259,26 @@ class Stage:
             ws.execute("DELETE FROM rejects WHERE stage = ?", [self.name])
 
 
-def execute_stage(stage: Stage, ws: Workspace, config: RunConfig, console: Console) -> StageStats:
-    """Run one stage with batching, then record its `runs` row last (completion marker)."""
+def execute_stage(stage: Stage, ws: Workspace, config: RunConfig, console: Console, *,
+                  reset: bool = False) -> StageStats:
+    """Run one stage with batching, then record its `runs` row last (completion marker).
+
+    `reset` (`--force`): the old outputs are deleted in the same transaction as the stage's first
+    committed batch (`StageContext.begin_reset`); if the stage fails before that, they stay."""
     stage.prepare(ws)
     ctx = StageContext(ws, config, stage, console=console, batch_size=config.batch_size)
     run_id = uuid.uuid4().hex[:12]
     started_at = now()
     t0 = time.perf_counter()
-    stage.run(ctx)
-    ctx.commit()
+    if reset:
+        ctx.begin_reset()
+    try:
+        stage.run(ctx)
+        ctx.commit()
+        ctx.end_reset()  # a forced stage that finished with nothing to write: the reset stands
+    except BaseException as exc:
+        ctx.abort_reset(exc)
+        raise
     seconds = time.perf_counter() - t0
     ws.insert(
         "runs",

@@ -133,15 +133,35 @@ class GenerateStage(Stage):
 
     # -- cost ------------------------------------------------------------------------------------
     def estimate(self, ctx: StageContext) -> Estimate | None:
+        """Crawled concepts to do (their real requests, cache hits free), or before the crawl the
+        concepts the crawl is expected to keep; low/high bound page length, image size and repairs."""
+        from fvqa.llm.task import request_size
+        from fvqa.pipelines import expected as ex
+
         cfg: GenerateConfig = ctx.cfg
         if cfg.backend != "llm":
             return None
-        llm = llm_config(cfg)
+        llm = ex.billed(llm_config(cfg))
         task = self._task(ctx)
-        todo = self._todo(ctx, self._inputs(ctx))
-        if not todo and ctx.ws.count("crawled") == 0:
-            # nothing crawled yet: price the concepts the config asks for, with a full page excerpt
-            n = ctx.config.concepts.n if ctx.config.concepts.enabled else 0
-            note = f"{n} concepts expected (concepts.n; nothing crawled yet)"
-            return stage_estimate(ctx, task, {}, llm, note, expected=n)
-        return stage_estimate(ctx, task, self._task_inputs(ctx, todo), llm, f"{len(todo)} concepts to do")
+        if ctx.ws.count("crawled") > 0:
+            todo = [r for r in self._todo(ctx, self._inputs(ctx)) if self._image(ctx, r) is not None]
+            est = stage_estimate(ctx, task, self._task_inputs(ctx, todo), llm, f"{len(todo)} concepts to do")
+            return ex.ranged(est, 1.0, 1 + ex.REPAIR_RATE, assumptions=[ex.repair_note(STAGE)])
+        # nothing crawled yet: the concepts the crawl is expected to keep, at page lengths and image
+        # sizes sampled from the inputs on disk (else a full page excerpt and a max-side image)
+        n, why = ex.expected_crawled(ctx.ws, ctx.config)
+        pages, why_p = ex.page_chars(ctx.config, qa.MAX_PAGE_CHARS)
+        images, why_i = ex.sampled_image_tokens(ex.crawl_image_paths(ctx.config), llm, ctx.config.crawl.max_side)
+
+        def prompt(end: str) -> float:
+            page = ConceptPage("x" * 20, "x" * 30, "x" * round(getattr(pages, end)))
+            chars, _ = request_size(task.format(page).messages)
+            return ex.tok(chars) + (getattr(images, end) if cfg.send_image else 0) + task.completion_tokens
+
+        mid = prompt("mid")
+        est = stage_estimate(ctx, ex.with_typical_prompt(task, mid - task.completion_tokens), {}, llm,
+                             f"~{round(n.mid)} concepts expected ({why})", expected=round(n.mid))
+        scale = n.mid or 1
+        return ex.ranged(est, n.low / scale, n.high / scale * (1 + ex.REPAIR_RATE),
+                         low_tokens=prompt("low") / mid, high_tokens=prompt("high") / mid,
+                         assumptions=[f"generate: {why}", f"generate: {why_p}; {why_i}", ex.repair_note(STAGE)])

@@ -101,20 +101,10 @@ class ProbeStage(Stage):
         super().reset(ws)
 
     def estimate(self, ctx: StageContext) -> Estimate | None:
-        """Upper bound for the openai backend: every search rollout uses all rounds (the first turns
-        of later runs are cached, so re-runs cost less; the estimate does not know which)."""
-        cfg: ProbeConfig = ctx.cfg
-        if cfg.backend != "openai" or cfg.llm is None:
-            return None
-        from fvqa.llm.ledger import estimate_cost
+        """Calls, tokens and dollars as a range (`fvqa.pipelines.probe_estimate`)."""
+        from fvqa.pipelines.probe_estimate import estimate_probe
 
-        n = len(ctx.todo(sorted(ctx.ws.keys("items", "item_id"))))
-        calls = n * cfg.k * (cfg.limits.max_rounds + 1)
-        # prompt: instructions + question + image (~800 tokens), growing by ~600 per search result turn
-        est = estimate_cost(calls, 800 + 600 * (cfg.limits.max_rounds - 1) / 2, 120, cfg.llm.price, batch=False)
-        return Estimate(paid_calls=est.paid_calls, tokens=est.prompt_tokens + est.completion_tokens, usd=est.usd,
-                        note=f"upper bound: {n} items x k={cfg.k} x ({cfg.limits.max_rounds} search turns + 1 direct); "
-                             f"{cfg.llm.model}")
+        return estimate_probe(ctx)
 
     def run(self, ctx: StageContext) -> None:
         cfg: ProbeConfig = ctx.cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -66,33 +67,54 @@ def run_build(
     force: Sequence[str] = (),
     console: Console | None = None,
 ) -> dict[str, StageStats]:
-    """Run a build; re-running continues where a previous (possibly killed) run stopped."""
+    """Run a build; re-running continues where a previous (possibly killed) run stopped.
+
+    `--force` never deletes before it is known the stage can run: first every selected stage's
+    `check` (config, API keys in the environment) passes, then a forced stage's old outputs are
+    deleted only when that stage runs, in the same transaction as its first committed batch — a
+    forced stage that fails before producing anything leaves its previous outputs as they were.
+    """
     console = console or Console(stderr=True)
-    ensure_world(config, console)
     names = select_stages(config, only, until)
+    for name in force:
+        if name not in STAGES:
+            raise ConfigError(f"--force: unknown stage '{name}' (known: {', '.join(STAGES)})")
+        if name not in names:
+            raise ConfigError(f"--force {name}: stage {name} is not part of this build "
+                              f"(selected: {', '.join(names) or 'none'}); enable it or name it in --stages")
+    ensure_world(config, console)
     results: dict[str, StageStats] = {}
     with Workspace(config.workspace) as ws:
-        for name in force:
-            if name not in STAGES:
-                raise ConfigError(f"--force: unknown stage '{name}'")
-            load_stage(name).reset(ws)
-        for name in names:
-            stage = load_stage(name)
+        stages = {name: load_stage(name) for name in names}
+        for stage in stages.values():  # before anything runs or is deleted
+            stage.check(StageContext(ws, config, stage, console=console))
+        for name, stage in stages.items():
             missing = [t for t in stage.inputs if ws.count(t) == 0]
             if missing:
-                console.print(f"[yellow]stage {name}: skipped, no input in {', '.join(missing)}[/]")
+                kept = " (--force not applied: its previous outputs are kept)" if name in force else ""
+                console.print(f"[yellow]stage {name}: skipped, no input in {', '.join(missing)}{kept}[/]")
                 continue
-            stats = execute_stage(stage, ws, config, console)
+            stats = execute_stage(stage, ws, config, console, reset=name in force)
             console.print(summary_table(name, stats))
             results[name] = stats
     return results
 
 
 def estimate_build(config: RunConfig, console: Console | None = None) -> dict[str, Estimate | None]:
-    """Per stage: expected paid calls, cache hits, tokens and dollars, without spending anything."""
+    """Per stage: expected paid calls, cache hits, tokens and dollars (mid and range), without
+    spending anything. Stages whose inputs do not exist yet are priced from the upstream stages'
+    expected counts (`fvqa.pipelines.expected`), so no data is needed; with no workspace yet, an
+    empty temporary one stands in (an estimate writes nothing)."""
+    import tempfile
+    from contextlib import ExitStack
+
     console = console or Console(stderr=True)
     out: dict[str, Estimate | None] = {}
-    with Workspace(config.workspace) as ws:
+    with ExitStack() as stack:
+        root = Path(config.workspace)
+        if not (root / "fvqa.duckdb").exists():
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fvqa-estimate-"))) / "ws"
+        ws = stack.enter_context(Workspace(root))
         for name in select_stages(config):
             stage = load_stage(name)
             stage.prepare(ws)

@@ -93,17 +93,22 @@ class TagStage(Stage):
                               provenance=prov))
 
     def estimate(self, ctx: StageContext) -> Estimate | None:
+        """Items to tag (their real requests, cache hits free), or before items exist those generate
+        and infoseek are expected to make; the high end adds repairs."""
+        from fvqa.pipelines import expected as ex
+
         cfg: TagConfig = ctx.cfg
         if cfg.backend != "llm":
             return None
-        llm = llm_config(cfg)
+        llm = ex.billed(llm_config(cfg))
         task = TagTask(taxonomy_of(cfg))
-        todo = self._todo(ctx)
-        if todo or ctx.ws.count("items") > 0:
-            inputs = {r["item_id"]: r for r in todo}
-            return stage_estimate(ctx, task, inputs, llm, f"{len(todo)} items to tag")
-        # items not built yet: generated concepts plus sampled InfoSeek questions
-        c = ctx.config
-        n = (c.concepts.n if c.generate.enabled else 0) + (c.infoseek.n if c.infoseek.enabled else 0)
-        note = f"~{n} items expected (concepts.n + infoseek.n)"
-        return stage_estimate(ctx, task, {}, llm, note, expected=n)
+        if ctx.ws.count("items") > 0:
+            todo = self._todo(ctx)
+            est = stage_estimate(ctx, task, {r["item_id"]: r for r in todo}, llm, f"{len(todo)} items to tag")
+            return ex.ranged(est, 1.0, 1 + ex.REPAIR_RATE, assumptions=[ex.repair_note(STAGE)])
+        n, why = ex.expected_items(ctx.ws, ctx.config)
+        est = stage_estimate(ctx, task, {}, llm, why, expected=round(n.mid))
+        scale = n.mid or 1
+        return ex.ranged(est, n.low / scale, n.high / scale * (1 + ex.REPAIR_RATE),
+                         assumptions=[f"tag: {why}", "tag: an 80-char question and a 20-char answer per item",
+                                      ex.repair_note(STAGE)])
