@@ -7,7 +7,8 @@
 - retries with exponential backoff on 429/5xx, timeouts and dropped connections, honouring
   `Retry-After` (seconds or HTTP date) up to a cap;
 - a maximum body size, enforced from Content-Length and again while streaming;
-- redirects followed by hand so every hop passes the private-address guard (fvqa.net.ssrf);
+- redirects followed by hand so every hop passes the private-address guard (fvqa.net.ssrf), and the
+  guard again at connect time (the connection goes to the address that was checked: no DNS rebinding);
 - robots.txt respected when asked.
 """
 
@@ -25,7 +26,14 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from fvqa.net.robots import RobotsCache
-from fvqa.net.ssrf import BadURL, BlockedAddress, ResolveError, check_url
+from fvqa.net.ssrf import (
+    BadURL,
+    BlockedAddress,
+    ResolveError,
+    blocked_cause,
+    check_url,
+    guarded_async_transport,
+)
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 # httpcore's pool scans every connection for every queued request (quadratic in pool size); several
@@ -103,9 +111,17 @@ class Downloader:
         n_clients = -(-self.opts.concurrency // CONNECTIONS_PER_CLIENT)
         per_client = -(-self.opts.concurrency // n_clients)
         limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+
+        def transport() -> httpx.AsyncBaseTransport | None:
+            if self._transport is not None:  # tests' mock transports
+                return self._transport
+            if self.opts.allow_private:
+                return None
+            return guarded_async_transport(allow_private=False, limits=limits)
+
         self._clients = [httpx.AsyncClient(
             follow_redirects=False, timeout=httpx.Timeout(self.opts.timeout_s), limits=limits,
-            headers={"User-Agent": self.opts.user_agent}, transport=self._transport, trust_env=False)
+            headers={"User-Agent": self.opts.user_agent}, transport=transport(), trust_env=False)
             for _ in range(n_clients)]
         # one slot per allowed in-flight request, each tied to a client (global concurrency limit)
         for i in range(self.opts.concurrency):
@@ -186,6 +202,10 @@ class Downloader:
                 return FetchResult(url, False, final_url=current, reason="timeout", retryable=True,
                                    detail=f"{exc.__class__.__name__}")
             except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+                blocked = blocked_cause(exc)
+                if blocked is not None:  # the connect-time guard: the name re-resolved to a private address
+                    return FetchResult(url, False, final_url=current, reason="private address refused",
+                                       detail=f"{blocked} (at connect)")
                 return FetchResult(url, False, final_url=current, reason="connection error", retryable=True,
                                    detail=f"{exc.__class__.__name__}: {exc}")
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:

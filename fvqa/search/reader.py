@@ -41,10 +41,14 @@ class PageReader:
 
     def __init__(self, config: ReaderConfig | None = None) -> None:
         self.config = config or ReaderConfig()
+        # the transport checks the address it connects to, so a host that resolves to a public
+        # address for `check_url` and to a private one for the connection (DNS rebinding) is refused
         self._client = httpx.Client(
             timeout=self.config.timeout_s,
             follow_redirects=False,
             headers={"User-Agent": self.config.user_agent},
+            transport=ssrf.guarded_transport(allow_private=self.config.allow_private),
+            trust_env=False,
         )
 
     def fetch(self, url: str, *, accept: tuple[str, ...] | None = None) -> tuple[bytes, str, str]:
@@ -74,6 +78,9 @@ class PageReader:
             except httpx.TimeoutException as exc:
                 raise PageError("timeout", f"{url[:200]}: {type(exc).__name__}", permanent=False) from exc
             except httpx.HTTPError as exc:
+                if (blocked := ssrf.blocked_cause(exc)) is not None:
+                    raise PageError("refused_address", f"{blocked} (set reader.allow_private to allow)",
+                                    permanent=True) from exc
                 raise PageError("connection", f"{url[:200]}: {type(exc).__name__}: {exc}", permanent=False) from exc
         raise PageError("redirects", f"more than {MAX_REDIRECTS} redirects from {url[:200]}", permanent=True)
 
