@@ -16,6 +16,11 @@ The resolution runs inside validation (the top-level model's `mode="after"` vali
 `resolve_paths(self, info.context)`), so later validators, such as the build's demo-world defaults,
 see final paths. This module imports nothing of fvqa but `fvqa.errors`, so any config module
 (`fvqa.config`, `fvqa.eval.config`, `fvqa.search.config`) can use it without an import circle.
+
+YAML is read with `load_yaml_text`: safe tags only, a key given twice in one mapping is an error
+naming the key and both lines (PyYAML would silently keep the last), and anchors/aliases are allowed
+only while the document they expand to stays small (`MAX_EXPANDED_NODES`): a few hundred bytes of
+nested aliases ("billion laughs") would otherwise expand to billions of values downstream.
 """
 
 from __future__ import annotations
@@ -39,6 +44,89 @@ DEFAULT_WORKSPACE = Path("fvqa-work")
 
 CONTEXT_KEY = "fvqa_config_file"
 """Key of the `PathContext` in the pydantic validation context."""
+
+MAX_EXPANDED_NODES = 200_000
+"""Values a config document may hold once its aliases are expanded (real configs hold a few hundred)."""
+
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _ConfigLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """SafeLoader that refuses a key repeated within one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden: that is what merging is for
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first
+            except TypeError:
+                continue  # unhashable key: the base constructor reports it
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first given at line {first[key]})", key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Number of nodes in the document with every alias expanded (computed without expanding them)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order walk: deep nesting cannot overflow the Python stack
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        kids = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            active.discard(key)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in kids), 10 * MAX_EXPANDED_NODES)
+            continue
+        if key in active:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it",
+                                              node.start_mark)
+        active.add(key)
+        stack.append((node, True))
+        for child in kids:
+            if id(child) in active:
+                raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it",
+                                                  child.start_mark)
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse one YAML document with the rules in the module docstring; yaml.YAMLError if refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # an undecodable byte of argv (surrogate escape)
+        raise yaml.YAMLError(f"character {exc.start + 1} is not text (a byte that is not UTF-8)") from None
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_EXPANDED_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"its aliases expand to more than {MAX_EXPANDED_NODES} values (an alias bomb?)",
+                node.start_mark)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where (line, column) and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"{where}: {problem}"
 
 
 class HubIdOrPath:
@@ -68,12 +156,9 @@ def read_yaml(path: Path | str, what: str = "config file") -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     try:
-        loaded = yaml.safe_load(text)
+        loaded = load_yaml_text(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
-        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from exc
+        raise ConfigError(f"malformed YAML in {path}{_yaml_problem(exc)}") from exc
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -96,9 +181,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> Key:
     if not all(parts):
         raise ConfigError(f"--set {dotted}: empty key part")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml_text(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {dotted}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        raise ConfigError(f"--set {dotted}: the value is not valid YAML{_yaml_problem(exc)}") from exc
     node: Any = data
     key: Key = ()
     for i, part in enumerate(parts):

@@ -6,6 +6,11 @@ possibly the thumbnails themselves as PIL images). Pickles can run code, so they
 `safe_unpickle` (plain data and PIL images only). Lookups are by `data_id`, so a rollout replays
 exactly what upstream's model saw; an unknown id is a SearchError (rendered as upstream's error text,
 which is also what upstream returned on a cache miss).
+
+Limits: titles and URLs must be strings (never `str()` of another object: a list that shares itself
+through the pickle's memo renders to hundreds of megabytes) and are cut at `MAX_TITLE_CHARS` /
+`MAX_URL_CHARS`; an entry keeps at most `MAX_RESULTS` results. Embedded thumbnails are bytes or
+images the unpickler rebuilt from pixel bytes, never a file the pickle names.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from fvqa.search.types import Candidate, ImageHit, QueryImage, SearchError
 
 TITLES = "tool_returned_web_title_list"
 URLS = "tool_returned_images_urls"
+MAX_RESULTS = 100
+MAX_TITLE_CHARS = 1_000
+MAX_URL_CHARS = 4_096
 
 
 def _embedded_images(entry: dict[str, Any]) -> list[Any]:
@@ -51,10 +59,24 @@ class ReplayBackend:
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a dict keyed by data_id, got {type(data).__name__}")
             for data_id, entry in data.items():
+                if not (isinstance(data_id, str) or type(data_id) is int and abs(data_id) < 10**30):
+                    continue  # not an upstream data_id (and str() of it could be huge, or raise)
+                data_id = str(data_id)[:MAX_URL_CHARS]
                 if not isinstance(entry, dict) or not isinstance(entry.get(TITLES), list):
-                    self.skipped[str(data_id)] = f"entry has no '{TITLES}' list"
+                    self.skipped[data_id] = f"entry has no '{TITLES}' list"
                     continue
-                self.entries[str(data_id)] = entry
+                titles, urls = entry[TITLES], entry.get(URLS) or []
+                if not all(isinstance(t, str) for t in titles[:MAX_RESULTS]):
+                    self.skipped[data_id] = f"'{TITLES}' holds something other than strings"
+                    continue
+                if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls[:MAX_RESULTS]):
+                    self.skipped[data_id] = f"'{URLS}' is not a list of strings"
+                    continue
+                self.entries[data_id] = {
+                    TITLES: [t[:MAX_TITLE_CHARS] for t in titles[:MAX_RESULTS]],
+                    URLS: [u[:MAX_URL_CHARS] for u in urls[:MAX_RESULTS]],
+                    "images": _embedded_images(entry)[:MAX_RESULTS],
+                }
         self.cache_id = "replay:" + ",".join(sorted(p.name for p in paths))
         self.reader = reader
 
@@ -68,9 +90,7 @@ class ReplayBackend:
         if entry is None:
             reason = self.skipped.get(image.data_id, "not in the replayed caches")
             raise SearchError(f"no cached image-search result for data_id {image.data_id!r} ({reason})")
-        titles = [str(t) for t in entry[TITLES]]
-        urls = [str(u) for u in entry.get(URLS) or []]
-        images = _embedded_images(entry)
+        titles, urls, images = entry[TITLES], entry[URLS], entry["images"]
         hits = []
         for i, title in enumerate(titles[:k]):
             url = urls[i] if i < len(urls) else ""
