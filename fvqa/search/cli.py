@@ -37,7 +37,8 @@ def _search_config(config: Path | None, overrides: list[str] | None):
 @index_app.command("build")
 def index_build(
     corpus: Annotated[Path, typer.Option(help="Pages jsonl (Wiki6M fields or {url, title, text}).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Index folder to write (replaced if it exists).")],
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Index folder to write (replaced when the build succeeds; one build per folder at a time).")],
     images: Annotated[Path | None, typer.Option(help="Image manifest jsonl or a folder of images.")] = None,
     clip_model: Annotated[str | None, typer.Option(help="open_clip model name (default: from config).")] = None,
     clip_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag (default: from config).")] = None,

@@ -19,13 +19,18 @@ page) and `text_search` (top pages by BM25, each with an extractive summary w.r.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
+import os
+import secrets
+import shutil
 import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ import bm25s
 import numpy as np
 from PIL import Image
 
-from fvqa.errors import ConfigError
+from fvqa.errors import ConfigError, FvqaError
 from fvqa.formats.jsonl import BadLine, read_jsonl
 from fvqa.search.clip import ClipEmbedder
 from fvqa.search.config import LocalConfig
@@ -139,9 +144,71 @@ def _load_image(path: Path, max_side: int) -> tuple[Image.Image, bytes]:
     return rgb, buf.getvalue()
 
 
+def _embed_input_shrinker(emb: Any) -> Callable[[Image.Image], Image.Image]:
+    """Downscale a decoded image to what the embedder looks at, so a batch never holds full-size images.
+
+    An open_clip embedder's preprocess starts with a `Resize` (shorter side to the model's input
+    size); applying that same transform here gives the very pixels the embedder would compute, so
+    vectors do not change. Other embedders get their shorter side bounded by `input_size` (or 224).
+    """
+    for step in getattr(getattr(emb, "preprocess", None), "transforms", None) or []:
+        if type(step).__name__ == "Resize":
+            size = step.size if isinstance(step.size, int) else min(step.size)
+            return lambda img: step(img) if min(img.size) > size else img
+    side = int(getattr(emb, "input_size", 224))
+
+    def shrink(img: Image.Image) -> Image.Image:
+        short = min(img.size)
+        if short <= side:
+            return img
+        w, h = img.size
+        return img.resize((max(1, round(w * side / short)), max(1, round(h * side / short))),
+                          Image.Resampling.BICUBIC)
+
+    return shrink
+
+
 # ----------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------
+
+
+class IndexBusyError(FvqaError):
+    """Another build holds the lock on the same output folder."""
+
+
+@contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<out>.lock` for the whole build; IndexBusyError if another build has it."""
+    import fcntl
+
+    lock_path = out.with_name(out.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexBusyError(f"another build is writing {out} (lock {lock_path} is held): "
+                                 "wait for it to finish, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the lock file stays (removing it would race)
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh name `.<out>.<kind>-<pid>-<random>` next to `out` (not created)."""
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished `tmp`: each step a rename, so `out` is never half-written."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = _sibling(out, "old")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _dir_size(path: Path) -> int:
@@ -157,8 +224,11 @@ def build_index(
     embedder: ClipEmbedder | None = None,
     progress: Progress | None = None,
 ) -> IndexStats:
-    """Build the local index into `out` (replaced atomically-enough: written to `out.tmp`, then renamed).
+    """Build the local index into `out`, replacing any index there.
 
+    The build holds an exclusive lock on `<out>.lock` (a second build of the same `out` fails at once
+    with IndexBusyError), writes into its own temporary folder next to `out`, writes `meta.json` last
+    from what the folder holds, and publishes by renaming; a failed build leaves `out` untouched.
     Bad lines and unusable images never stop the build: each is recorded in the index's `rejects`
     table and counted in the returned stats by reason.
     """
@@ -168,14 +238,27 @@ def build_index(
         raise ConfigError(f"corpus file not found: {corpus}")
     if images is not None and not Path(images).exists():
         raise ConfigError(f"image manifest or folder not found: {images}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out):
+        for leftover in ("tmp", "old"):  # left by a crashed build (we hold the lock: nobody is using them)
+            for stale in out.parent.glob(f".{glob.escape(out.name)}.{leftover}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = _sibling(out, "tmp")
+        tmp.mkdir()  # (not mkdtemp: its 0700 mode would become the published index's)
+        try:
+            stats = _build_into(corpus, images, tmp, cfg, embedder, progress)
+            _publish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        stats.bytes_on_disk = _dir_size(out)
+    return stats
+
+
+def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalConfig,
+                embedder: ClipEmbedder | None, progress: Progress | None) -> IndexStats:
+    """Write a complete index into the empty folder `tmp` (meta.json last)."""
     t0 = time.perf_counter()
     stats = IndexStats()
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     db = sqlite3.connect(tmp / "pages.sqlite")
     db.executescript(SCHEMA)
 
@@ -229,6 +312,7 @@ def build_index(
     if images is not None:
         emb = embedder or ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, cfg.device)
         stats.embedder = emb.name
+        shrink = _embed_input_shrinker(emb)
         pending: list[tuple[Image.Image, tuple[Any, ...]]] = []
 
         def flush() -> None:
@@ -269,7 +353,7 @@ def build_index(
             if not title:
                 reject("images", key, "image matches no page and has no title")
                 continue
-            pending.append((img, (pid, title, url or str(row.get("url") or ""), key, thumb)))
+            pending.append((shrink(img), (pid, title, url or str(row.get("url") or ""), key, thumb)))
             if len(pending) >= cfg.batch_size:
                 flush()
         flush()
@@ -277,19 +361,19 @@ def build_index(
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
     np.save(tmp / "image_vectors.npy", matrix)
     db.commit()
+    # meta.json describes what the folder holds, read back from it (not what the loop meant to write)
+    n_pages = db.execute("SELECT COUNT(*) FROM pages").fetchone()[0]
+    n_images = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
     db.close()
+    if (n_pages, n_images) != (stats.pages, stats.images) or matrix.shape[0] != n_images:
+        raise FvqaError(f"index build wrote {n_pages} pages / {n_images} images / {matrix.shape[0]} vectors, "
+                        f"expected {stats.pages} / {stats.images} / {stats.images}: not publishing it")
     stats.seconds = time.perf_counter() - t0
-    meta = dict(format_version=FORMAT_VERSION, pages=stats.pages, images=stats.images,
+    meta = dict(format_version=FORMAT_VERSION, pages=n_pages, images=n_images,
                 sources=_fingerprint(corpus, images),
                 clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, embedder=stats.embedder,
                 rejected=dict(stats.rejected), built_at=time.time(), seconds=round(stats.seconds, 2))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    stats.bytes_on_disk = _dir_size(out)
     return stats
 
 
