@@ -438,7 +438,7 @@ class BatchRunner:
         return min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
 
     def _redact(self, text: str) -> str:
-        return text.replace(self.ep.key, "***") if self.ep.key else text
+        return self.cache.scrub(text) or ""
 
     async def _call(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
         """An idempotent call (or a file upload, where a duplicate is harmless) with the client's

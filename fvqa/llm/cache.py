@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fvqa.llm.config import Price
+from fvqa.redact import Scrubber
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -144,6 +145,7 @@ class ResponseCache:
     def __init__(self, cache_dir: Path | str, *, secrets: list[str] | None = None) -> None:
         """`secrets` (API keys) are scrubbed from everything written, e.g. an error echoing the key."""
         self.secrets = [s for s in (secrets or []) if s]
+        self.scrubber = Scrubber(self.secrets)
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "llm.sqlite"
@@ -219,12 +221,8 @@ class ResponseCache:
         self._put(key, False, None, error_class, error, model)
 
     def scrub(self, text: str | None) -> str | None:
-        """The text with every secret replaced by ***."""
-        if text is None:
-            return None
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        """The text with every secret (in any form `fvqa.redact` knows) replaced by ***."""
+        return None if text is None else self.scrubber.text(text)
 
     def _put(
         self,

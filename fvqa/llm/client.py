@@ -443,6 +443,7 @@ class LLMClient:
                 continue
             ep.failures = 0
             ep.down_until = 0.0
+            reply = self.cache.scrubber.value(reply)  # an echoed key reaches neither the cache nor a stage
             self.cache.put_ok(key, reply, self.cfg.model, stage=self.stage, price=self.cfg.price_for(ep.endpoint))
             return dataclasses.replace(LLMResult.from_body(key, reply, cached=False, attempts=attempts),
                                        endpoint=ep.endpoint.base_url)
@@ -495,7 +496,7 @@ class LLMClient:
             if not valid_body(reply):
                 raise _Failure("bad_response", f"{where} replied without choices: {text[:200]!r}", retry=True)
             return reply
-        detail = self._redact(ep, _error_detail(text))
+        detail = self.cache.scrub(_error_detail(text)) or ""
         if status in CONFIG_STATUS:
             message = self._config_message(ep, status, detail)
             raise _Failure(f"http_{status}", message, retry=False,
@@ -522,10 +523,6 @@ class LLMClient:
         url = ep.endpoint.base_url + "/chat/completions"
         async with ep.http.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
             return resp.status, resp.headers, await resp.text(errors="replace")
-
-    @staticmethod
-    def _redact(ep: _EndpointState, text: str) -> str:
-        return text.replace(ep.key, "***") if ep.key else text
 
     async def complete_json(self, messages: Messages, model_cls: Any, **params: Any) -> Any:
         """See `fvqa.llm.structured.complete_json`."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from fvqa.redact import Scrubber
 from fvqa.search.config import SearchConfig
 from fvqa.search.reader import PageReader
 from fvqa.search.types import BadRequest, Candidate, ImageHit, PageError, QueryImage, SearchError
@@ -38,12 +39,13 @@ class WebBackend:
         self._client = httpx.Client(timeout=self.web.timeout_s)
         self.cache_id = f"web:{self.web.base_url}:{self.web.image_engine}:{self.web.text_engine}"
         self._key = self.web.api_key()  # fail at start-up, not on the thousandth rollout
+        self._scrubber = Scrubber([self._key])
 
     def _api_key(self) -> str:
         return self._key
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return self._scrubber.text(text)  # raw and URL-encoded: the key rides in the query string
 
     def _serp(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         """One SerpAPI call with retries; returns the JSON body or raises SearchError."""
@@ -59,7 +61,7 @@ class WebBackend:
                 last = "timed out"
                 continue
             except httpx.HTTPError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = self._scrub(f"{type(exc).__name__}: {exc}")  # httpx errors quote the URL, key included
                 continue
             if resp.status_code == 429 or resp.status_code >= 500:
                 last = f"HTTP {resp.status_code}"
@@ -77,7 +79,7 @@ class WebBackend:
             if resp.status_code >= 400 or error:
                 raise SearchError(self._scrub(f"search API error (HTTP {resp.status_code}): {error or resp.text[:200]}"))
             self._charge(kind)
-            return body
+            return self._scrubber.value(body)  # SerpAPI echoes the request (and key) in search_parameters
         raise SearchError(self._scrub(f"search API unavailable after {self.web.retries + 1} attempts: {last}"))
 
     def _charge(self, kind: str) -> None:
