@@ -63,7 +63,7 @@ def _text(name: str, value: str) -> dict[str, Any]:
     ("result", "message"),
     [
         ([], "annotation has no verdict"),
-        ([_choice("verdict", "maybe")], "unknown verdict value ['maybe']"),
+        ([_choice("verdict", "maybe")], 'unknown verdict value: ["maybe"]'),
         ([_choice("verdict", "fix")], "verdict fix without a corrected answer"),
         ([_choice("verdict", "keep"), _choice("knowledge_type", "Cooking")], "unknown knowledge_type value"),
         ([_choice("verdict", "keep"), _choice("search", "yes")], "unknown search value"),

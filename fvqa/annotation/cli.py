@@ -160,10 +160,20 @@ def pull(
     with Workspace(_ws_path(config, workspace)) as ws:
         with err.status(f"exporting round {round_} from {client.conn.url}..."):
             res = do_pull(ws, client, round_)
-    out.print(f"round {round_}: {res['tasks']} tasks, {res['annotations']} annotations stored, "
-              f"{res['rejected']} rejected")
+    out.print(f"round {round_}: {res['tasks']} tasks ({res['tasks_rejected']} rejected, {res['tasks_deleted']} "
+              f"deleted in Label Studio); {res['annotations_in']} annotations: {res['annotations']} stored, "
+              f"{res['annotations_rejected']} rejected, {res['skipped']} skipped", highlight=False)
     for reason, n in sorted(res["reasons"].items(), key=lambda kv: -kv[1]):
         out.print(f"  rejected {n}: {reason}", highlight=False)
+    for reason, n in sorted(res["skipped_reasons"].items(), key=lambda kv: -kv[1]):
+        out.print(f"  skipped {n}: {reason}", highlight=False)
+    if res["anonymous"]:
+        out.print(f"  {res['anonymous']} stored annotations have no annotator (each counts as its own, "
+                  "anonymous:<annotation id>)", highlight=False)
+    if res["superseded"]:
+        out.print(f"  {res['superseded']} stored annotations superseded by a later one of the same annotator on the "
+                  f"same item ({res['superseded_changed']} with other values): the latest updated_at counts",
+                  highlight=False)
 
 
 def _fmt(value: float) -> str:

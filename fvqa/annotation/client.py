@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
@@ -218,6 +219,9 @@ class LabelStudioClient:
             tasks = json.loads(data)
         except ValueError as exc:
             raise FvqaError(f"Label Studio's export of project {project_id} is not JSON: {data[:200]!r}") from exc
+        except RecursionError:
+            raise FvqaError(f"Label Studio's export of project {project_id} is nested too deeply to read "
+                            f"(more than about {sys.getrecursionlimit()} levels)") from None
         if not isinstance(tasks, list):
             raise FvqaError(f"Label Studio's export of project {project_id} is not a list of tasks")
         return tasks

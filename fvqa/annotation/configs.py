@@ -1,6 +1,6 @@
 """Label Studio label configs (XML): reviewing a pipeline item, and writing a new (manual) item.
 
-The control names here are the contract with `rounds.parse_review` / `rounds.parse_manual`: a
+The control names here are the contract with `parse.parse_review` / `parse.parse_manual`: a
 value outside the listed choices is rejected on pull, never guessed.
 """
 

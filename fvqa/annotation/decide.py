@@ -1,7 +1,9 @@
 """Decisions from pulled annotation rows: agreement, disagreements, and merging into `gold`.
 
 Works on the workspace alone (no server). An empty optional field (knowledge type, search need)
-is a missing value: it neither agrees nor disagrees. Each annotator's latest annotation counts.
+is a missing value: it neither agrees nor disagrees. When one annotator annotated an item more than
+once, only their latest annotation counts: latest `updated_at` (else `created_at`), ties and rows
+without a time broken by the higher annotation id. `pull` counts and reports those superseded rows.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fvqa.annotation import tables
@@ -39,11 +42,37 @@ def _field(row: dict[str, Any], name: str) -> Any:
     return final_answer(row) if name == "answer" else row[name]
 
 
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def latest_key(row: dict[str, Any]) -> tuple[bool, datetime, int]:
+    """Sort key of annotations: the largest is the one that counts (see the module docstring)."""
+    t = _time(row.get("updated_at")) or _time(row.get("created_at"))
+    return (t is not None, t or datetime.min.replace(tzinfo=UTC), int(row["annotation_id"]))
+
+
 def _latest_per_annotator(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     by_item: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for r in rows:  # ordered by annotation id: a later annotation by the same person wins
+    for r in sorted(rows, key=latest_key):  # a later annotation by the same person wins
         by_item[r["item_id"]][r["annotator"]] = r
     return by_item
+
+
+def superseded(rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """Rows that do not count because their annotator annotated the item again, and how many of
+    those differ from the annotation that counts (on any of FIELDS)."""
+    latest = _latest_per_annotator(rows)
+    old = [r for r in rows if latest[r["item_id"]][r["annotator"]] is not r]
+    changed = [r for r in old if any(_field(r, f) != _field(latest[r["item_id"]][r["annotator"]], f)
+                                     for f in FIELDS)]
+    return len(old), len(changed)
 
 
 @dataclass
@@ -122,7 +151,7 @@ def apply(ws: Workspace, round_name: str) -> dict[str, int]:
     for item, per in _latest_per_annotator(rows).items():
         anns = list(per.values())
         if rnd["kind"] == "adjudication":
-            anns = [max(anns, key=lambda r: r["annotation_id"])]
+            anns = [max(anns, key=latest_key)]
         if len(anns) < target:
             counts["pending"] += 1
             continue

@@ -2,8 +2,9 @@
 
 Each step is idempotent. `push` adds only items the round does not hold yet (checked against the
 server, so a crash between import and bookkeeping never duplicates tasks); `pull` rewrites the
-round's rows from one full export. Bad annotations never crash a pull: each lands in `rejects`
-(stage `annotate`) with a reason. Decisions and `gold` live in `decide`.
+round's rows from one full export. Bad tasks and annotations never crash a pull: each lands in
+`rejects` (stage `annotate`) with a fixed reason naming the field (shapes are checked in `parse`).
+Decisions and `gold` live in `decide`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,27 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fvqa.annotation import configs, tables
 from fvqa.annotation.client import LabelStudioClient
-from fvqa.annotation.decide import STAGE, disagreements
-from fvqa.annotation.parse import AnnotationProblem, parse_manual, parse_review
+from fvqa.annotation.decide import STAGE, disagreements, superseded
+from fvqa.annotation.parse import (
+    Annotation,
+    AnnotationProblem,
+    Task,
+    annotation_id,
+    annotation_shape,
+    as_id,
+    cancelled,
+    parse_manual,
+    parse_review,
+    show,
+    task_shape,
+)
 from fvqa.errors import FvqaError
 from fvqa.store import ImageError, Workspace, now
 
@@ -69,8 +84,14 @@ def _ensure_round(ws: Workspace, client: LabelStudioClient, name: str, kind: str
 
 
 def _server_item_ids(client: LabelStudioClient, pid: int) -> dict[str, int]:
-    return {t["data"]["item_id"]: int(t["id"]) for t in client.export_tasks(pid)
-            if isinstance(t.get("data"), dict) and t["data"].get("item_id")}
+    """Item id -> task id of the project's tasks (tasks of any other shape are not fvqa's)."""
+    out: dict[str, int] = {}
+    for t in client.export_tasks(pid):
+        data = t.get("data") if isinstance(t, dict) else None
+        item, tid = (data.get("item_id"), as_id(t.get("id"))) if isinstance(data, dict) else (None, None)
+        if isinstance(item, str) and item and tid is not None:
+            out.setdefault(item, tid)
+    return out
 
 
 def _predictions(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,8 +169,17 @@ def create_manual(ws: Workspace, client: LabelStudioClient, round_name: str, *, 
     return _ensure_round(ws, client, round_name, "manual", configs.manual_config(), annotators, "manual")[0]
 
 
-def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str, int]:
-    """Store every annotation of a round as a row (replacing the round's previous pull)."""
+def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str, Any]:
+    """Store every annotation of a round as a row (replacing the round's previous pull).
+
+    Each annotation of a readable task ends in exactly one place, and the counts say so
+    (`annotations_in == annotations + annotations_rejected + skipped`): a stored row, a reject
+    (stage `annotate`, a fixed reason naming the field, the first copy of a duplicated annotation id
+    kept) or a skip with a reason (cancelled in Label Studio). A task that cannot be read at all is
+    one reject. An annotation without `completed_by` is its own annotator, `anonymous:<annotation
+    id>`, never merged with another. Re-annotations of an item by the same annotator are all
+    stored; the latest counts (see `decide`) and the superseded ones are counted.
+    """
     tables.ensure(ws)
     rnd = tables.round_row(ws, round_name)
     if rnd is None:
@@ -159,58 +189,113 @@ def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str,
         raise FvqaError(f"the Label Studio project of round {round_name} (id {pid}) is gone from {client.conn.url}")
     exported = client.export_tasks(pid)
     users = client.user_emails(refresh=True)
-    items = ws.keys("items", "item_id")
-    pushed = dict(ws.execute("SELECT task_id, item_id FROM annotation_tasks WHERE round = ?", [round_name]))
-    manual = rnd["kind"] == "manual"
+    ctx = _PullContext(ws, client, round_name, pid, rnd["kind"] == "manual", ws.keys("items", "item_id"),
+                       dict(ws.execute("SELECT task_id, item_id FROM annotation_tasks WHERE round = ?", [round_name])),
+                       users, now())
     rows: list[dict[str, Any]] = []
-    rejects: list[tuple[str, str, str, str]] = []
+    task_rejects: list[tuple[str, str, str, str]] = []
+    ann_rejects: list[tuple[str, str, str, str]] = []
+    skipped: Counter[str] = Counter()
     seen_tasks: set[int] = set()
-    pulled_at = now()
-    for task in exported:
-        tid = int(task.get("id", -1))
-        seen_tasks.add(tid)
-        data = task.get("data") if isinstance(task.get("data"), dict) else {}
-        item_id = data.get("item_id")
-        for ann in task.get("annotations") or []:
-            key = f"{round_name}/task {tid}/annotation {ann.get('id')}"
-            if ann.get("was_cancelled"):
-                rejects.append((STAGE, key, "annotation was skipped (cancelled) in Label Studio", ""))
-                continue
+    seen_annotations: dict[int, int] = {}  # annotation id -> task id of its first copy
+    annotations_in = 0
+    for pos, raw in enumerate(exported):
+        tid = as_id(raw.get("id")) if isinstance(raw, dict) else None
+        try:
+            if tid is not None and tid in seen_tasks:
+                n = len(raw["annotations"]) if isinstance(raw.get("annotations"), list) else 0
+                raise AnnotationProblem("duplicate task id", f"again at position {pos}: the first copy is used, "
+                                                             f"the {n} annotations of this one are not read")
+            task = task_shape(raw)
+        except AnnotationProblem as exc:
+            key = f"{round_name}/task {tid}" if tid is not None else f"{round_name}/task #{pos}"
+            task_rejects.append((STAGE, key, exc.reason, exc.detail))
+            if tid is not None:
+                seen_tasks.add(tid)  # it exists on the server: not deleted
+            continue
+        seen_tasks.add(task.id)
+        for apos, ann in enumerate(task.annotations):
+            annotations_in += 1
+            key = f"{round_name}/task {task.id}/annotation #{apos}"
             try:
-                if manual:
-                    fields = parse_manual(ann.get("result") or [])
-                    fields["image_sha256"] = _store_image(ws, client, data.get("image"))
-                    item_id = f"manual-{round_name}-{ann.get('id')}"
-                else:
-                    if not item_id:
-                        raise AnnotationProblem("task has no item_id in its data (not pushed by fvqa?)")
-                    if item_id not in items:
-                        raise AnnotationProblem(f"item {item_id} is no longer in the workspace")
-                    fields = parse_review(ann.get("result") or [], data.get("answer"))
+                aid = annotation_id(ann)
+                key = f"{round_name}/task {task.id}/annotation {aid}"
+                if aid in seen_annotations:
+                    raise AnnotationProblem("duplicate annotation id", f"first seen in task {seen_annotations[aid]}: "
+                                                                       "that copy is used, this one ignored")
+                seen_annotations[aid] = task.id
+                if cancelled(ann):
+                    skipped["cancelled in Label Studio"] += 1
+                    continue
+                rows.append(ctx.row(task, annotation_shape(ann, aid)))
             except AnnotationProblem as exc:
-                rejects.append((STAGE, key, str(exc), json.dumps(ann.get("result"))[:2000]))
-                continue
-            uid = ann.get("completed_by")
-            uid = uid.get("id") if isinstance(uid, dict) else uid
-            rows.append(dict(round=round_name, annotation_id=int(ann["id"]), task_id=tid, project_id=pid,
-                             item_id=item_id, annotator=users.get(int(uid), f"user-{uid}") if uid else "unknown",
-                             annotator_id=int(uid) if uid else None, lead_time=ann.get("lead_time"),
-                             created_at=ann.get("created_at"), updated_at=ann.get("updated_at"),
-                             pulled_at=pulled_at, **fields))
-    for tid, item_id in pushed.items():
-        if tid not in seen_tasks:
-            rejects.append((STAGE, f"{round_name}/task {tid}", "task deleted in Label Studio",
-                            f"item {item_id}: push the round again to re-create it"))
+                result = ann.get("result") if isinstance(ann, dict) else None
+                ann_rejects.append((STAGE, key, exc.reason, exc.detail or show(result, 2000)))
+    deleted = [(STAGE, f"{round_name}/task {tid}", "task deleted in Label Studio",
+                f"item {item_id}: push the round again to re-create it")
+               for tid, item_id in ctx.pushed.items() if tid not in seen_tasks]
+    rejects = task_rejects + ann_rejects + deleted
     with ws.transaction():
         ws.execute("DELETE FROM annotations WHERE round = ?", [round_name])
         ws.execute("DELETE FROM rejects WHERE stage = ? AND starts_with(key, ?)", [STAGE, f"{round_name}/task "])
         if rows:
             ws.insert("annotations", _complete(rows))
         ws.add_rejects(rejects)
-        ws.execute("UPDATE annotation_rounds SET pulled_at = ? WHERE round = ?", [pulled_at, round_name])
-    return {"tasks": len(exported), "annotations": len(rows), "rejected": len(rejects),
-            "reasons": dict(Counter(r[2] if not r[2].startswith("unknown ") else r[2].split(" (")[0]
-                                    for r in rejects))}
+        ws.execute("UPDATE annotation_rounds SET pulled_at = ? WHERE round = ?", [ctx.pulled_at, round_name])
+    old, changed = (0, 0) if ctx.manual else superseded(rows)
+    return {"tasks": len(exported), "tasks_rejected": len(task_rejects), "tasks_deleted": len(deleted),
+            "annotations_in": annotations_in, "annotations": len(rows), "annotations_rejected": len(ann_rejects),
+            "skipped": sum(skipped.values()), "skipped_reasons": dict(skipped),
+            "anonymous": sum(1 for r in rows if r["annotator_id"] is None),
+            "superseded": old, "superseded_changed": changed,
+            "rejected": len(rejects), "reasons": dict(Counter(r[2] for r in rejects))}
+
+
+@dataclass
+class _PullContext:
+    """What turning one exported annotation into a row needs."""
+
+    ws: Workspace
+    client: LabelStudioClient
+    round_name: str
+    project_id: int
+    manual: bool
+    items: set[str]
+    pushed: dict[int, str]
+    users: dict[int, str]
+    pulled_at: datetime
+
+    def row(self, task: Task, ann: Annotation) -> dict[str, Any]:
+        """The `annotations` row of one annotation; raises AnnotationProblem for anything unusable."""
+        data = task.data
+        if not isinstance(data, dict):
+            raise AnnotationProblem("task data is not an object", show(data))
+        if self.manual:
+            fields = parse_manual(ann.result)
+            fields["image_sha256"] = _store_image(self.ws, self.client, data.get("image"))
+            item_id = f"manual-{self.round_name}-{ann.id}"
+        else:
+            item_id = data.get("item_id")
+            if item_id is None:
+                raise AnnotationProblem("task has no item_id in its data", "not pushed by fvqa?")
+            if not isinstance(item_id, str) or not item_id:
+                raise AnnotationProblem("task item_id is not a string", show(item_id))
+            if task.id in self.pushed and self.pushed[task.id] != item_id:
+                raise AnnotationProblem("task item_id differs from the pushed one",
+                                        f"{show(item_id)}, pushed as {self.pushed[task.id]}")
+            if item_id not in self.items:
+                raise AnnotationProblem("item no longer in the workspace", show(item_id))
+            proposed = data.get("answer")
+            if proposed is not None and not isinstance(proposed, str):
+                raise AnnotationProblem("task answer is not a string", show(proposed))
+            fields = parse_review(ann.result, proposed)
+        if ann.user_id is None:
+            annotator = f"anonymous:{ann.id}"  # never merged with another anonymous annotation
+        else:
+            annotator = self.users.get(ann.user_id) or ann.user_email or f"user-{ann.user_id}"
+        return dict(round=self.round_name, annotation_id=ann.id, task_id=task.id, project_id=self.project_id,
+                    item_id=item_id, annotator=annotator, annotator_id=ann.user_id, lead_time=ann.lead_time,
+                    created_at=ann.created_at, updated_at=ann.updated_at, pulled_at=self.pulled_at, **fields)
 
 
 _COLUMNS = ("verdict", "answer", "proposed_answer", "knowledge_type", "search_label", "comment", "question",
@@ -227,9 +312,9 @@ def _store_image(ws: Workspace, client: LabelStudioClient, url: Any) -> str:
     try:
         return ws.put_image(client.download(url), provenance={"stage": "annotate", "url": url}).sha256
     except FvqaError as exc:
-        raise AnnotationProblem(str(exc)) from exc
+        raise AnnotationProblem("written item image cannot be downloaded", str(exc)) from exc
     except ImageError as exc:
-        raise AnnotationProblem(f"uploaded image: {exc}") from exc
+        raise AnnotationProblem("written item image is not a usable image", str(exc)) from exc
 
 
 def adjudicate(ws: Workspace, client: LabelStudioClient, round_name: str, new_round: str | None = None

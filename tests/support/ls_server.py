@@ -17,7 +17,7 @@ import pytest
 from fvqa.annotation import server
 from fvqa.errors import FvqaError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/support/ -> the repo root
 
 
 @dataclass
