@@ -108,6 +108,9 @@ def build(
     until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
     force: Annotated[str | None, typer.Option(help="Redo these stages from scratch, comma-separated.")] = None,
     estimate: Annotated[bool, typer.Option("--estimate", help="Print expected paid calls and cost; run nothing.")] = False,
+    retry_rejects: Annotated[str | None, typer.Option(
+        "--retry-rejects", help="Try these rejects again: STAGE or STAGE:REASON, comma-separated "
+        "(reasons as `fvqa status` lists them); the stage's outputs stay.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the build stages in order (match, concepts, crawl, generate, infoseek, tag, index, probe, split, export).
@@ -121,7 +124,8 @@ def build(
     if estimate:
         _print_estimate(estimate_build(cfg, console=err))
         return
-    run_build(cfg, only=_split_csv(stages) or None, until=until, force=_split_csv(force), console=err)
+    run_build(cfg, only=_split_csv(stages) or None, until=until, force=_split_csv(force),
+              retry_rejects=_split_csv(retry_rejects), console=err)
     exports = cfg.workspace / "exports"
     out.print(f"[green]build finished[/] — workspace: {cfg.workspace.resolve()}  exports: {exports.resolve()}")
 

@@ -59,12 +59,45 @@ def ensure_world(config: RunConfig, console: Console) -> None:
     make_world(world.path, seed=world.seed, n_entities=world.n_entities)
 
 
+def parse_retry_rejects(specs: Sequence[str], names: Sequence[str]) -> dict[str, list[str | None]]:
+    """`STAGE[:REASON]` specs -> stage -> reasons (None: all), checked before anything is touched."""
+    out: dict[str, list[str | None]] = {}
+    for spec in specs:
+        stage, _, reason = spec.partition(":")
+        stage, reason = stage.strip(), reason.strip()
+        if stage not in STAGES:
+            raise ConfigError(f"--retry-rejects: unknown stage '{stage}' (known: {', '.join(STAGES)})")
+        if stage not in names:
+            raise ConfigError(f"--retry-rejects {stage}: stage {stage} is not part of this build "
+                              f"(selected: {', '.join(names) or 'none'})")
+        out.setdefault(stage, []).append(reason or None)
+    return out
+
+
+def requeue_rejects(ws: Workspace, stage: str, reasons: Sequence[str | None], console: Console) -> int:
+    """Forget `stage`'s rejects with these reasons (None: all), so its next run does those keys again."""
+    n = 0
+    with ws.transaction():
+        for reason in reasons:
+            where, params = ("stage = ?", [stage]) if reason is None else ("stage = ? AND reason = ?", [stage, reason])
+            n += int(ws.execute(f"SELECT count(*) FROM rejects WHERE {where}", params)[0][0])
+            ws.execute(f"DELETE FROM rejects WHERE {where}", params)
+    if n == 0:
+        known = [r for (r,) in ws.execute("SELECT DISTINCT reason FROM rejects WHERE stage = ? ORDER BY 1", [stage])]
+        console.print(f"[yellow]stage {stage}: no rejects to retry for {', '.join(r or 'all' for r in reasons)}"
+                      + (f" (its reasons: {'; '.join(known)})" if known else "") + "[/]")
+    else:
+        console.print(f"stage {stage}: {n} reject(s) re-queued")
+    return n
+
+
 def run_build(
     config: RunConfig,
     *,
     only: Sequence[str] | None = None,
     until: str | None = None,
     force: Sequence[str] = (),
+    retry_rejects: Sequence[str] = (),
     console: Console | None = None,
 ) -> dict[str, StageStats]:
     """Run a build; re-running continues where a previous (possibly killed) run stopped.
@@ -73,6 +106,9 @@ def run_build(
     `check` (config, API keys in the environment) passes, then a forced stage's old outputs are
     deleted only when that stage runs, in the same transaction as its first committed batch — a
     forced stage that fails before producing anything leaves its previous outputs as they were.
+
+    `retry_rejects` (`STAGE` or `STAGE:REASON`) re-queues that stage's rejects (all, or those with
+    that reason) when the stage runs: their keys are to do again, its outputs stay.
     """
     console = console or Console(stderr=True)
     names = select_stages(config, only, until)
@@ -82,6 +118,7 @@ def run_build(
         if name not in names:
             raise ConfigError(f"--force {name}: stage {name} is not part of this build "
                               f"(selected: {', '.join(names) or 'none'}); enable it or name it in --stages")
+    retries = parse_retry_rejects(retry_rejects, names)
     ensure_world(config, console)
     results: dict[str, StageStats] = {}
     with Workspace(config.workspace) as ws:
@@ -94,6 +131,8 @@ def run_build(
                 kept = " (--force not applied: its previous outputs are kept)" if name in force else ""
                 console.print(f"[yellow]stage {name}: skipped, no input in {', '.join(missing)}{kept}[/]")
                 continue
+            if name in retries:
+                requeue_rejects(ws, name, retries[name], console)
             stats = execute_stage(stage, ws, config, console, reset=name in force)
             console.print(summary_table(name, stats))
             results[name] = stats
