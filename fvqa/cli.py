@@ -145,14 +145,18 @@ def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
         tables.add_row("dataset (view)", str(ws.count("dataset")))
         out.print(tables)
         runs = ws.con.execute(
-            "SELECT stage, max(started_at), arg_max(n_out, started_at), arg_max(n_rejected, started_at), "
-            "arg_max(seconds, started_at), sum(cost_usd) FROM runs GROUP BY stage ORDER BY min(started_at)"
+            "SELECT stage, max(started_at), arg_max(status, started_at), arg_max(n_out, started_at), "
+            "arg_max(n_rejected, started_at), arg_max(seconds, started_at) FROM runs GROUP BY stage "
+            "ORDER BY min(started_at)"
         ).fetchall()
         rt = Table(title="stages (last run)")
-        for col in ("stage", "last run", "out", "rejected", "seconds"):
+        for col in ("stage", "last run", "status", "out", "rejected", "seconds"):
             rt.add_column(col)
-        for stage, when, n_out, n_rej, secs, _cost in runs:
-            rt.add_row(stage, str(when)[:19], str(n_out), str(n_rej), f"{secs:.1f}")
+        shown = {"running": "[yellow]running or interrupted[/]", "failed": "[red]failed[/]", "done": "done"}
+        for stage, when, status, n_out, n_rej, secs in runs:
+            rt.add_row(stage, str(when)[:19], shown.get(status or "done", str(status)),
+                       "-" if n_out is None else str(n_out), "-" if n_rej is None else str(n_rej),
+                       "-" if secs is None else f"{secs:.1f}")
         out.print(rt)
         # Money from the response caches' spend tables (booked with each reply, so right after a
         # kill), not from `runs` (written when a stage finishes).

@@ -125,7 +125,7 @@ def test_generate_with_an_unknown_model_stops_at_one_request_of_many(tmp_path: P
         assert "\n" not in msg
         assert 1 <= srv.count("POST", "/v1/chat/completions") <= 2  # not max_concurrency of them
         assert _rows(root, "SELECT count(*) FROM rejects")[0][0] == 0
-        assert _rows(root, "SELECT count(*) FROM runs")[0][0] == 0  # the stage did not finish
+        assert _rows(root, "SELECT status FROM runs") == [("failed",)]  # the stage did not finish
         srv.clear_faults()
         fixed = RunConfig(workspace=root, generate=GenerateConfig(backend="llm", llm=_llm(srv)))
         with Workspace(root) as ws:

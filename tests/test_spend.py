@@ -137,11 +137,13 @@ def test_sigkill_mid_build_keeps_the_books_then_rerun_pays_only_the_rest(tmp_pat
         assert lost in (0, 1)  # max_concurrency 1: at most one in flight
         usd_kept = sum(usd for usd in billed[:kept])
         with Workspace(root, read_only=True) as ws:  # the killed stage wrote no `runs` row
-            assert ws.execute("SELECT count(*) FROM runs WHERE stage = 'generate'")[0][0] == 0
+            assert ws.execute("SELECT status FROM runs WHERE stage = 'generate'") == [("running",)]
         [row] = read_spend(root / "cache")
         assert row.calls == kept and row.usd == pytest.approx(usd_kept)
-        calls, usd = _status_generate(_status(config))
+        shown = _status(config)
+        calls, usd = _status_generate(shown)
         assert calls == kept and usd == pytest.approx(usd_kept, abs=1e-4)
+        assert "running or interrupted" in shown  # the killed stage's runs row was never completed
 
         res = subprocess.run(build, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr

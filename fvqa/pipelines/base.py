@@ -2,8 +2,9 @@
 
 A stage asks the context which keys are still to do (`ctx.todo`), emits output rows and rejects
 through the context, and the context commits them together in batches inside one transaction.
-The stage's `runs` row is written last, after its outputs, so a crash shows as a run without a
-completion record and the next `fvqa build` simply continues.
+The stage's `runs` row is written first with status `running` and completed last, after its
+outputs (`done`, or `failed` when the stage raised), so a killed stage shows as `running` in
+`fvqa status` and the next `fvqa build` simply continues.
 """
 
 from __future__ import annotations
@@ -270,6 +271,18 @@ def execute_stage(stage: Stage, ws: Workspace, config: RunConfig, console: Conso
     run_id = uuid.uuid4().hex[:12]
     started_at = now()
     t0 = time.perf_counter()
+    ws.insert("runs", [dict(run_id=run_id, stage=stage.name, config_hash=config.section_hash(stage.name),
+                            started_at=started_at, status="running")])
+
+    def finish(status: str) -> float:
+        seconds = time.perf_counter() - t0
+        ws.execute(
+            "UPDATE runs SET seconds = ?, n_in = ?, n_out = ?, n_rejected = ?, cost_usd = ?, stats = ?, status = ? "
+            "WHERE run_id = ?",
+            [seconds, ctx.stats.n_in, ctx.stats.n_out, ctx.stats.n_rejected, ctx.stats.cost_usd,
+             json.dumps(ctx.stats.as_dict(), default=str), status, run_id])
+        return seconds
+
     if reset:
         ctx.begin_reset()
     try:
@@ -278,25 +291,10 @@ def execute_stage(stage: Stage, ws: Workspace, config: RunConfig, console: Conso
         ctx.end_reset()  # a forced stage that finished with nothing to write: the reset stands
     except BaseException as exc:
         ctx.abort_reset(exc)
+        try:
+            finish("failed")
+        except Exception:  # noqa: BLE001 - the workspace itself may be what failed; the stage's error wins
+            pass
         raise
-    seconds = time.perf_counter() - t0
-    ws.insert(
-        "runs",
-        [
-            dict(
-                run_id=run_id,
-                stage=stage.name,
-                config_hash=config.section_hash(stage.name),
-                started_at=started_at,
-                seconds=seconds,
-                n_in=ctx.stats.n_in,
-                n_out=ctx.stats.n_out,
-                n_rejected=ctx.stats.n_rejected,
-                cost_usd=ctx.stats.cost_usd,
-                stats=json.dumps(ctx.stats.as_dict(), default=str),
-                status="done",
-            )
-        ],
-    )
-    ctx.stats.extra["seconds"] = seconds
+    ctx.stats.extra["seconds"] = finish("done")
     return ctx.stats
