@@ -8,7 +8,6 @@ loses at most one uncommitted batch and never repeats a committed (possibly paid
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -24,6 +23,7 @@ import pyarrow as pa
 
 from fvqa.errors import WorkspaceError
 from fvqa.schema import SCHEMA_VERSION
+from fvqa.vision.gate import CheckedImage, ImageReject, check_image
 
 DEFAULT_WORKSPACE = Path("fvqa-work")
 
@@ -143,32 +143,13 @@ class ImageRef:
     height: int
 
 
-class ImageError(ValueError):
-    """Bytes that are not a decodable image (the reason goes into `rejects`)."""
+ImageError = ImageReject
+"""Bytes that do not pass the image gate (`fvqa.vision.gate`; its `reason` goes into `rejects`)."""
 
 
 def now() -> datetime:
     """Current UTC time without tzinfo (DuckDB TIMESTAMP)."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def sniff_image(data: bytes) -> tuple[str, int, int]:
-    """Return (ext, width, height) from the bytes themselves, never from a header or file name."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = (im.format or "").lower()
-            width, height = im.size
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"not a decodable image ({exc.__class__.__name__}: {exc})") from exc
-    except Image.DecompressionBombError as exc:  # pragma: no cover - subclass of Exception only
-        raise ImageError(f"decompression bomb: {exc}") from exc
-    ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
-    if not ext:
-        raise ImageError("unknown image format")
-    return ext, width, height
 
 
 class Workspace:
@@ -270,23 +251,39 @@ class Workspace:
         return self.image_path(sha256, row[0])
 
     # -- images ----------------------------------------------------------------------------
-    def put_image(self, data: bytes, *, provenance: dict[str, Any] | None = None) -> ImageRef:
-        """Store image bytes once by content hash (atomic write) and record them in `images`."""
-        ext, width, height = sniff_image(data)
+    def store_image(
+        self, data: bytes, *, provenance: dict[str, Any] | None = None, checked: CheckedImage | None = None,
+        min_side: int = 1,
+    ) -> tuple[ImageRef, dict[str, Any]]:
+        """Gate image bytes, write the file once by content hash (atomic) and return its ref and its
+        `images` row, *not inserted*: the caller commits the row in the transaction of the batch that
+        references it (a file nothing references is harmless; a row without its item is not).
+
+        `checked`: the gate's result for `data` when the caller already has it (crawl re-encodes its
+        checked image itself); otherwise `check_image(data, min_side=min_side)` runs here and raises
+        `ImageError` (= `ImageReject`)."""
+        if checked is None:
+            checked = check_image(data, min_side=min_side)
         sha = hashlib.sha256(data).hexdigest()
-        path = self.image_path(sha, ext)
+        path = self.image_path(sha, checked.ext)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, path)
-        self.execute(
-            "INSERT OR IGNORE INTO images (sha256, ext, width, height, n_bytes, provenance) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [sha, ext, width, height, len(data), json.dumps(provenance or {})],
-        )
-        return ImageRef(sha, ext, path, width, height)
+        row = dict(sha256=sha, ext=checked.ext, width=checked.width, height=checked.height, n_bytes=len(data),
+                   provenance=json.dumps(provenance or {}))
+        return ImageRef(sha, checked.ext, path, checked.width, checked.height), row
+
+    def put_image(self, data: bytes, *, provenance: dict[str, Any] | None = None, min_side: int = 1) -> ImageRef:
+        """`store_image` and insert its row right away (inside the current transaction, if any).
+
+        For single images outside a stage batch; a stage storing images for the rows it emits uses
+        `store_image` and commits the row with them."""
+        ref, row = self.store_image(data, provenance=provenance, min_side=min_side)
+        self.insert("images", [row])
+        return ref
 
     # -- rows ------------------------------------------------------------------------------
     @contextmanager

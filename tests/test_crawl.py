@@ -174,13 +174,13 @@ def test_429_is_retried_after_retry_after_and_5xx_gives_up(crawl_run):
 def test_every_bad_candidate_has_its_reason(crawl_run):
     url, rejects = crawl_run["url"], crawl_run["rejects"]
     expected = {
-        "/truncated.jpg": "corrupt image",
+        "/truncated.jpg": "image undecodable",
         "/cut-transfer.jpg": "connection error",
-        "/html.jpg": "not an image",
-        "/bomb.png": "decompression bomb",
+        "/html.jpg": "image format unknown",
+        "/bomb.png": "image too large",
         "/slow.jpg": "timeout",
         "/trickle.jpg": "timeout",
-        "/tiny.png": "too small",
+        "/tiny.png": "image too small",
         "/huge.jpg": "too large",
         "/huge-stream.jpg": "too large",
         "/private/secret.jpg": "disallowed by robots.txt",
@@ -195,7 +195,7 @@ def test_every_bad_candidate_has_its_reason(crawl_run):
     assert "stopped reading" in rejects[url("/huge-stream.jpg")][1]
     assert crawl_run["hits"].get("/private/secret.jpg", 0) == 0
     # concepts without any usable image are rejected with the candidates' reasons
-    assert rejects["c08-bomb"] == ("no usable image", "'bomb sculptor': decompression bomb: 1")
+    assert rejects["c08-bomb"] == ("no usable image", "'bomb sculptor': image too large: 1")
     assert rejects["c16-none"][0] == "no candidates"
     for cid in ("c05-broken", "c06-truncated", "c07-html", "c10-tiny", "c11-huge", "c12-missing", "c13-robots",
                 "c14-dups", "c09-slow"):
@@ -205,8 +205,8 @@ def test_every_bad_candidate_has_its_reason(crawl_run):
 def test_summary_counts_every_failure_mode(crawl_run):
     stats = crawl_run["stats"]
     assert stats.n_in == len(CASES) and stats.n_out == 5
-    for reason in ("HTTP 500", "HTTP 404", "timeout", "corrupt image", "not an image", "decompression bomb",
-                   "too small", "too large", "near-duplicate", "exact duplicate", "disallowed by robots.txt",
+    for reason in ("HTTP 500", "HTTP 404", "timeout", "image undecodable", "image format unknown", "image too large",
+                   "image too small", "too large", "near-duplicate", "exact duplicate", "disallowed by robots.txt",
                    "no usable image", "no candidates", "lower CLIP score than chosen image", "page HTTP 404"):
         assert stats.rejected[reason] >= 1, reason
     assert any("random weights" in n for n in stats.notes)
@@ -312,7 +312,8 @@ def test_image_checks_without_network():
     rgba.save(buf, format="PNG")
     flat = process_image(buf.getvalue(), max_side=500, min_side=32, max_pixels=10**8)
     assert flat.image.mode == "RGB" and flat.image.getpixel((0, 0)) == (255, 255, 255)  # transparency -> white
-    for data, reason in ((b"", "not an image"), (b'{"a": 1}', "not an image"), (bomb_png(3000), "decompression bomb")):
+    for data, reason in ((b"", "image format unknown"), (b'{"a": 1}', "image format unknown"),
+                         (bomb_png(3000), "image too large")):
         with pytest.raises(ImageReject) as exc:
             process_image(data, max_side=500, min_side=32, max_pixels=1_000_000)
         assert exc.value.reason == reason
@@ -337,7 +338,8 @@ def test_demo_build_crawls_one_image_per_concept(demo_config: Path, tmp_path: Pa
     assert n_concepts == 200 and per_concept == [(1,)]
     # every concept is either crawled or rejected with a reason; the demo's planted files are caught
     assert n_crawled + reasons.get("no candidates", 0) + reasons.get("no usable image", 0) == n_concepts
-    assert bad == {"corrupt.jpg": "corrupt image", "not_an_image.jpg": "not an image", "tiny.png": "too small"}
+    assert bad == {"corrupt.jpg": "image undecodable", "not_an_image.jpg": "image format unknown",
+                   "tiny.png": "image too small"}
     assert texts == n_crawled and orphans == 0
 
 

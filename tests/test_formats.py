@@ -78,7 +78,7 @@ def test_benchmark_bad_lines_are_rejects_and_a_bad_subset_file_is_an_error(tmp_p
     from fvqa.eval.config import BenchmarkSpec
 
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
     (tmp_path / "a.png").write_bytes(buf.getvalue())
     path = tmp_path / "live.jsonl"
     path.write_text('{"id": "q1", "image": "a.png", "question": "What?", "answer": "red"}\n' + NESTED + "\n[]\n")
@@ -155,7 +155,7 @@ def test_native_export_carries_data_id_to_evaluation(tmp_path: Path) -> None:
     from fvqa.pipelines.export import export_all
 
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16), "blue").save(buf, format="PNG")
+    Image.new("RGB", (64, 64), "blue").save(buf, format="PNG")
     with Workspace(tmp_path / "ws") as ws:
         sha = ws.put_image(buf.getvalue()).sha256
         ws.insert("items", [dict(item_id="import-u1", source="import", data_id="u1", question="What?", answer="Blue",

@@ -22,7 +22,7 @@ from fvqa.store import Workspace
 
 def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (seed * 37 % 256, seed * 91 % 256, 120)).save(buf, format="JPEG")
+    Image.new("RGB", (80, 64), (seed * 37 % 256, seed * 91 % 256, 120)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -114,7 +114,7 @@ def test_official_rows_with_numeric_ranges_unicode_and_bad_input(tmp_path: Path)
     assert rejects["infoseek-infoseek_val_00000007"][0] == "answer missing"
     assert rejects["infoseek-infoseek_val_00000008"][0] == "malformed answer_eval"
     assert "low <= high" in rejects["infoseek-infoseek_val_00000008"][1]
-    assert rejects["infoseek-infoseek_val_00000010"][0] == "unreadable image"
+    assert rejects["infoseek-infoseek_val_00000010"][0] == "image format unknown"
     assert rejects["infoseek_val.jsonl:11"][0] == "duplicate data_id"
     assert stats.n_in == 11 and stats.n_out == 4 and stats.n_rejected == 7
 

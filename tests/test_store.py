@@ -31,7 +31,7 @@ def test_images_are_content_addressed_and_deduplicated(tmp_path):
 
 def test_image_type_is_sniffed_from_bytes_not_trusted(tmp_path):
     with Workspace(tmp_path / "ws") as ws:
-        with pytest.raises(ImageError, match="not a decodable image"):
+        with pytest.raises(ImageError, match="image format unknown"):
             ws.put_image(b"<html>not found</html>")
         with pytest.raises(ImageError):
             ws.put_image(_png()[:40])  # truncated

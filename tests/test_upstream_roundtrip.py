@@ -31,7 +31,7 @@ def _import(tmp_path: Path, table: pa.Table) -> tuple[Path, Path, subprocess.Com
 
 def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (40 + seed, 30), (seed * 40 % 255, 80, 120)).save(buf, format="JPEG")
+    Image.new("RGB", (64 + seed, 64), (seed * 40 % 255, 80, 120)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -87,7 +87,7 @@ def test_bad_rows_become_rejects(tmp_path: Path):
         counts = import_upstream(ws, src)
         assert counts == {"imported": 1, "skipped": 0, "rejected": 2}
         reasons = {r[0] for r in ws.execute("SELECT reason FROM rejects WHERE stage = 'import'")}
-        assert reasons == {"bad image", "candidate_answers is not a JSON list"}
+        assert reasons == {"image undecodable", "candidate_answers is not a JSON list"}
         assert ws.execute("SELECT split FROM splits") == [("test",)]
 
 

@@ -2,7 +2,10 @@
 
 Every row either becomes an item or a `Reject` with a reason a person can act on; rows left out on
 purpose (another split, a non-English SimpleVQA item, a text-only MMSearch query) are counted in
-`filtered` with the reason, so the numbers always add up. Formats:
+`filtered` with the reason, so the numbers always add up. Every image goes through the image gate
+(`fvqa.vision.gate`: format sniffed, pixel budget, full decode, minimum side); one it refuses makes its
+row a reject with the gate's reason (e.g. ``image undecodable``), never a question scored as wrong.
+Formats:
 
 * ``fvqa``: the released ``lmms-lab/FVQA`` test parquet (upstream's veRL layout: ``prompt``,
   ``images``, ``reward_model``, ``data_id``, ``image_urls``, ``category``), or fvqa's native export
@@ -24,7 +27,6 @@ import base64
 import binascii
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from fvqa.formats.infoseek import (
     find_image,
 )
 from fvqa.formats.jsonl import BadLine, read_jsonl
-from fvqa.store import ImageError, sniff_image
+from fvqa.vision.gate import ImageReject, check_image
 
 IMAGE_IN_PROMPT = "<image>"
 
@@ -83,6 +85,14 @@ class LoadResult:
 
 class RowError(ValueError):
     """A row is unusable; the message is the reject reason."""
+
+
+class ImageRowError(RowError):
+    """A row whose image the gate refuses: the message is the gate's reason, `detail` what it found."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
 
 
 # ------------------------------------------------------------------------------------ file reading
@@ -217,9 +227,9 @@ def image_bytes(value: Any, base: Path) -> bytes:
         else:
             raise RowError(f"image file not found: {path}")
     try:
-        sniff_image(data)
-    except ImageError as exc:  # no object addresses in the reason: re-runs must produce the same reject
-        raise RowError("bad image: " + re.sub(r" (object )?at 0x[0-9a-f]+", "", str(exc))) from exc
+        check_image(data)  # the one image gate: a bad image is a load reject, never a wrong prediction
+    except ImageReject as exc:
+        raise ImageRowError(exc.reason, exc.detail) from exc
     return data
 
 
@@ -407,7 +417,8 @@ def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int =
                 item = _livevqa(spec, row, base)
         except RowError as exc:
             key = _text(row, "data_id", "sample_id", "id", "item_id", required=False) or pos
-            rejects.append(Reject(key, str(exc), pos))
+            detail = f"{pos}: {exc.detail}" if isinstance(exc, ImageRowError) and exc.detail else pos
+            rejects.append(Reject(key, str(exc), detail))
             continue
         if item is None:
             continue

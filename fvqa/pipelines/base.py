@@ -133,6 +133,16 @@ class StageContext:
             self.stats.n_out += 1
         self._tick()
 
+    def emit_together(self, *rows: tuple[str, dict[str, Any]]) -> None:
+        """Buffer (table, row) pairs that must land in the same transaction, e.g. an `images` row and
+        the item referencing it: a batch boundary never falls between them."""
+        for table, row in rows:
+            self._rows.setdefault(table, []).append(row)
+            if table == self.stage.outputs[0]:
+                self.stats.n_out += 1
+        self._pending += len(rows) - 1
+        self._tick()
+
     def reject(self, key: str, reason: str, detail: str = "") -> None:
         """Buffer a reject (stage, key, reason, detail); committed with the current batch.
 

@@ -1,12 +1,17 @@
 """Exports: native Parquet, upstream's veRL layout (as `lmms-lab/FVQA`), and a Hugging Face folder.
 
-Files are written to a temporary name and renamed, so a crash never leaves a half-written export.
+Every image the export references is checked to be in the store first (a missing one is an
+`ExportError` naming it, before anything is written). The formats are then written into a fresh
+staging folder next to their destination (`exports/.staging-*`) and each format folder is renamed
+into place only once all of them are complete, so a crash or an error never leaves a half-written
+export, and a failed export leaves the previous one as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -15,10 +20,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fvqa.errors import FvqaError
 from fvqa.formats.verl import candidate_answers, data_source, verl_row
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.schema import ITEM_ARROW_SCHEMA, SearchLabel
 from fvqa.store import Workspace
+
+
+class ExportError(FvqaError):
+    """An export that cannot be written completely (nothing was written)."""
 
 
 def dataset_rows(ws: Workspace, include_unassigned: bool = True) -> list[dict[str, Any]]:
@@ -29,18 +39,40 @@ def dataset_rows(ws: Workspace, include_unassigned: bool = True) -> list[dict[st
     return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
+def _write_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.part")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    pq.write_table(table, path)
 
 
-def export_native(ws: Workspace, rows: list[dict[str, Any]]) -> Path:
-    """All items with lineage in fvqa's own schema (images by content hash)."""
+def _image_shas(row: dict[str, Any], prov: dict[str, Any] | None = None) -> list[str]:
+    """The store images a dataset row references (an imported row may carry several)."""
+    if prov is None:
+        prov = json.loads(row.get("provenance") or "{}")
+    imported = prov.get("import", {}) if isinstance(prov, dict) else {}
+    return list(imported.get("image_sha256s") or ([row["image_sha256"]] if row.get("image_sha256") else []))
+
+
+def missing_images(ws: Workspace, rows: list[dict[str, Any]]) -> list[str]:
+    """'<item_id>: <what>' for every referenced image without a catalog row or a file in the store."""
+    missing = []
+    for row in rows:
+        for sha in _image_shas(row):
+            try:
+                path = ws.find_image(sha)
+            except KeyError:
+                missing.append(f"{row['item_id']}: image {sha} not in the images table")
+                continue
+            if not path.is_file():
+                missing.append(f"{row['item_id']}: image file {path} missing")
+    return missing
+
+
+def export_native(ws: Workspace, rows: list[dict[str, Any]], root: Path | None = None) -> Path:
+    """All items with lineage in fvqa's own schema (images by content hash), under `root`/native
+    (default: the workspace's exports folder)."""
     table = pa.Table.from_pylist(rows, schema=ITEM_ARROW_SCHEMA)
-    path = ws.exports_dir / "native" / "fvqa_items.parquet"
-    _atomic_parquet(table, path)
+    path = (root or ws.exports_dir) / "native" / "fvqa_items.parquet"
+    _write_parquet(table, path)
     return path
 
 
@@ -60,7 +92,7 @@ def upstream_record(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
     if prompt is None or user_text != row["question"]:
         prompt = row["question"]
     images = []
-    shas = imported.get("image_sha256s") or ([row["image_sha256"]] if row.get("image_sha256") else [])
+    shas = _image_shas(row, prov)
     paths = imported.get("image_paths") or [None] * len(shas)
     for sha, path in zip(shas, paths, strict=False):
         images.append({"bytes": ws.find_image(sha).read_bytes(), "path": path})
@@ -75,15 +107,16 @@ def upstream_record(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def export_upstream(ws: Workspace, rows: list[dict[str, Any]]) -> list[Path]:
-    """One parquet per split in upstream's layout (what veRL and upstream tooling read)."""
+def export_upstream(ws: Workspace, rows: list[dict[str, Any]], root: Path | None = None) -> list[Path]:
+    """One parquet per split in upstream's layout (what veRL and upstream tooling read), under
+    `root`/upstream (default: the workspace's exports folder)."""
     by_split: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_split.setdefault(row["split"], []).append(upstream_record(ws, row))
     out = []
     for split, records in sorted(by_split.items()):
-        path = ws.exports_dir / "upstream" / f"fvqa_{split}.parquet"
-        _atomic_parquet(pa.Table.from_pylist(records), path)
+        path = (root or ws.exports_dir) / "upstream" / f"fvqa_{split}.parquet"
+        _write_parquet(pa.Table.from_pylist(records), path)
         out.append(path)
     return out
 
@@ -125,8 +158,9 @@ def _card(rows: list[dict[str, Any]]) -> str:
     return header + "\n\n" + "\n".join(body) + "\n"
 
 
-def export_hf(ws: Workspace, rows: list[dict[str, Any]]) -> Path:
-    """A `datasets.DatasetDict` folder (`save_to_disk`) with images embedded and a dataset card."""
+def export_hf(ws: Workspace, rows: list[dict[str, Any]], root: Path | None = None) -> Path:
+    """A `datasets.DatasetDict` folder (`save_to_disk`) with images embedded and a dataset card, at
+    `root`/hf (default: the workspace's exports folder)."""
     import datasets
 
     features = datasets.Features.from_arrow_schema(ITEM_ARROW_SCHEMA)
@@ -139,27 +173,45 @@ def export_hf(ws: Workspace, rows: list[dict[str, Any]]) -> Path:
     dd = datasets.DatasetDict(
         {s: datasets.Dataset.from_list(r, features=features) for s, r in sorted(by_split.items())}
     )
-    final = ws.exports_dir / "hf"
-    tmp = ws.exports_dir / "hf.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dd.save_to_disk(str(tmp))
-    (tmp / "README.md").write_text(_card(rows), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    final = (root or ws.exports_dir) / "hf"
+    dd.save_to_disk(str(final))
+    (final / "README.md").write_text(_card(rows), encoding="utf-8")
     return final
 
 
+def _publish(staged: Path, final: Path, trash: Path) -> None:
+    """Rename the complete folder `staged` to `final`, the previous `final` (if any) moved to `trash`."""
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(staged, final)
+
+
 def export_all(ws: Workspace, formats: list[str], include_unassigned: bool = True) -> dict[str, list[Path]]:
-    """Write the requested formats; returns the paths written per format."""
+    """Write the requested formats; returns the paths written per format.
+
+    Raises ExportError (writing nothing) when an image the rows reference is not in the store."""
     rows = dataset_rows(ws, include_unassigned)
-    written: dict[str, list[Path]] = {}
-    if "native" in formats:
-        written["native"] = [export_native(ws, rows)]
-    if "upstream" in formats:
-        written["upstream"] = export_upstream(ws, rows)
-    if "hf" in formats:
-        written["hf"] = [export_hf(ws, rows)]
-    return written
+    missing = missing_images(ws, rows)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ExportError(f"cannot export: {len(missing)} referenced image(s) missing from the store: "
+                          f"{'; '.join(missing[:3])}{more}; nothing was written")
+    exports = ws.exports_dir
+    exports.mkdir(parents=True, exist_ok=True)
+    staging = exports / f".staging-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    writers = {"native": lambda: [export_native(ws, rows, staging)],
+               "upstream": lambda: export_upstream(ws, rows, staging),
+               "hf": lambda: [export_hf(ws, rows, staging)]}
+    try:
+        staged = {fmt: writers[fmt]() for fmt in ("native", "upstream", "hf") if fmt in formats}
+        (staging / "previous").mkdir()
+        for fmt in staged:  # every format complete: now rename each into place
+            (staging / fmt).mkdir(exist_ok=True)  # e.g. upstream with no rows: an empty folder
+            _publish(staging / fmt, exports / fmt, staging / "previous" / fmt)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {fmt: [exports / p.relative_to(staging) for p in paths] for fmt, paths in staged.items()}
 
 
 class ExportStage(Stage):

@@ -1,7 +1,9 @@
 """Load a parquet in upstream's veRL layout (`lmms-lab/FVQA`, MMSearch-R1's mini_data) into a workspace.
 
 Users can start from the released dataset: its rows become `items` (source `import`), their images go
-into the content-addressed store, and the 2-way `category` is kept in provenance (the released data
+into the content-addressed store (each through the image gate, `fvqa.vision.gate`; a row with an image
+it refuses is rejected with the gate's reason; the `images` rows commit in the one transaction that
+writes the items), and the 2-way `category` is kept in provenance (the released data
 lost the 4-way label, so no `labels` row is invented for it). `data_id` goes into the column
 `items.data_id`; the candidate answers become the item's aliases under the one candidate rule
 (`fvqa.formats.verl.candidate_answers`: an empty list stays empty); the original prompt, data_source
@@ -19,7 +21,8 @@ import pyarrow.parquet as pq
 
 from fvqa.errors import FvqaError
 from fvqa.formats.verl import candidate_answers
-from fvqa.store import ImageError, Workspace, now
+from fvqa.store import Workspace, now
+from fvqa.vision.gate import ImageReject, check_image
 
 REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "data_source")
 STAGE = "import"
@@ -55,7 +58,7 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
     split = split or _split_from_name(path)
     existing = ws.keys("items", "item_id")
     counts = {"imported": 0, "skipped": 0, "rejected": 0}
-    items, splits, rejects = [], [], []
+    items, splits, images, rejects = [], [], [], []
     for index, row in enumerate(table.to_pylist()):
         data_id = row.get("data_id")
         reward = row.get("reward_model") or {}
@@ -80,15 +83,20 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
         except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             rejects.append((STAGE, key, "candidate_answers is not a JSON list", f"{exc}"[:200]))
             continue
-        shas, paths = [], []
+        shas, paths, row_images = [], [], []
         try:
-            for img in row.get("images") or []:
+            for n, img in enumerate(row.get("images") or []):
                 if not img or not img.get("bytes"):
-                    raise ImageError("image entry without bytes")
-                shas.append(ws.put_image(img["bytes"], provenance={"stage": STAGE, "file": path.name}).sha256)
+                    raise ImageReject("image missing", f"image {n}: entry without bytes")
+                checked = check_image(img["bytes"])
+                # the file now (content-addressed: harmless if this import dies); its row with the item's
+                ref, image_row = ws.store_image(img["bytes"], provenance={"stage": STAGE, "file": path.name},
+                                                checked=checked)
+                shas.append(ref.sha256)
                 paths.append(img.get("path"))
-        except ImageError as exc:
-            rejects.append((STAGE, key, "bad image", str(exc)))
+                row_images.append(image_row)
+        except ImageReject as exc:
+            rejects.append((STAGE, key, exc.reason, exc.detail))
             continue
         provenance = {
             "import": {
@@ -105,8 +113,10 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
             provenance=json.dumps(provenance, ensure_ascii=False, default=str),
         ))
         splits.append(dict(item_id=item_id, split=split, provenance=json.dumps({"stage": STAGE})))
+        images.extend(row_images)
         existing.add(item_id)
-    with ws.transaction():
+    with ws.transaction():  # image rows, items, splits and rejects: all or nothing
+        ws.insert("images", images)
         ws.insert("items", items)
         ws.insert("splits", splits)
         ws.add_rejects(rejects)

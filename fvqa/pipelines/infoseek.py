@@ -5,8 +5,10 @@ Reads `infoseek_{split}.jsonl` (data_id, image_id, question, answer, answer_eval
 N items evenly over question type x knowledge type, at most `per_entity` per entity, seeded. The
 knowledge type of an entity comes from a user file (`knowledge_types`) or, failing that, from the
 offline MiniLM tagger run on the entity's name (once per distinct name). Bad lines (with their line
-number), missing or unreadable images, rows without an answer and malformed numeric ranges become
-rejects. The file format itself (fields, the line reader, answer_eval checks) is `fvqa.formats.infoseek`.
+number), missing images, images the gate refuses (`fvqa.vision.gate`: unknown format, undecodable,
+too large, too small), rows without an answer and malformed numeric ranges become rejects; an image's
+`images` row commits in the same batch as its item. The file format itself (fields, the line reader,
+answer_eval checks) is `fvqa.formats.infoseek`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from fvqa.formats.infoseek import (
 from fvqa.formats.jsonl import BadLine, read_jsonl
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.pipelines.sampling import balanced_sample, stratum_counts
-from fvqa.store import ImageError, now
+from fvqa.store import now
+from fvqa.vision.gate import ImageReject, check_image
 
 STAGE = "infoseek"
 
@@ -195,16 +198,24 @@ class InfoseekStage(Stage):
             ctx.reject(item_id, "missing image", f"{expected} not found (image_id {row['image_id']})")
             return
         try:
-            ref = ctx.ws.put_image(image_path.read_bytes(), provenance={"stage": STAGE, "file": image_path.name})
-        except (ImageError, OSError) as exc:
+            data = image_path.read_bytes()
+        except OSError as exc:
             ctx.reject(item_id, "unreadable image", f"{image_path.name}: {exc}")
             return
+        try:
+            checked = check_image(data)
+        except ImageReject as exc:
+            ctx.reject(item_id, exc.reason, f"{image_path.name}: {exc.detail}")
+            return
+        # the file now; its `images` row in the same batch as the item (StageContext.emit_together)
+        ref, image_row = ctx.ws.store_image(data, provenance={"stage": STAGE, "file": image_path.name},
+                                            checked=checked)
         answer_eval = row.get("answer_eval")
         prov: dict[str, Any] = {"backend": "files", "file": main.name, "line": row["line_no"],
                                 "time": now().isoformat()}
         if kt_source:
             prov["stratum"] = {"knowledge_type": row.get("knowledge_type"), "source": kt_source}
-        ctx.emit("items", dict(
+        ctx.emit_together(("images", image_row), ("items", dict(
             item_id=item_id, source="infoseek", data_id=row.get("upstream_data_id"),
             question=row["question"], answer=row["answers"][0],
             aliases=aliases_of(row["answers"], answer_eval),
@@ -212,4 +223,4 @@ class InfoseekStage(Stage):
             question_type=row.get("question_type"), image_sha256=ref.sha256,
             entity_id=row.get("entity_id"), entity_text=row.get("entity_text"),
             provenance=json.dumps({STAGE: prov}, ensure_ascii=False),
-        ))
+        )))

@@ -46,6 +46,7 @@ from fvqa.search.clip import ClipEmbedder
 from fvqa.search.config import LocalConfig
 from fvqa.search.summarize import extractive_summary, tokenize
 from fvqa.search.types import BadRequest, Candidate, ImageHit, PageError, QueryImage, SearchError, TextHit
+from fvqa.vision.gate import ImageReject, check_image
 
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -126,17 +127,15 @@ def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | E
 
 
 def _load_image(path: Path, max_side: int) -> tuple[Image.Image, bytes]:
-    """Decoded RGB image and a JPEG thumbnail; ValueError with a readable reason if unusable."""
+    """Decoded RGB image and a JPEG thumbnail; ValueError with a readable reason if unusable (the
+    image gate's `ImageReject`, with its reason and detail, for bytes it refuses)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
+        data = path.read_bytes()
     except FileNotFoundError as exc:
         raise ValueError("image file not found") from exc
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types; all mean "not a usable image"
-        raise ValueError(f"not a decodable image ({type(exc).__name__})") from exc
-    if min(rgb.size) < MIN_SIDE:
-        raise ValueError(f"image too small ({rgb.size[0]}x{rgb.size[1]} < {MIN_SIDE}px)")
+    except OSError as exc:
+        raise ValueError(f"image file unreadable ({type(exc).__name__})") from exc
+    rgb = check_image(data, min_side=MIN_SIDE).image.convert("RGB")
     thumb = rgb.copy()
     thumb.thumbnail((max_side, max_side))
     buf = io.BytesIO()
@@ -336,6 +335,9 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
                 continue
             try:
                 img, thumb = _load_image(path, cfg.thumbnail_max_side)
+            except ImageReject as exc:
+                reject("images", key, exc.reason, exc.detail)
+                continue
             except ValueError as exc:
                 reject("images", key, str(exc))
                 continue

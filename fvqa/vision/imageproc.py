@@ -1,9 +1,9 @@
 """Bytes from the web -> a checked, normalised JPEG, or a reason a person understands.
 
-The type comes from magic bytes, never from a Content-Type header or a file name. The pixel count is
-checked from the header before any pixel is decoded (decompression bombs), then the image is fully
-decoded (truncated files fail here), EXIF-rotated, converted to RGB, shrunk to a maximum side and
-re-encoded, so every stored image has one format and bounded size.
+The checks are the shared image gate (`fvqa.vision.gate`): type from magic bytes, pixel budget from
+the header before decoding, full decode, minimum side. A passing image is then EXIF-rotated,
+converted to RGB, shrunk to a maximum side and re-encoded, so every stored image has one format and
+bounded size.
 """
 
 from __future__ import annotations
@@ -11,28 +11,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-# (prefix, offset, kind); webp needs RIFF....WEBP, checked separately
-_MAGIC: tuple[tuple[bytes, int, str], ...] = (
-    (b"\xff\xd8\xff", 0, "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", 0, "png"),
-    (b"GIF87a", 0, "gif"),
-    (b"GIF89a", 0, "gif"),
-    (b"BM", 0, "bmp"),
-    (b"II*\x00", 0, "tiff"),
-    (b"MM\x00*", 0, "tiff"),
-)
+from fvqa.vision.gate import ImageReject, check_image, describe_non_image, sniff_kind
 
-
-class ImageReject(ValueError):
-    """A candidate that is not usable; `reason` is the short label counted in the summary."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
+__all__ = ["ImageReject", "Processed", "describe_non_image", "process_image", "sniff_kind"]
 
 @dataclass(frozen=True)
 class Processed:
@@ -44,65 +27,19 @@ class Processed:
     orig_size: tuple[int, int]
 
 
-def sniff_kind(data: bytes) -> str | None:
-    """Image format from magic bytes, or None."""
-    for magic, offset, kind in _MAGIC:
-        if data[offset: offset + len(magic)] == magic:
-            return kind
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def describe_non_image(data: bytes) -> str:
-    """What the bytes look like instead (for the reject detail)."""
-    head = data[:512].lstrip().lower()
-    if not data:
-        return "empty body"
-    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head or b"<body" in head:
-        return "looks like HTML"
-    if head.startswith((b"{", b"[")):
-        return "looks like JSON"
-    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
-        return "looks like XML/SVG (vector images are not accepted)"
-    try:
-        data[:256].decode("utf-8")
-        return "looks like text"
-    except UnicodeDecodeError:
-        return f"unknown binary (first bytes {data[:8].hex()})"
-
-
 def process_image(
     data: bytes, *, max_side: int, min_side: int, max_pixels: int, quality: int = 90
 ) -> Processed:
-    """Check and normalise image bytes; raise ImageReject with a reason on any problem."""
-    kind = sniff_kind(data)
-    if kind is None:
-        raise ImageReject("not an image", describe_non_image(data))
-    try:
-        im = Image.open(io.BytesIO(data))
-        width, height = im.size  # header only: nothing decoded yet
-        if width * height > max_pixels:
-            raise ImageReject("decompression bomb", f"{width}x{height} = {width * height} pixels "
-                                                     f"> max_pixels {max_pixels}")
-        if kind == "jpeg":
-            # decode at 1/2, 1/4 or 1/8 scale straight from the DCT while both sides stay >= max_side
-            im.draft("RGB", (max_side, max_side))
-        im.load()
-    except ImageReject:
-        raise
-    except Image.DecompressionBombError as exc:  # above Pillow's own hard limit
-        raise ImageReject("decompression bomb", str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReject("corrupt image", f"{kind}: {exc.__class__.__name__}: {exc}") from exc
+    """Check (`fvqa.vision.gate.check_image`) and normalise image bytes; raise ImageReject on any problem."""
+    # decode at 1/2, 1/4 or 1/8 scale straight from the DCT while both sides stay >= max_side
+    checked = check_image(data, min_side=min_side, max_pixels=max_pixels, draft_side=max_side)
+    im, kind, width, height = checked.image, checked.kind, checked.width, checked.height
     try:
         im = ImageOps.exif_transpose(im) or im
     except Exception:  # noqa: BLE001 - broken EXIF must not lose an otherwise good image
         pass
     if im.mode != "RGB":
         im = _to_rgb(im)
-    if min(width, height) < min_side:
-        raise ImageReject("too small", f"{width}x{height} < min_side {min_side}")
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buf = io.BytesIO()

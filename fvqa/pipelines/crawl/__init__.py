@@ -23,6 +23,7 @@ from fvqa.pipelines.base import Stage, StageContext
 from fvqa.pipelines.crawl.sources import Candidate, Source, make_source
 from fvqa.store import now
 from fvqa.vision.dedup import DedupIndex, phash_hex, sha256_hex
+from fvqa.vision.gate import CheckedImage
 from fvqa.vision.imageproc import ImageReject, Processed, process_image
 
 STAGE = "crawl"
@@ -166,19 +167,23 @@ class CrawlStage(Stage):
         page, page_failure = await source.page(best.cand)
         if page_failure is not None:  # the image is kept; the generator falls back to the title
             ctx.reject(page.url or f"{cid} page", page_failure[0], f"{cid}: {page_failure[1]}")
-        ref = ctx.ws.put_image(best.image.data, provenance={"stage": STAGE, "url": best.cand.url})
+        jpeg = CheckedImage("jpeg", "jpg", *best.image.image.size, best.image.image)  # we encoded it ourselves
+        ref, image_row = ctx.ws.store_image(best.image.data, provenance={"stage": STAGE, "url": best.cand.url},
+                                            checked=jpeg)
+        image_row["phash"] = best.phash
+        # an image row some other stage stored earlier gets its phash too (the new row below is ignored)
         ctx.ws.execute("UPDATE images SET phash = ? WHERE sha256 = ? AND phash IS NULL", [best.phash, ref.sha256])
         self.dedup.add(ref.sha256, best.phash, f"{cid} ({best.cand.url})")
         clip = self.scorer.describe() if self.scorer is not None else {}
         clip["threshold"] = cfg.clip_threshold
-        ctx.emit("crawled", dict(
+        ctx.emit_together(("images", image_row), ("crawled", dict(
             concept_id=cid, image_sha256=ref.sha256, image_url=best.cand.url, page_url=page.url,
             page_title=page.title, page_text=page.text, clip_score=best.score,
             provenance=json.dumps({STAGE: {
                 "source": source.name, "candidates": n_cands, "original_format": best.image.kind,
                 "original_size": list(best.image.orig_size), "phash": best.phash, "clip": clip,
                 "time": now().isoformat()}}),
-        ))
+        )))
 
 
 def _load_scorer(cfg: CrawlConfig, ctx: StageContext) -> Any:
