@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fvqa.generators.base import Generation, Message, Request, restore_stop
+from fvqa.generators.base import Generation, Message, Request, Sampling, restore_stop
 from fvqa.llm.client import LLMClient
 from fvqa.llm.config import LLMConfig
 from fvqa.llm.images import image_part
@@ -34,6 +34,17 @@ def wire_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         else:
             out.append({"role": msg["role"], "content": content})
     return out
+
+
+def sampling_params(s: Sampling) -> dict[str, Any]:
+    """The request parameters of one sampled turn (with the messages, the request's cache key: the
+    probe's estimate computes the same keys to count cache hits)."""
+    params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
+    if s.seed is not None:
+        params["seed"] = s.seed
+    if s.stop:
+        params["stop"] = list(s.stop)
+    return params
 
 
 class OpenAIChatGenerator:
@@ -60,17 +71,11 @@ class OpenAIChatGenerator:
         return await self._one(req)
 
     async def _one(self, req: Request) -> Generation:
-        s = req.sampling
-        params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
-        if s.seed is not None:
-            params["seed"] = s.seed
-        if s.stop:
-            params["stop"] = list(s.stop)
-        res = await self.client.complete(wire_messages(req.messages), **params)  # LLMConfigError: stop
+        res = await self.client.complete(wire_messages(req.messages), **sampling_params(req.sampling))  # LLMConfigError: stop
         if not res.ok:
             return Generation(error=f"{res.error_class}: {res.error}")
         text = res.text or ""
-        if s.stop and res.finish_reason == "stop":
+        if req.sampling.stop and res.finish_reason == "stop":
             text = restore_stop(text)
         return Generation(text=text, prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
                           finish_reason=res.finish_reason, cached=res.cached)

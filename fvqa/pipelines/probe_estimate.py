@@ -94,7 +94,7 @@ def _cached_rollouts(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, A
     """(search rollouts to make, direct rollouts to make, of them cached): stored slots skipped,
     cache hits found from each rollout's deterministic first request."""
     from fvqa.agent import Rollout
-    from fvqa.generators.openai_chat import wire_messages
+    from fvqa.generators.openai_chat import sampling_params, wire_messages
     from fvqa.llm.client import LLMClient
     from fvqa.llm.runner import keyless
     from fvqa.pipelines.probe_model import jobs_for, stored_rollouts, upstream_data_id
@@ -116,13 +116,7 @@ def _cached_rollouts(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, A
                 n_search += mode == "search"
                 n_direct += mode == "direct"
                 req = Rollout(job.item, job.mode, prompts, cfg.limits, "estimate", job.sampling).request()
-                s = req.sampling
-                params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
-                if s.seed is not None:
-                    params["seed"] = s.seed
-                if s.stop:
-                    params["stop"] = list(s.stop)
-                cached += client.cache.has(client.key_for(wire_messages(req.messages), **params))
+                cached += client.cache.has(client.key_for(wire_messages(req.messages), **sampling_params(req.sampling)))
     finally:
         client.cache.close()
     return n_search, n_direct, cached
