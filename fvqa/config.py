@@ -146,6 +146,16 @@ class InfoseekConfig(Section):
     knowledge_types: Path | None = None  # jsonl/csv with entity_id and knowledge_type columns
     seed: int = 0
 
+    @field_validator("image_pattern")
+    @classmethod
+    def _one_field_pattern(cls, v: str) -> str:
+        """The pattern may name only `{image_id}`: anything else is a one-line config error at load."""
+        try:
+            v.format(image_id="x")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{v!r} may only contain the field {{image_id}} (failed on {exc!s})") from None
+        return v
+
 
 class TagConfig(Section):
     """Knowledge-type tagging."""

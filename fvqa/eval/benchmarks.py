@@ -1,6 +1,8 @@
 """Benchmark loaders: local files in each benchmark's official format -> validated `EvalItem`s.
 
-Every row either becomes an item or a `Reject` with a reason a person can act on; rows left out on
+Every row either becomes an item or a `Reject` with a reason a person can act on (a field of the wrong
+type: reason ``wrong type``, the detail naming the field and what was found, checked before anything
+is allocated from it; an unparsable JSON text in a cell: ``malformed JSON``); rows left out on
 purpose (another split, a non-English SimpleVQA item, a text-only MMSearch query) are counted in
 `filtered` with the reason, so the numbers always add up. Every image goes through the image gate
 (`fvqa.vision.gate`: format sniffed, pixel budget, full decode, minimum side); one it refuses makes its
@@ -38,12 +40,15 @@ from fvqa.eval.config import BenchmarkSpec
 from fvqa.eval.metrics import infoseek_gold_range, infoseek_question_type
 from fvqa.formats.infoseek import (
     QTYPE_SUFFIX,
+    MainLine,
     aliases_of,
     check_answer_eval,
     companion,
     find_image,
 )
 from fvqa.formats.jsonl import BadLine, read_jsonl
+from fvqa.formats.shape import MALFORMED_JSON, WRONG_TYPE, found, validate
+from fvqa.formats.verl import RewardModel, UpstreamRow
 from fvqa.vision.gate import ImageReject, check_image
 
 IMAGE_IN_PROMPT = "<image>"
@@ -84,15 +89,20 @@ class LoadResult:
 
 
 class RowError(ValueError):
-    """A row is unusable; the message is the reject reason."""
+    """A row is unusable; the message is the reject reason, `detail` (if any) what was found where."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
 
 
 class ImageRowError(RowError):
     """A row whose image the gate refuses: the message is the gate's reason, `detail` what it found."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.detail = detail
+
+def _wrong(field: str, expected: str, value: Any) -> RowError:
+    """The one "field X has the wrong type" reject of the loaders (reason code WRONG_TYPE)."""
+    return RowError(WRONG_TYPE, f"{field}: expected {expected}, got {found(value)}")
 
 
 # ------------------------------------------------------------------------------------ file reading
@@ -142,6 +152,8 @@ def _text(row: dict[str, Any], *names: str, required: bool = True) -> str | None
             return value.strip()
         if isinstance(value, int | float) and not isinstance(value, bool):
             return f"{value:g}" if isinstance(value, float) else str(value)
+        if value is not None and not isinstance(value, str):
+            raise _wrong(name, "a string or number", value)
     if required:
         raise RowError(f"missing or empty {' / '.join(names)}")
     return None
@@ -156,19 +168,19 @@ def _str_list(value: Any, what: str) -> list[str]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise RowError(f"{what} is not a JSON list: {exc.msg}") from exc
+                raise RowError(MALFORMED_JSON, f"{what}: {exc.msg} at column {exc.colno}") from exc
             except RecursionError as exc:
-                raise RowError(f"{what} is nested too deeply to read") from exc
+                raise RowError(MALFORMED_JSON, f"{what}: JSON nested too deeply to read") from exc
         else:
             return [text] if text else []
     if not isinstance(value, list | tuple):
-        raise RowError(f"{what} must be a list of strings, got {type(value).__name__}")
+        raise _wrong(what, "a list of strings", value)
     out = []
-    for v in value:
+    for i, v in enumerate(value):
         if isinstance(v, int | float) and not isinstance(v, bool):
             v = f"{v:g}"
         if not isinstance(v, str):
-            raise RowError(f"{what} holds a {type(v).__name__}, expected strings")
+            raise _wrong(f"{what}[{i}]", "a string", v)
         if v.strip():
             out.append(v.strip())
     return out
@@ -202,13 +214,21 @@ def image_bytes(value: Any, base: Path) -> bytes:
             raise RowError("no image")
         value = value[0]
     data: bytes | None = None
+    # types first, before anything is allocated: bytes(10**12) would ask for a terabyte
     if isinstance(value, dict):
-        if value.get("bytes"):
-            data = bytes(value["bytes"])
-        elif value.get("path"):
-            value = value["path"]
+        raw, where = value.get("bytes"), value.get("path")
+        if raw is not None and not isinstance(raw, bytes | bytearray):
+            raise _wrong("image.bytes", "the image's bytes", raw)
+        if where is not None and not isinstance(where, str):
+            raise _wrong("image.path", "a string", where)
+        if raw:
+            data = bytes(raw)
+        elif where:
+            value = where
         else:
             raise RowError("image entry has neither bytes nor path")
+    elif value is not None and not isinstance(value, str | bytes | bytearray):
+        raise _wrong("image", "bytes, a path, base64 text or {bytes, path}", value)
     if isinstance(value, bytes | bytearray):
         data = bytes(value)
     if data is None:
@@ -238,15 +258,17 @@ def image_bytes(value: Any, base: Path) -> bytes:
 
 def _fvqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counter[str]) -> EvalItem | None:
     if "reward_model" in row or "prompt" in row:  # upstream / lmms-lab layout
-        prompt = row.get("prompt") or []
-        user = next((m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"), None)
+        checked = validate(UpstreamRow, row)  # the declared shape first: a wrong type names its field
+        if isinstance(checked, tuple):
+            raise RowError(*checked)
+        user = next((m.content for m in checked.prompt or [] if m.role == "user"), None)
         if not isinstance(user, str) or not user.replace(IMAGE_IN_PROMPT, "").strip():
             raise RowError("no user question in prompt")
-        reward = row.get("reward_model") or {}
+        reward = (checked.reward_model or RewardModel()).model_dump()
         answer = _text(reward, "ground_truth")
         aliases = _str_list(reward.get("candidate_answers"), "reward_model.candidate_answers")
         data_id = _text(row, "data_id", required=False)
-        urls = row.get("image_urls") or []
+        urls = checked.image_urls or []
         return EvalItem(
             item_id=data_id or "", benchmark=spec.name, kind="fvqa",
             question=user.replace(IMAGE_IN_PROMPT, "").strip(), image=image_bytes(row.get("images"), base),
@@ -285,7 +307,10 @@ def _id_set(path: Path) -> set[str]:
         if isinstance(row, RowError):  # a lost id would silently shrink the subset
             raise ConfigError(f"subset file {path}, {pos}: {row}")
         if isinstance(row, dict):
-            value = _text(row, "data_id", "sample_id", "id", required=False)
+            try:
+                value = _text(row, "data_id", "sample_id", "id", required=False)
+            except RowError as exc:
+                raise ConfigError(f"subset file {path}, {pos}: {exc.detail}") from None
             if value:
                 ids.add(value)
     return ids
@@ -307,6 +332,9 @@ def _qtypes(spec: BenchmarkSpec) -> dict[str, str]:
 
 
 def _infoseek(spec: BenchmarkSpec, row: dict[str, Any], base: Path, qtypes: dict[str, str]) -> EvalItem:
+    checked = validate(MainLine, row)  # the official line's declared shape first
+    if isinstance(checked, tuple):
+        raise RowError(*checked)
     data_id = _text(row, "data_id") or ""
     question = _text(row, "question") or ""
     image_id = _text(row, "image_id") or ""
@@ -319,7 +347,7 @@ def _infoseek(spec: BenchmarkSpec, row: dict[str, Any], base: Path, qtypes: dict
     problem = check_answer_eval(answer_eval)
     if problem:
         raise RowError(problem)
-    raw_type = row.get("question_type") or qtypes.get(data_id)
+    raw_type = _text(row, "question_type", required=False) or qtypes.get(data_id)
     if not raw_type:
         raise RowError("no question type (give the _qtype file: data_id, question_type)")
     try:
@@ -356,7 +384,7 @@ def _mmsearch(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Co
 
 def _simplevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counter[str]) -> EvalItem | None:
     language = (spec.language or "EN").lower()
-    row_lang = str(row.get("language") or "").strip().lower()
+    row_lang = (_text(row, "language", required=False) or "").lower()
     if language != "all" and row_lang and row_lang != language:
         filtered[f"language is not {language.upper()}"] += 1
         return None
@@ -380,6 +408,17 @@ def _livevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path) -> EvalItem:
         aliases=_dedupe(answers + _str_list(row.get("aliases"), "aliases")),
         meta={"topic": row.get("topic") or row.get("category"), "level": row.get("level")},
     )
+
+
+def _key(row: dict[str, Any]) -> str | None:
+    """The row's id for its reject, if it has one that is text (never raises: the row may be hostile)."""
+    for name in ("data_id", "sample_id", "id", "item_id"):
+        value = row.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    return None
 
 
 def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int = 0) -> LoadResult:
@@ -416,8 +455,8 @@ def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int =
             else:
                 item = _livevqa(spec, row, base)
         except RowError as exc:
-            key = _text(row, "data_id", "sample_id", "id", "item_id", required=False) or pos
-            detail = f"{pos}: {exc.detail}" if isinstance(exc, ImageRowError) and exc.detail else pos
+            key = _key(row) or pos
+            detail = f"{pos}: {exc.detail}" if exc.detail else pos
             rejects.append(Reject(key, str(exc), detail))
             continue
         if item is None:

@@ -17,6 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from fvqa.formats.shape import Shape, found
+
 MAIN_FIELDS = ("data_id", "image_id", "question", "answer", "answer_eval", "data_split")
 """The fields of a line of the main ``infoseek_{split}.jsonl`` file."""
 
@@ -27,6 +31,39 @@ WITHKB_FIELDS = ("entity_id", "entity_text")
 QTYPE_SUFFIX = "_qtype"
 QTYPE_FIELDS = ("question_type",)
 """The fields the ``*_qtype`` companion adds to a data_id."""
+
+_ID = "a string or integer id"
+_TEXT = "a string"
+_ANSWER = "a string or number, or a list of them"
+
+
+class MainLine(Shape):
+    """The declared shape of a main-file line (types only; emptiness is the reader's rule)."""
+
+    data_id: str | int | None = Field(None, description=_ID)
+    image_id: str | int | None = Field(None, description=_ID)
+    question: str | None = Field(None, description=_TEXT)
+    answer: str | int | float | list[str | int | float] | None = Field(None, description=_ANSWER)
+    answer_eval: Any = None  # its rule is check_answer_eval (strings or numeric range dicts)
+    data_split: str | None = Field(None, description=_TEXT)
+
+
+class WithkbLine(Shape):
+    """A ``*_withkb`` line."""
+
+    data_id: str | int | None = Field(None, description=_ID)
+    entity_id: str | int | None = Field(None, description=_ID)
+    entity_text: str | None = Field(None, description=_TEXT)
+
+
+class QtypeLine(Shape):
+    """A ``*_qtype`` line."""
+
+    data_id: str | int | None = Field(None, description=_ID)
+    question_type: str | None = Field(None, description=_TEXT)
+
+
+COMPANION_SHAPES: dict[str, type[Shape]] = {WITHKB_SUFFIX: WithkbLine, QTYPE_SUFFIX: QtypeLine}
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".JPEG", ".JPG", ".png", ".webp")
 
@@ -46,6 +83,9 @@ def check_answer_eval(value: Any) -> str | None:
         if isinstance(item, str | int | float) and not isinstance(item, bool):
             continue
         if isinstance(item, dict):
+            wikidata = item.get("wikidata")
+            if wikidata is not None and (isinstance(wikidata, bool) or not isinstance(wikidata, str | int | float)):
+                return f"numeric answer_eval's wikidata must be a number or string, got {found(wikidata)}"
             rng = item.get("range")
             if rng is None:
                 if "wikidata" in item:

@@ -15,11 +15,15 @@ for in ``agent_name``. Nothing here knows about workspaces or configs.
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field
+
+from fvqa.formats.shape import MALFORMED_JSON, WRONG_TYPE, Shape, found
 
 AGENT_NAME = "fvqa_search_agent"
 """The veRL agent loop every prepared row asks for (``agent_name``), registered by fvqa.train.agent_loop."""
@@ -72,6 +76,57 @@ VERL_SCHEMA = pa.schema(
     ]
 )
 """Arrow schema of the training layout (the released layout's schema is inferred, as upstream's is)."""
+
+
+class Message(Shape):
+    """One chat message of a row's ``prompt``."""
+
+    role: str | None = Field(None, description="a string")
+    content: str | None = Field(None, description="a string")
+
+
+class ImageEntry(Shape):
+    """One ``images`` entry: the encoded image and where it came from."""
+
+    bytes: builtins.bytes | None = Field(None, description="the image's bytes")
+    path: str | None = Field(None, description="a string")
+
+
+class RewardModel(Shape):
+    """``reward_model``: the ground truth and the candidates (a JSON-encoded list, or a list)."""
+
+    ground_truth: str | int | float | None = Field(None, description="a string")
+    candidate_answers: str | list[str | int | float | None] | None = Field(
+        None, description="a JSON list of strings (or a list)")
+    style: str | None = Field(None, description="a string")
+
+
+class UpstreamRow(Shape):
+    """The declared shape of a row in upstream's layout (released or mini_data), as read from parquet."""
+
+    prompt: list[Message] | None = Field(None, description="a list of {role, content} messages")
+    images: list[ImageEntry | None] | None = Field(None, description="a list of {bytes, path} entries")
+    reward_model: RewardModel | None = Field(
+        None, description="an object {ground_truth, candidate_answers, style}")
+    data_source: str | None = Field(None, description="a string")
+    data_id: str | int | None = Field(None, description="a string or integer id")
+    image_urls: list[str | None] | None = Field(None, description="a list of strings")
+    category: str | None = Field(None, description="a string")
+
+
+def parse_candidates(raw: str | list[Any] | None) -> list[Any] | tuple[str, str]:
+    """``reward_model.candidate_answers`` as a list, or (reason, detail): upstream stores a JSON text."""
+    if raw is None or isinstance(raw, list):
+        return list(raw or [])
+    try:
+        value = json.loads(raw or "[]")
+    except ValueError as exc:
+        return MALFORMED_JSON, f"reward_model.candidate_answers: {str(exc)[:200]}"
+    except RecursionError:
+        return MALFORMED_JSON, "reward_model.candidate_answers: JSON nested too deeply to read"
+    if not isinstance(value, list):
+        return WRONG_TYPE, f"reward_model.candidate_answers: expected a JSON list, got {found(value)}"
+    return value
 
 
 def data_source(split: str) -> str:

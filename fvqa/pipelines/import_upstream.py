@@ -1,6 +1,9 @@
 """Load a parquet in upstream's veRL layout (`lmms-lab/FVQA`, MMSearch-R1's mini_data) into a workspace.
 
-Users can start from the released dataset: its rows become `items` (source `import`), their images go
+Each row is first checked against the layout's declared shape (`fvqa.formats.verl.UpstreamRow`): a
+wrong-typed field is a `wrong type` reject naming it (``reward_model.ground_truth: expected a string,
+got array``), an unparsable ``candidate_answers`` text a `malformed JSON` one. Users can start from the
+released dataset: its rows become `items` (source `import`), their images go
 into the content-addressed store (each through the image gate, `fvqa.vision.gate`; a row with an image
 it refuses is rejected with the gate's reason; the `images` rows commit in the one transaction that
 writes the items), and the 2-way `category` is kept in provenance (the released data
@@ -15,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 
 from fvqa.errors import FvqaError
-from fvqa.formats.verl import candidate_answers
+from fvqa.formats.shape import validate
+from fvqa.formats.verl import Message, RewardModel, UpstreamRow, candidate_answers, parse_candidates
 from fvqa.store import Workspace, now
 from fvqa.vision.gate import ImageReject, check_image
 
@@ -28,11 +31,15 @@ REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "data_source")
 STAGE = "import"
 
 
-def _user_text(prompt: list[dict[str, Any]]) -> str | None:
+def _user_text(prompt: list[Message] | None) -> str | None:
     for msg in prompt or []:
-        if msg.get("role") == "user":
-            return msg.get("content")
+        if msg.role == "user":
+            return msg.content
     return None
+
+
+def _as_text(value: str | int | float) -> str:
+    return value if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _split_from_name(path: Path) -> str:
@@ -60,40 +67,43 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
     counts = {"imported": 0, "skipped": 0, "rejected": 0}
     items, splits, images, rejects = [], [], [], []
     for index, row in enumerate(table.to_pylist()):
-        data_id = row.get("data_id")
-        reward = row.get("reward_model") or {}
-        question = _user_text(row.get("prompt"))
+        checked = validate(UpstreamRow, row)  # the declared shape first: a wrong type names its field
+        if isinstance(checked, tuple):
+            rid = row.get("data_id")
+            key = str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else f"{path.name}#{index}"
+            rejects.append((STAGE, key, *checked))
+            continue
+        data_id = checked.data_id
+        reward = checked.reward_model or RewardModel()
+        question = _user_text(checked.prompt)
+        ground_truth = None if reward.ground_truth is None else _as_text(reward.ground_truth)
         key = str(data_id) if data_id is not None else f"{path.name}#{index}"
         item_id = "import-" + (str(data_id) if data_id is not None else hashlib.sha256(
-            f"{row.get('data_source')}|{question}|{reward.get('ground_truth')}".encode()).hexdigest()[:16])
+            f"{row.get('data_source')}|{question}|{reward.ground_truth}".encode()).hexdigest()[:16])
         if item_id in existing:
             counts["skipped"] += 1
             continue
         if not question:
             rejects.append((STAGE, key, "no user message in prompt", ""))
             continue
-        if not reward.get("ground_truth"):
+        if not ground_truth:
             rejects.append((STAGE, key, "answer missing (reward_model.ground_truth)", ""))
             continue
-        try:
-            raw = reward.get("candidate_answers")
-            candidates = raw if isinstance(raw, list) else json.loads(raw or "[]")
-            if not isinstance(candidates, list):
-                raise ValueError("not a list")
-        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
-            rejects.append((STAGE, key, "candidate_answers is not a JSON list", f"{exc}"[:200]))
+        candidates = parse_candidates(reward.candidate_answers)
+        if isinstance(candidates, tuple):
+            rejects.append((STAGE, key, *candidates))
             continue
         shas, paths, row_images = [], [], []
         try:
-            for n, img in enumerate(row.get("images") or []):
-                if not img or not img.get("bytes"):
+            for n, img in enumerate(checked.images or []):
+                if img is None or not img.bytes:
                     raise ImageReject("image missing", f"image {n}: entry without bytes")
-                checked = check_image(img["bytes"])
+                gated = check_image(img.bytes)
                 # the file now (content-addressed: harmless if this import dies); its row with the item's
-                ref, image_row = ws.store_image(img["bytes"], provenance={"stage": STAGE, "file": path.name},
-                                                checked=checked)
+                ref, image_row = ws.store_image(img.bytes, provenance={"stage": STAGE, "file": path.name},
+                                                checked=gated)
                 shas.append(ref.sha256)
-                paths.append(img.get("path"))
+                paths.append(img.path)
                 row_images.append(image_row)
         except ImageReject as exc:
             rejects.append((STAGE, key, exc.reason, exc.detail))
@@ -108,7 +118,7 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
         }
         items.append(dict(
             item_id=item_id, source="import", data_id=str(data_id) if data_id is not None else None,
-            question=question, answer=reward["ground_truth"], aliases=candidate_answers(candidates),
+            question=question, answer=ground_truth, aliases=candidate_answers(candidates),
             image_sha256=shas[0] if shas else None,
             provenance=json.dumps(provenance, ensure_ascii=False, default=str),
         ))

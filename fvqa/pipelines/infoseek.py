@@ -4,8 +4,10 @@ Reads `infoseek_{split}.jsonl` (data_id, image_id, question, answer, answer_eval
 `*_withkb.jsonl` (entity_id, entity_text) and `*_qtype.jsonl` (question_type) on data_id, and samples
 N items evenly over question type x knowledge type, at most `per_entity` per entity, seeded. The
 knowledge type of an entity comes from a user file (`knowledge_types`) or, failing that, from the
-offline MiniLM tagger run on the entity's name (once per distinct name). Bad lines (with their line
-number), missing images, images the gate refuses (`fvqa.vision.gate`: unknown format, undecodable,
+offline MiniLM tagger run on the entity's name (once per distinct name). Every line is first checked
+against its declared shape (`MainLine`, and `WithkbLine` / `QtypeLine` for its companions' lines, in
+`fvqa.formats.infoseek`): a wrong-typed field is a `wrong type` reject naming the field, file and line.
+Bad lines (with their line number), missing images, images the gate refuses (`fvqa.vision.gate`: unknown format, undecodable,
 too large, too small), rows without an answer and malformed numeric ranges become rejects; an image's
 `images` row commits in the same batch as its item. The file format itself (fields, the line reader,
 answer_eval checks) is `fvqa.formats.infoseek`.
@@ -26,12 +28,16 @@ from fvqa.formats.infoseek import (
     QTYPE_SUFFIX,
     WITHKB_FIELDS,
     WITHKB_SUFFIX,
+    MainLine,
+    QtypeLine,
+    WithkbLine,
     aliases_of,
     check_answer_eval,
     companion,
     find_image,
 )
 from fvqa.formats.jsonl import BadLine, read_jsonl
+from fvqa.formats.shape import Shape, validate
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.pipelines.sampling import balanced_sample, stratum_counts
 from fvqa.store import now
@@ -59,18 +65,30 @@ def resolve_paths(cfg: InfoseekConfig, config: RunConfig) -> tuple[Path, Path | 
     return main, withkb if withkb.is_file() else None, qtype if qtype.is_file() else None, image_dir
 
 
-def _side_table(path: Path | None, fields: tuple[str, ...], bad: list[str]) -> dict[str, dict[str, Any]]:
-    """data_id -> fields of a companion file; its bad lines are listed in `bad` (shown as a note)."""
-    out: dict[str, dict[str, Any]] = {}
+def _side_table(path: Path | None, fields: tuple[str, ...], bad: list[str],
+                shape: type[Shape]) -> dict[str, dict[str, Any] | tuple[str, str]]:
+    """data_id -> fields of a companion file, or (reason, detail) for a line of the wrong shape (the
+    main record with that data_id is then rejected with it); unreadable lines are listed in `bad`."""
+    out: dict[str, dict[str, Any] | tuple[str, str]] = {}
     if path is None:
         return out
     for rec in read_jsonl(path):
         if isinstance(rec, BadLine):
             bad.append(f"{path.name}:{rec.line_no}")
             continue
-        _, obj = rec
-        if "data_id" in obj:
-            out[str(obj["data_id"])] = {f: obj.get(f) for f in fields}
+        line_no, obj = rec
+        data_id = obj.get("data_id")
+        if data_id is None:
+            continue
+        if isinstance(data_id, bool) or not isinstance(data_id, str | int):
+            bad.append(f"{path.name}:{line_no}")  # names no main record
+            continue
+        checked = validate(shape, obj)
+        if isinstance(checked, tuple):
+            reason, detail = checked
+            out[str(data_id)] = (reason, f"{path.name} line {line_no}: {detail}")
+        else:
+            out[str(data_id)] = {f: getattr(checked, f) for f in fields}
     return out
 
 
@@ -102,8 +120,8 @@ class InfoseekStage(Stage):
     outputs = ("items",)
     description = "sample InfoSeek questions into items"
 
-    def _read(self, ctx: StageContext, main: Path, kb: dict[str, dict[str, Any]],
-              qt: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def _read(self, ctx: StageContext, main: Path, kb: dict[str, dict[str, Any] | tuple[str, str]],
+              qt: dict[str, dict[str, Any] | tuple[str, str]]) -> list[dict[str, Any]]:
         """Parse the main file into candidate rows; everything unusable becomes a reject."""
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()
@@ -113,8 +131,16 @@ class InfoseekStage(Stage):
                 ctx.reject(f"{main.name}:{rec.line_no}", "bad JSON line", str(rec))
                 continue
             line_no, obj = rec
+            checked = validate(MainLine, obj)  # the declared shape first: a wrong type names its field
+            if isinstance(checked, tuple):
+                ctx.reject(f"{main.name}:{line_no}", checked[0], f"line {line_no}: {checked[1]}")
+                continue
             data_id = str(obj.get("data_id") or f"{main.name}:{line_no}")
             key = f"infoseek-{data_id}"
+            side = [s for s in (kb.get(data_id), qt.get(data_id)) if isinstance(s, tuple)]
+            if side:
+                ctx.reject(key, side[0][0], f"line {line_no}: {side[0][1]}")
+                continue
             answers = obj.get("answer")
             answers = [answers] if isinstance(answers, str | int | float) and not isinstance(answers, bool) else answers
             answers = [str(a) for a in answers if str(a).strip()] if isinstance(answers, list) else []
@@ -137,7 +163,9 @@ class InfoseekStage(Stage):
                 continue
             rows.append({**{k: obj.get(k) for k in MAIN_FIELDS}, "data_id": data_id, "image_id": image_id,
                          "upstream_data_id": str(obj["data_id"]) if obj.get("data_id") else None,
-                         "answers": answers, "line_no": line_no, **kb.get(data_id, {}), **qt.get(data_id, {})})
+                         "answers": answers, "line_no": line_no,
+                         **{k: v for s in (kb.get(data_id), qt.get(data_id)) if isinstance(s, dict)
+                            for k, v in s.items()}})
         return rows
 
     def _knowledge_types(self, ctx: StageContext, rows: list[dict[str, Any]]) -> str | None:
@@ -168,8 +196,8 @@ class InfoseekStage(Stage):
         cfg: InfoseekConfig = ctx.cfg
         main, withkb, qtype, image_dir = resolve_paths(cfg, ctx.config)
         side_bad: list[str] = []
-        kb = _side_table(withkb, WITHKB_FIELDS, side_bad)
-        qt = _side_table(qtype, QTYPE_FIELDS, side_bad)
+        kb = _side_table(withkb, WITHKB_FIELDS, side_bad, WithkbLine)
+        qt = _side_table(qtype, QTYPE_FIELDS, side_bad, QtypeLine)
         if side_bad:
             ctx.stats.notes.append(f"{len(side_bad)} unreadable lines in companion files ignored "
                                    f"(first: {side_bad[0]})")
