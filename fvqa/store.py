@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -152,6 +153,83 @@ def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+_SUBFOLDERS = ("images", "cache", "exports")
+
+
+def _check_readable(root: Path, db: Path) -> None:
+    """Why a workspace cannot be read, as one `WorkspaceError` line naming the path; touches nothing."""
+    if not root.exists():
+        raise WorkspaceError(f"no workspace at {root} (run `fvqa build` first)")
+    if not root.is_dir():
+        raise WorkspaceError(f"workspace {root} is a file, not a folder: pass the workspace folder")
+    if not db.exists():
+        raise WorkspaceError(f"no workspace at {root}: the folder has no fvqa.duckdb (run `fvqa build` first)")
+    if db.is_dir():
+        raise WorkspaceError(f"workspace {root}: {db.name} is a folder, not a DuckDB database file")
+    if not os.access(db, os.R_OK):
+        raise WorkspaceError(f"workspace {root}: cannot read {db.name} (permission denied)")
+
+
+def _prepare_folders(root: Path, db: Path) -> None:
+    """Check the workspace folder, its sub-folders and database file, creating only the folder
+    itself (the sub-folders follow once DuckDB has opened the database), or say in one line why
+    they cannot be used."""
+    if root.exists() and not root.is_dir():
+        raise WorkspaceError(f"workspace {root} is a file, not a folder: pass a folder (or a new path)")
+    if not root.exists():
+        parent = next(p for p in root.parents if p.exists())  # "/" always exists
+        if not parent.is_dir():
+            raise WorkspaceError(f"cannot create workspace {root}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise WorkspaceError(f"cannot create workspace {root}: permission denied in {parent}")
+    _mkdir(root)
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise WorkspaceError(f"workspace {root} is not writable (permission denied)")
+    for sub in _SUBFOLDERS:
+        path = root / sub
+        if path.exists() and not path.is_dir():
+            raise WorkspaceError(f"workspace {root}: {sub}/ is a file, not a folder (move it aside)")
+        if path.exists() and not os.access(path, os.W_OK | os.X_OK):
+            raise WorkspaceError(f"workspace {root}: {sub}/ is not writable (permission denied)")
+    if db.is_dir():
+        raise WorkspaceError(f"workspace {root}: {db.name} is a folder, not a DuckDB database file")
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        raise WorkspaceError(f"workspace {root}: {db.name} is read-only (permission denied); "
+                             "`fvqa status` and `fvqa sql` can still read it")
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a race with the checks above, or a read-only file system
+        raise WorkspaceError(f"cannot create workspace folder {path}: "
+                             f"{(exc.strerror or type(exc).__name__).lower()}") from exc
+
+
+def _open_failure(root: Path, db: Path, exc: duckdb.Error) -> str:
+    """DuckDB's refusal to open `db` as one line saying which problem it is (by its message)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    low = re.sub(r'"[^"]*"', '""', text).lower()  # match DuckDB's words, not the quoted path's
+    if "conflicting lock" in low or "could not set lock" in low:
+        # "Could not set lock on file "...": Conflicting lock is held in <exe> (PID n)"
+        pid = re.search(r"\(PID (\d+)\)", text)
+        by = f" (PID {pid.group(1)})" if pid else ""
+        return (f"workspace {root} is in use by another process{by}: wait for it to finish (or stop it), "
+                "then retry")
+    if "not a valid duckdb database" in low:
+        return (f"workspace {root}: {db.name} is not a DuckDB database (corrupt or another kind of "
+                "file): move it aside or use another --workspace")
+    if "is a directory" in low:
+        return f"workspace {root}: {db.name} is a folder, not a DuckDB database file"
+    if "permission denied" in low:
+        return f"workspace {root}: cannot open {db.name} (permission denied)"
+    if "read-only file system" in low:
+        return f"workspace {root} is on a read-only file system"
+    if "version" in low:
+        return f"workspace {root}: {db.name} was written by another DuckDB version: {text}"
+    return f"cannot open workspace {root}: {text}"
+
+
 class Workspace:
     """One run folder: `fvqa.duckdb`, `images/`, `cache/`, `exports/`.
 
@@ -164,18 +242,21 @@ class Workspace:
     def __init__(self, root: Path | str = DEFAULT_WORKSPACE, *, read_only: bool = False) -> None:
         self.root = Path(root).resolve()
         self.read_only = read_only
-        if read_only and not (self.root / "fvqa.duckdb").exists():
-            raise WorkspaceError(f"no workspace at {self.root} (fvqa.duckdb missing); run `fvqa build` first")
-        self.root.mkdir(parents=True, exist_ok=True)
-        for sub in ("images", "cache", "exports"):
-            (self.root / sub).mkdir(exist_ok=True)
+        db = self.root / "fvqa.duckdb"
+        if read_only:  # reading never creates anything: not the folder, not its sub-folders
+            _check_readable(self.root, db)
+        else:
+            _prepare_folders(self.root, db)
         try:
-            self.con = duckdb.connect(str(self.root / "fvqa.duckdb"), read_only=read_only)
-        except duckdb.IOException as exc:
-            raise WorkspaceError(
-                f"cannot open workspace {self.root}: {str(exc).splitlines()[0]} "
-                "(is another fvqa process using it?)"
-            ) from exc
+            self.con = duckdb.connect(str(db), read_only=read_only)
+        except duckdb.Error as exc:
+            raise WorkspaceError(_open_failure(self.root, db, exc)) from exc
+        try:
+            for sub in () if read_only else _SUBFOLDERS:
+                _mkdir(self.root / sub)
+        except BaseException:
+            self.con.close()
+            raise
         self._in_tx = False
         self._keyed: dict[str, bool] = {}
         try:
@@ -200,7 +281,11 @@ class Workspace:
         self.close()
 
     def _check_version(self) -> None:
-        row = next(iter(self.execute("SELECT value FROM meta WHERE key = 'schema_version'")), None)
+        try:
+            row = next(iter(self.execute("SELECT value FROM meta WHERE key = 'schema_version'")), None)
+        except duckdb.CatalogException as exc:  # only a read-only open gets here without `meta`
+            raise WorkspaceError(f"workspace {self.root}: fvqa.duckdb is a DuckDB database but not an fvqa "
+                                 "workspace (no `meta` table)") from exc
         if row is None:
             if not self.read_only:
                 self.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
