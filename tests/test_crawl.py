@@ -139,8 +139,9 @@ def crawl_run(tmp_path_factory: pytest.TempPathFactory):
                                            "page_text, provenance, page_url FROM crawled")}
             rejects = {r[0]: (r[1], r[2]) for r in ws.execute("SELECT key, reason, detail FROM rejects")}
             images = {r[0]: r[1:] for r in ws.execute("SELECT sha256, ext, width, height, phash FROM images")}
+            deferred = {r[0]: r[1:] for r in ws.execute("SELECT concept_id, reason, detail, runs FROM crawl_deferred")}
             paths = {sha: ws.find_image(sha) for sha in images}
-        yield dict(srv=srv, url=srv.url, stats=stats, seconds=seconds, crawled=crawled, rejects=rejects,
+        yield dict(srv=srv, url=srv.url, stats=stats, seconds=seconds, crawled=crawled, rejects=rejects, deferred=deferred,
                    images=images, paths=paths, hits=dict(srv.hits), root=root, config=config)
 
 
@@ -164,8 +165,10 @@ def test_good_images_are_stored_with_page_text(crawl_run):
 def test_429_is_retried_after_retry_after_and_5xx_gives_up(crawl_run):
     assert crawl_run["hits"]["/busy.jpg"] == 2 and "c04-busy" in crawl_run["crawled"]
     assert crawl_run["seconds"] >= 1.0  # waited the Retry-After second
-    reason, detail = crawl_run["rejects"][crawl_run["url"]("/broken.jpg")]
-    assert reason == "HTTP 500" and "gave up after 3 attempts" in detail
+    # a 5xx that outlasts the retries may still pass: the concept is deferred, not rejected
+    assert crawl_run["url"]("/broken.jpg") not in crawl_run["rejects"] and "c05-broken" not in crawl_run["rejects"]
+    reason, detail, runs = crawl_run["deferred"]["c05-broken"]
+    assert reason == "HTTP 500" and "gave up after 3 attempts" in detail and runs == 1
     assert crawl_run["hits"]["/broken.jpg"] == 3  # first try + retries=2
     assert crawl_run["rejects"][crawl_run["url"]("/missing.jpg")][0] == "HTTP 404"
     assert crawl_run["hits"]["/missing.jpg"] == 1  # a 404 is not retried
@@ -175,11 +178,8 @@ def test_every_bad_candidate_has_its_reason(crawl_run):
     url, rejects = crawl_run["url"], crawl_run["rejects"]
     expected = {
         "/truncated.jpg": "image undecodable",
-        "/cut-transfer.jpg": "connection error",
         "/html.jpg": "image format unknown",
         "/bomb.png": "image too large",
-        "/slow.jpg": "timeout",
-        "/trickle.jpg": "timeout",
         "/tiny.png": "image too small",
         "/huge.jpg": "too large",
         "/huge-stream.jpg": "too large",
@@ -197,19 +197,33 @@ def test_every_bad_candidate_has_its_reason(crawl_run):
     # concepts without any usable image are rejected with the candidates' reasons
     assert rejects["c08-bomb"] == ("no usable image", "'bomb sculptor': image too large: 1")
     assert rejects["c16-none"][0] == "no candidates"
-    for cid in ("c05-broken", "c06-truncated", "c07-html", "c10-tiny", "c11-huge", "c12-missing", "c13-robots",
-                "c14-dups", "c09-slow"):
+    for cid in ("c07-html", "c10-tiny", "c11-huge", "c12-missing", "c13-robots", "c14-dups"):
         assert rejects[cid][0] == "no usable image", cid
+    # transient failures (timeouts, a cut transfer, a 5xx) defer their concept: no reject, URL or concept
+    for path in ("/slow.jpg", "/trickle.jpg", "/cut-transfer.jpg", "/broken.jpg"):
+        assert url(path) not in rejects, path
+    assert set(crawl_run["deferred"]) == {"c05-broken", "c06-truncated", "c09-slow"}
+    assert not set(crawl_run["deferred"]) & set(rejects)
+    assert crawl_run["deferred"]["c09-slow"][0] == "timeout"
+    # c06's other candidate is permanently bad: that URL reject stands
+    assert "connection error" in crawl_run["deferred"]["c06-truncated"][1]
 
 
 def test_summary_counts_every_failure_mode(crawl_run):
     stats = crawl_run["stats"]
-    assert stats.n_in == len(CASES) and stats.n_out == 5
-    for reason in ("HTTP 500", "HTTP 404", "timeout", "image undecodable", "image format unknown", "image too large",
+    # the stage's unit is the concept: every one is kept, rejected or deferred, and counted once
+    assert stats.n_in == len(CASES) and stats.n_out == 5 and stats.extra["deferred"] == 3
+    assert stats.n_in == stats.n_out + stats.n_rejected + stats.extra["deferred"]
+    assert dict(stats.rejected) == {"no usable image": 7, "no candidates": 1}
+    urls = stats.extra["rejected_urls"]  # candidate URLs, counted apart
+    for reason in ("HTTP 404", "image undecodable", "image format unknown", "image too large",
                    "image too small", "too large", "near-duplicate", "exact duplicate", "disallowed by robots.txt",
-                   "no usable image", "no candidates", "lower CLIP score than chosen image", "page HTTP 404"):
-        assert stats.rejected[reason] >= 1, reason
+                   "lower CLIP score than chosen image", "page HTTP 404"):
+        assert urls[reason] >= 1, reason
+    assert "timeout" not in urls and "HTTP 500" not in urls  # transient: their concepts were deferred
     assert any("random weights" in n for n in stats.notes)
+    assert any(n.startswith("3 concept(s) deferred (retried next run)") for n in stats.notes)
+    assert any("candidate URL(s) rejected (not counted as concepts)" in n for n in stats.notes)
 
 
 def test_clip_scores_are_recorded_and_random_weights_flagged(crawl_run):
@@ -246,7 +260,7 @@ def test_clip_threshold_keeps_only_candidates_above_it(tmp_path: Path):
     assert json.loads(kept[0][3])["crawl"]["clip"]["threshold"] == pytest.approx(threshold)
     assert rejects[srv.url(lo)][0] == "low CLIP score"
     assert rejects["k2-kite"][0] == "no usable image" and "low CLIP score" in rejects["k2-kite"][1]
-    assert stats.rejected["low CLIP score"] == 2
+    assert stats.extra["rejected_urls"]["low CLIP score"] == 2 and dict(stats.rejected) == {"no usable image": 1}
 
 
 def test_rerun_does_nothing_and_repeats_no_request(crawl_run):
@@ -256,7 +270,12 @@ def test_rerun_does_nothing_and_repeats_no_request(crawl_run):
         with Workspace(config.workspace) as ws:
             stats, _ = _run(ws, config)
             assert ws.count("crawled") == 5
-        assert stats.n_in == 0 and stats.n_out == 0 and sum(srv2.hits.values()) == 0
+            runs = dict(ws.execute("SELECT concept_id, runs FROM crawl_deferred"))
+        # only the deferred concepts are tried again (their old server is gone: deferred once more)
+        assert stats.n_in == 3 and stats.n_out == 0 and stats.n_rejected == 0 and stats.extra["deferred"] == 3
+        assert runs == {"c05-broken": 2, "c06-truncated": 2, "c09-slow": 2}
+        retried = {"/broken.jpg", "/truncated.jpg", "/cut-transfer.jpg", "/slow.jpg", "/trickle.jpg"}
+        assert sum(n for path, n in srv2.hits.items() if path not in retried) == 0
     assert srv_hits["/good1.jpg"] == 1
 
 

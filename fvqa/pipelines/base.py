@@ -143,12 +143,15 @@ class StageContext:
         self._pending += len(rows) - 1
         self._tick()
 
-    def reject(self, key: str, reason: str, detail: str = "") -> None:
+    def reject(self, key: str, reason: str, detail: str = "", *, counted: bool = True) -> None:
         """Buffer a reject (stage, key, reason, detail); committed with the current batch.
 
         A key this stage rejected in an earlier run is counted again but not stored twice.
+        `counted=False` stores a reject of something that is not the stage's unit (e.g. one of a
+        concept's candidate URLs), so `n_in == n_out + n_rejected` stays a statement about units.
         """
-        self.stats.rejected[reason] += 1
+        if counted:
+            self.stats.rejected[reason] += 1
         if self._rejected_before is None:
             self._rejected_before = self.ws.rejected_keys(self.stage.name)
         if key in self._rejected_before:

@@ -6,6 +6,16 @@ against everything kept so far (sha256 + perceptual hash) and scored with CLIP a
 the concept. The best candidate (above `clip_threshold`, when one is set) is stored with its page
 text; every other candidate lands in `rejects` keyed by its URL, and a concept without any usable
 image is rejected under its concept id with the candidates' reasons in the detail.
+
+A failure that may pass (timeout, dropped connection, 429/5xx: `FetchResult.retryable`) is not a
+verdict: a concept left without a usable image while one of its candidates (or its image search)
+failed that way is *deferred*, neither kept nor rejected, so the next run tries it again. It is
+counted in the summary ("deferred (retried next run)") and listed in `crawl_deferred` with the
+failures and how many runs deferred it.
+
+The stage's unit is the concept: `n_in == n_out + n_rejected + deferred`, and `n_rejected` counts
+concept rejects only. Candidate URLs rejected on the way (still rows in `rejects`, keyed by URL) are
+counted apart, in the stats' `rejected_urls`.
 """
 
 from __future__ import annotations
@@ -20,14 +30,18 @@ from typing import Any
 from fvqa.config import CrawlConfig
 from fvqa.net.fetch import Downloader, FetchOptions, FetchResult
 from fvqa.pipelines.base import Stage, StageContext
-from fvqa.pipelines.crawl.sources import Candidate, Source, make_source
-from fvqa.store import now
+from fvqa.pipelines.crawl.sources import Candidate, Failure, Source, make_source
+from fvqa.store import Workspace, now
 from fvqa.vision.dedup import DedupIndex, phash_hex, sha256_hex
 from fvqa.vision.gate import CheckedImage
 from fvqa.vision.imageproc import ImageReject, Processed, process_image
 
 STAGE = "crawl"
 CHUNK = 16  # concepts per download wave; the next wave downloads while this one is checked
+DEFERRED_DDL = """
+CREATE TABLE IF NOT EXISTS crawl_deferred (
+    concept_id VARCHAR PRIMARY KEY, reason VARCHAR, detail VARCHAR, runs BIGINT, time TIMESTAMP)
+"""
 
 
 @dataclass
@@ -49,13 +63,29 @@ class CrawlStage(Stage):
     outputs = ("crawled",)
     description = "download, dedup and CLIP-verify one image (and page) per concept"
 
+    def prepare(self, ws: Workspace) -> None:
+        ws.ensure_table(DEFERRED_DDL)
+
+    def reset(self, ws: Workspace) -> None:
+        ws.ensure_table(DEFERRED_DDL)  # a reset may come before the stage ever ran here
+        with ws.transaction():
+            super().reset(ws)
+            ws.execute("DELETE FROM crawl_deferred")
+
     def run(self, ctx: StageContext) -> None:
         rows = ctx.ws.execute("SELECT concept_id, concept FROM concepts ORDER BY concept_id")
         todo = set(ctx.todo([r[0] for r in rows], column="concept_id"))
         concepts = [(cid, concept) for cid, concept in rows if cid in todo]
         ctx.stats.n_in = len(concepts)
-        if concepts:
-            asyncio.run(self._run(ctx, concepts))
+        self.deferred: Counter[str] = Counter()  # deferred concepts by their first transient reason
+        self.url_rejects: Counter[str] = Counter()
+        try:
+            if concepts:
+                asyncio.run(self._run(ctx, concepts))
+        finally:
+            _record_counts(ctx, self.deferred, self.url_rejects)
+        ctx.commit()
+        _forget_settled_deferrals(ctx.ws)
 
     async def _run(self, ctx: StageContext, concepts: list[tuple[str, str]]) -> None:
         cfg: CrawlConfig = ctx.cfg
@@ -92,9 +122,10 @@ class CrawlStage(Stage):
         cfg: CrawlConfig = ctx.cfg
         for cid, concept, cands, results, failure in batch:
             why: Counter[str] = Counter()
+            transient: list[tuple[str, str, str]] = []  # (url, reason, detail): may work next run
             if failure is not None:
-                why[failure[0]] += 1
-            checked = await asyncio.to_thread(self._check, ctx, cid, cands, results, why)
+                why[failure.reason] += 1
+            checked = await asyncio.to_thread(self._check, ctx, cid, cands, results, why, transient)
             if checked:
                 if self.scorer is None:
                     self.scorer = await self._scorer_task
@@ -102,9 +133,14 @@ class CrawlStage(Stage):
                 for c, s in zip(checked, scores, strict=True):
                     c.score = s
                 checked = self._apply_threshold(ctx, cid, checked, cfg.clip_threshold, why)
+            if not checked and (transient or (failure is not None and failure.retryable)):
+                self._defer(ctx, cid, concept, why, transient, failure)
+                continue
+            for url, reason, detail in transient:  # the concept is settled: these URLs are not retried
+                self._reject_url(ctx, url, reason, detail)
             if not checked:
                 if not cands and failure is not None:  # e.g. the image search itself failed
-                    ctx.reject(cid, failure[0], f"{concept!r}: {failure[1]}")
+                    ctx.reject(cid, failure.reason, f"{concept!r}: {failure.detail}")
                 elif not cands:
                     ctx.reject(cid, "no candidates", f"{concept!r}: the {source.name} source has no image for it")
                 else:
@@ -114,42 +150,69 @@ class CrawlStage(Stage):
             best = max(checked, key=lambda c: c.score if c.score is not None else float("-inf"))
             for other in checked:
                 if other is not best:
-                    ctx.reject(other.cand.url, "lower CLIP score than chosen image",
-                               f"{cid}: {other.score:.4f} < {best.score:.4f} ({best.cand.url})")
+                    self._reject_url(ctx, other.cand.url, "lower CLIP score than chosen image",
+                                     f"{cid}: {other.score:.4f} < {best.score:.4f} ({best.cand.url})")
             await self._keep(ctx, source, cid, best, len(cands))
 
+    def _defer(self, ctx: StageContext, cid: str, concept: str, why: Counter[str],
+               transient: list[tuple[str, str, str]], failure: Failure | None) -> None:
+        """Neither keep nor reject `cid`: record why in `crawl_deferred` (runs + 1) and count it."""
+        first = transient[0][1] if transient else failure.reason if failure is not None else "transient failure"
+        self.deferred[first] += 1
+        failures = "; ".join(f"{url}: {detail}" for url, _, detail in transient)
+        if failure is not None and failure.retryable:
+            failures = "; ".join(x for x in (f"{failure.reason}: {failure.detail}", failures) if x)
+        detail = f"{concept!r}: " + ", ".join(f"{r}: {n}" for r, n in why.items()) + f" ({failures})"
+        ctx.ws.execute(
+            "INSERT INTO crawl_deferred VALUES (?, ?, ?, 1, ?) ON CONFLICT (concept_id) DO UPDATE SET "
+            "reason = excluded.reason, detail = excluded.detail, runs = crawl_deferred.runs + 1, time = excluded.time",
+            [cid, first, detail[:4000], now()])
+        ctx.stats.extra["deferred"] = self.deferred.total()
+
+    def _reject_url(self, ctx: StageContext, url: str, reason: str, detail: str) -> None:
+        """A candidate URL's reject: a `rejects` row like any other, counted apart from the concepts."""
+        ctx.reject(url, reason, detail, counted=False)  # n_rejected counts concepts, the stage's unit
+        self.url_rejects[reason] += 1
+        ctx.stats.extra["rejected_urls"] = dict(self.url_rejects)
+
     def _check(
-        self, ctx: StageContext, cid: str, cands: list[Candidate], results: list[FetchResult], why: Counter[str]
+        self, ctx: StageContext, cid: str, cands: list[Candidate], results: list[FetchResult], why: Counter[str],
+        transient: list[tuple[str, str, str]],
     ) -> list[Checked]:
+        """The candidates that downloaded, decode, pass the gate and are no duplicates; the others
+        are rejected by URL, except transient download failures, which go to `transient` (their
+        fate depends on whether the concept is settled)."""
         cfg: CrawlConfig = ctx.cfg
         local = DedupIndex(cfg.phash_distance)
         out = []
         for cand, res in zip(cands, results, strict=True):
             if not res.ok:
                 why[res.reason] += 1
-                ctx.reject(cand.url, res.reason, f"{cid}: {res.detail}".strip())
+                if res.retryable:
+                    transient.append((cand.url, res.reason, f"{cid}: {res.detail}".strip()))
+                else:
+                    self._reject_url(ctx, cand.url, res.reason, f"{cid}: {res.detail}".strip())
                 continue
             try:
                 img = process_image(res.data, max_side=cfg.max_side, min_side=cfg.min_side,
                                     max_pixels=cfg.max_pixels, quality=cfg.jpeg_quality)
             except ImageReject as exc:
                 why[exc.reason] += 1
-                ctx.reject(cand.url, exc.reason, f"{cid}: {exc.detail}")
+                self._reject_url(ctx, cand.url, exc.reason, f"{cid}: {exc.detail}")
                 continue
             sha, ph = sha256_hex(img.data), phash_hex(img.image)
             dup = self.dedup.check(sha, ph) or local.check(sha, ph)
             if dup is not None:
                 kind = "exact duplicate" if dup[0] == "exact duplicate" else "near-duplicate"
                 why[kind] += 1
-                ctx.reject(cand.url, kind, f"{cid}: {dup[0]} of {dup[1]}")
+                self._reject_url(ctx, cand.url, kind, f"{cid}: {dup[0]} of {dup[1]}")
                 continue
             local.add(sha, ph, f"{cid} candidate {cand.url}")
             out.append(Checked(cand, img, sha, ph))
         return out
 
-    @staticmethod
     def _apply_threshold(
-        ctx: StageContext, cid: str, checked: list[Checked], threshold: float | None, why: Counter[str]
+        self, ctx: StageContext, cid: str, checked: list[Checked], threshold: float | None, why: Counter[str]
     ) -> list[Checked]:
         if threshold is None:
             return checked
@@ -159,14 +222,15 @@ class CrawlStage(Stage):
                 keep.append(c)
             else:
                 why["low CLIP score"] += 1
-                ctx.reject(c.cand.url, "low CLIP score", f"{cid}: {c.score:.4f} < clip_threshold {threshold:g}")
+                self._reject_url(ctx, c.cand.url, "low CLIP score",
+                                 f"{cid}: {c.score:.4f} < clip_threshold {threshold:g}")
         return keep
 
     async def _keep(self, ctx: StageContext, source: Source, cid: str, best: Checked, n_cands: int) -> None:
         cfg: CrawlConfig = ctx.cfg
         page, page_failure = await source.page(best.cand)
         if page_failure is not None:  # the image is kept; the generator falls back to the title
-            ctx.reject(page.url or f"{cid} page", page_failure[0], f"{cid}: {page_failure[1]}")
+            self._reject_url(ctx, page.url or f"{cid} page", page_failure[0], f"{cid}: {page_failure[1]}")
         jpeg = CheckedImage("jpeg", "jpg", *best.image.image.size, best.image.image)  # we encoded it ourselves
         ref, image_row = ctx.ws.store_image(best.image.data, provenance={"stage": STAGE, "url": best.cand.url},
                                             checked=jpeg)
@@ -207,6 +271,24 @@ def _load_dedup(ctx: StageContext, distance: int) -> DedupIndex:
             "LEFT JOIN images im ON im.sha256 = k.image_sha256 ORDER BY k.concept_id"):
         index.add(sha, ph, f"{cid} ({url})")
     return index
+
+
+def _record_counts(ctx: StageContext, deferred: Counter[str], url_rejects: Counter[str]) -> None:
+    """Deferred concepts and rejected candidate URLs: counts in the stats, a line each in the summary."""
+    if deferred:
+        ctx.stats.extra["deferred"] = deferred.total()
+        ctx.stats.notes.append(f"{deferred.total()} concept(s) deferred (retried next run) after transient "
+                               f"failures: {', '.join(f'{r}: {n}' for r, n in deferred.most_common())}")
+    if url_rejects:
+        ctx.stats.extra["rejected_urls"] = dict(url_rejects)
+        ctx.stats.notes.append(f"{url_rejects.total()} candidate URL(s) rejected (not counted as concepts): "
+                               f"{', '.join(f'{r}: {n}' for r, n in url_rejects.most_common())}")
+
+
+def _forget_settled_deferrals(ws: Workspace) -> None:
+    """A deferred concept that has since been crawled or rejected is no longer deferred."""
+    ws.execute("DELETE FROM crawl_deferred WHERE concept_id IN (SELECT concept_id FROM crawled) "
+               "OR concept_id IN (SELECT key FROM rejects WHERE stage = ?)", [STAGE])
 
 
 def _record_source_stats(ctx: StageContext, source: Source) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 from fvqa.config import CrawlConfig, RunConfig
@@ -46,7 +46,13 @@ class Page:
     text: str | None
 
 
-Failure = tuple[str, str]  # (reason, detail)
+class Failure(NamedTuple):
+    """Why a source could not answer: a short `reason` (counted), a `detail`, and whether it may
+    work next time (timeouts, 429/5xx: `FetchResult.retryable`)."""
+
+    reason: str
+    detail: str
+    retryable: bool = False
 
 
 def _norm(s: str) -> str:
@@ -85,9 +91,9 @@ class Source:
             return Page(cand.page_url, cand.title, None), None
         res = await self.downloader.fetch(cand.page_url, max_bytes=PAGE_MAX_BYTES)
         if not res.ok:
-            return Page(cand.page_url, cand.title, None), (f"page {res.reason}", res.detail)
+            return Page(cand.page_url, cand.title, None), Failure(f"page {res.reason}", res.detail, res.retryable)
         title, text = extract_page(decode_html(res.data, res.content_type))
-        failure = None if text else ("page has no extractable text", cand.page_url)
+        failure = None if text else Failure("page has no extractable text", str(cand.page_url))
         return Page(cand.page_url, title or cand.title, text), failure
 
 
@@ -142,7 +148,7 @@ class LocalSource(Source):
     async def page(self, cand: Candidate) -> tuple[Page, Failure | None]:
         row = self.pages.get(cand.page_url or "")
         if row is None:
-            return Page(cand.page_url, cand.title, None), (
+            return Page(cand.page_url, cand.title, None), Failure(
                 "page not found", f"no page with url {cand.page_url} in the pages file")
         title, text = row.get("wikipedia_title") or row.get("title"), None
         html_path = row.get("html_path")
@@ -151,7 +157,7 @@ class LocalSource(Source):
             got_title, text = extract_page(decode_html(raw))
             title = title or got_title
         text = text or row.get("wikipedia_content") or row.get("text")
-        return Page(cand.page_url, title or cand.title, text), None if text else (
+        return Page(cand.page_url, title or cand.title, text), None if text else Failure(
             "page has no extractable text", str(cand.page_url))
 
 
@@ -226,7 +232,7 @@ class WebSearchSource(Source):
         if path.is_file():
             cached = json.loads(path.read_text(encoding="utf-8"))
             self.cache_hits += 1
-            return cached.get("results", []), tuple(cached["error"]) if cached.get("error") else None
+            return cached.get("results", []), Failure(*cached["error"]) if cached.get("error") else None
         params = {"engine": self.cfg.search_engine, "q": query}
         if self._key:
             params["api_key"] = self._key
@@ -234,9 +240,9 @@ class WebSearchSource(Source):
         res = await self.downloader.fetch(f"{self.cfg.search_url}?{urlencode(params)}", max_bytes=PAGE_MAX_BYTES)
         self.paid_calls += 1
         if not res.ok:
-            failure = (f"image search {res.reason}", self._scrub(res.detail))
+            failure = Failure(f"image search {res.reason}", self._scrub(res.detail), res.retryable)
             if res.status is not None and 400 <= res.status < 500 and res.status != 429:
-                self._write(path, {"results": [], "error": list(failure)})  # deterministic: do not pay again
+                self._write(path, {"results": [], "error": list(failure[:2])})  # deterministic: do not pay again
             return [], failure
         try:
             body = json.loads(res.data)
@@ -244,7 +250,7 @@ class WebSearchSource(Source):
         except (json.JSONDecodeError, UnicodeDecodeError):
             items = None
         if not isinstance(items, list):
-            return [], ("image search bad response", "no images_results list in the JSON answer")
+            return [], Failure("image search bad response", "no images_results list in the JSON answer")
         results = [{"image_url": it.get("original") or it.get("thumbnail"), "page_url": it.get("link"),
                     "title": it.get("title")} for it in items if isinstance(it, dict)]
         results = [r for r in results if isinstance(r["image_url"], str)]
