@@ -94,6 +94,35 @@ def test_generic_pages_and_image_folder(tmp_path: Path, embedder) -> None:
     assert stats.rejected == {"pages: malformed JSON": 1, "pages: missing title ('wikipedia_title' or 'title')": 1}
 
 
+def test_image_folder_accounts_for_every_file(tmp_path: Path) -> None:
+    """A folder build never skips a file silently: non-image names are rejected with a reason (not
+    read), in the stats, meta.json, the index's `rejects` table and the CLI's summary."""
+    import subprocess
+
+    from support.paths import FVQA, REPO
+
+    pages = tmp_path / "pages.jsonl"
+    pages.write_text(json.dumps({"url": "https://x.test/p0", "title": "Pink square", "text": "A pink square."}) + "\n")
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (250, 20, 200)).save(folder / "p0.png")
+    (folder / "random.bin").write_bytes(b"\x00\x01" * 50)
+    (folder / ".DS_Store").write_bytes(b"x")
+    (folder / "sub" / "README").write_text("notes")
+    res = subprocess.run([*FVQA, "search", "index", "build", "--corpus", str(pages), "--images", str(folder),
+                          "--out", str(tmp_path / "ix"), "--clip-model", "fvqa-tiny"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "rejected - images: not an image file" in res.stdout and "3" in res.stdout
+    meta = json.loads((tmp_path / "ix" / "meta.json").read_text())
+    assert meta["images"] == 1 and meta["rejected"] == {"images: not an image file": 3}
+    rows = sqlite3.connect(tmp_path / "ix" / "pages.sqlite").execute(
+        "SELECT key, reason, detail FROM rejects ORDER BY key").fetchall()
+    assert [(k, r) for k, r, _ in rows] == [(".DS_Store", "not an image file"), ("random.bin", "not an image file"),
+                                            ("sub/README", "not an image file")]
+    assert "'.bin'" in rows[1][2] and "(none)" in rows[2][2]
+
+
 def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="corpus file not found"):
         build_index(tmp_path / "nope.jsonl", None, tmp_path / "o")

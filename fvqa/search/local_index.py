@@ -5,7 +5,9 @@ an image manifest (`{path, wikidata_id?, title?, url?, page_url?}`, paths relati
 folder) or a folder of images, and writes one folder:
 
 A folder of images links each file to a page by its stem (= the page's key, i.e. wikidata_id, or the
-last segment of its URL).
+last segment of its URL). Every file in it is accounted for: one whose name does not end in an image
+suffix (`random.bin`, `.DS_Store`) is not read but rejected as "not an image file", like any other
+file that cannot be indexed.
 
 * `pages.sqlite` — pages (id = BM25 document id) and images (id = row of the vector matrix, with a
   thumbnail), plus `rejects`: every input line or image that was skipped, with a reason;
@@ -111,8 +113,12 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | ValueError]]:
 def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | Exception]]:
     """(key, file, manifest row or error) from a manifest jsonl or a folder of image files."""
     if images.is_dir():
-        for path in sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for path in sorted(p for p in images.rglob("*") if not p.is_dir()):
             rel = path.relative_to(images).as_posix()
+            if path.suffix.lower() not in IMAGE_SUFFIXES:  # not even read: it may be anything, of any size
+                yield rel, path, ImageReject("not an image file", f"suffix {path.suffix or '(none)'!r} is not one of "
+                                             f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+                continue
             yield rel, path, {"path": rel, "page_key": path.stem}
         return
     base = images.parent
@@ -330,6 +336,9 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
                 progress("images", stats.images, None)
 
         for key, path, row in _image_entries(Path(images)):
+            if isinstance(row, ImageReject):
+                reject("images", key, row.reason, row.detail)
+                continue
             if isinstance(row, Exception):
                 reject("images", key, str(row))
                 continue
