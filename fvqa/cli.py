@@ -185,6 +185,16 @@ def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
             for stage, reason, n in rejects:
                 rj.add_row(stage, reason, str(n))
             out.print(rj)
+        if "crawl_deferred" in ws.tables():  # transient failures: neither kept nor rejected, retried next run
+            deferred = ws.con.execute(
+                "SELECT reason, count(*), max(runs) FROM crawl_deferred GROUP BY 1 ORDER BY 2 DESC").fetchall()
+            if deferred:
+                dt = Table(title="deferred (retried by the next build)")
+                for col in ("stage", "reason", "count", "runs deferred (max)"):
+                    dt.add_column(col)
+                for reason, n, runs_deferred in deferred:
+                    dt.add_row("crawl", reason, str(n), str(runs_deferred))
+                out.print(dt)
 
 
 @app.command()

@@ -142,3 +142,20 @@ def test_force_forgets_deferrals(tmp_path: Path):
         assert ws.count("crawl_deferred") == 1
         CrawlStage().reset(ws)
         assert ws.count("crawl_deferred") == 0
+
+
+def test_status_lists_deferred_concepts(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from fvqa.cli import app
+
+    routes = {"/flaky.jpg": _unavailable_for(99, 1), "/good.jpg": _jpeg(2)}
+    with LoopbackServer(routes) as srv:
+        with Workspace(tmp_path / "ws") as ws:
+            _seed(ws, srv, {"a-flaky": ["/flaky.jpg"], "b-good": ["/good.jpg"]})
+            _crawl(ws, _config(ws.root))
+    res = CliRunner().invoke(app, ["status", "-w", str(tmp_path / "ws")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "deferred (retried by the next build)" in res.output
+    line = next(x for x in res.output.splitlines() if "HTTP 503" in x)
+    assert "crawl" in line and " 1 " in line
