@@ -118,14 +118,16 @@ def build(
     Re-running the same command continues where a previous (even killed) run stopped: each stage
     processes only keys missing from its output table, so no committed paid call is repeated.
     """
-    from fvqa.pipelines.runner import estimate_build, run_build
+    from fvqa.pipelines.runner import check_selection, estimate_build, run_build
 
     cfg = _config(config, workspace, set_)
+    only = _split_csv(stages) or None
+    check_selection(cfg, only, until, _split_csv(force), _split_csv(retry_rejects))  # before any disk
     if estimate:
-        _print_estimate(estimate_build(cfg, console=err))
+        _print_estimate(estimate_build(cfg, console=err, only=only, until=until))
         return
-    run_build(cfg, only=_split_csv(stages) or None, until=until, force=_split_csv(force),
-              retry_rejects=_split_csv(retry_rejects), console=err)
+    run_build(cfg, only=only, until=until, force=_split_csv(force), retry_rejects=_split_csv(retry_rejects),
+              console=err)
     exports = cfg.workspace / "exports"
     out.print(f"[green]build finished[/] — workspace: {cfg.workspace.resolve()}  exports: {exports.resolve()}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -133,3 +134,26 @@ def test_demo_build_leaves_a_working_local_search_index(demo_build: tuple[Path, 
     assert res.returncode == 0, res.stderr
     first = res.stdout.split("\n1. ", 1)[1].splitlines()[0]
     assert f"/wiki/{entity['entity_id']})" in first and entity["country"] in first
+
+
+@pytest.mark.parametrize("args", [
+    ["--stages", "exprot"], ["--until", "tagg"], ["--force", "prob"], ["--retry-rejects", "crawll:x"],
+    ["--estimate", "--stages", "exprot"], ["--estimate", "--force", "prob"],
+])
+def test_a_misspelt_stage_stops_before_anything_is_written(tmp_path: Path, args: list[str]):
+    """With or without --estimate: one line, exit 2, and neither the demo world nor a workspace on disk."""
+    config = write_demo_config(tmp_path, tmp_path / "world")
+    res = _run("build", "--config", str(config), *args)
+    assert res.returncode == 2 and "unknown stage" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "world").exists() and not (tmp_path / "ws").exists()
+
+
+def test_estimate_covers_only_the_selected_stages(tmp_path: Path):
+    config = write_demo_config(tmp_path, tmp_path / "world")
+    res = _run("build", "--config", str(config), "--estimate", "--stages", "generate,tag",
+               "--set", "generate.backend=llm", "--set", "tag.backend=llm")
+    assert res.returncode == 0, res.stderr
+    rows = {m.group(1) for m in re.finditer(r"^\W*(\w+)\s*│", res.stdout, re.M)}  # first column of the table
+    assert {"generate", "tag", "total"} <= rows and not rows & {"probe", "crawl", "infoseek", "export"}, rows
+    assert not (tmp_path / "ws").exists()

@@ -91,6 +91,21 @@ def requeue_rejects(ws: Workspace, stage: str, reasons: Sequence[str | None], co
     return n
 
 
+def check_selection(config: RunConfig, only: Sequence[str] | None = None, until: str | None = None,
+                    force: Sequence[str] = (), retry_rejects: Sequence[str] = ()
+                    ) -> tuple[list[str], dict[str, list[str | None]]]:
+    """The stages a build runs and its re-queued rejects, every name checked before anything is
+    touched (a typo in --stages/--until/--force/--retry-rejects is one line, not a written world)."""
+    names = select_stages(config, only, until)
+    for name in force:
+        if name not in STAGES:
+            raise ConfigError(f"--force: unknown stage '{name}' (known: {', '.join(STAGES)})")
+        if name not in names:
+            raise ConfigError(f"--force {name}: stage {name} is not part of this build "
+                              f"(selected: {', '.join(names) or 'none'}); enable it or name it in --stages")
+    return names, parse_retry_rejects(retry_rejects, names)
+
+
 def run_build(
     config: RunConfig,
     *,
@@ -111,14 +126,7 @@ def run_build(
     that reason) when the stage runs: their keys are to do again, its outputs stay.
     """
     console = console or Console(stderr=True)
-    names = select_stages(config, only, until)
-    for name in force:
-        if name not in STAGES:
-            raise ConfigError(f"--force: unknown stage '{name}' (known: {', '.join(STAGES)})")
-        if name not in names:
-            raise ConfigError(f"--force {name}: stage {name} is not part of this build "
-                              f"(selected: {', '.join(names) or 'none'}); enable it or name it in --stages")
-    retries = parse_retry_rejects(retry_rejects, names)
+    names, retries = check_selection(config, only, until, force, retry_rejects)
     ensure_world(config, console)
     results: dict[str, StageStats] = {}
     with Workspace(config.workspace) as ws:
@@ -139,7 +147,8 @@ def run_build(
     return results
 
 
-def estimate_build(config: RunConfig, console: Console | None = None) -> dict[str, Estimate | None]:
+def estimate_build(config: RunConfig, console: Console | None = None, *, only: Sequence[str] | None = None,
+                   until: str | None = None) -> dict[str, Estimate | None]:
     """Per stage: expected paid calls, cache hits, tokens and dollars (mid and range), without
     spending anything. Stages whose inputs do not exist yet are priced from the upstream stages'
     expected counts (`fvqa.pipelines.expected`), so no data is needed; with no workspace yet, an
@@ -154,7 +163,7 @@ def estimate_build(config: RunConfig, console: Console | None = None) -> dict[st
         if not (root / "fvqa.duckdb").exists():
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fvqa-estimate-"))) / "ws"
         ws = stack.enter_context(Workspace(root))
-        for name in select_stages(config):
+        for name in select_stages(config, only, until):
             stage = load_stage(name)
             stage.prepare(ws)
             out[name] = stage.estimate(StageContext(ws, config, stage, console=console))
