@@ -1,3 +1,8 @@
 """fvqa: build search-balanced VQA datasets and train/evaluate on-demand search VLMs."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fvqa")  # one home: pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"

@@ -29,6 +29,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fvqa import __version__
+
+        out.print(f"fvqa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Options before the command (the app's help text is set on `app`)."""
+
+
 config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 demo_app = typer.Typer(help="The bundled offline demo world.", no_args_is_help=True)
 app.add_typer(config_app, name="config")

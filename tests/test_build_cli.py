@@ -157,3 +157,14 @@ def test_estimate_covers_only_the_selected_stages(tmp_path: Path):
     rows = {m.group(1) for m in re.finditer(r"^\W*(\w+)\s*│", res.stdout, re.M)}  # first column of the table
     assert {"generate", "tag", "total"} <= rows and not rows & {"probe", "crawl", "infoseek", "export"}, rows
     assert not (tmp_path / "ws").exists()
+
+
+def test_version_and_python_dash_m(tmp_path: Path):
+    import sys
+    from importlib.metadata import version
+
+    res = _run("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"fvqa {version('fvqa')}", res
+    res = subprocess.run([sys.executable, "-m", "fvqa", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert res.returncode == 0 and "build" in res.stdout and "status" in res.stdout, res.stderr

@@ -40,7 +40,7 @@ from fvqa.pipelines.split.leakage import (
     contamination_match,
     entity_keys,
     near_duplicate_pairs,
-    phash_hex,
+    phash_of_file,
     question_key,
 )
 from fvqa.schema import SearchLabel
@@ -207,7 +207,7 @@ class SplitStage(Stage):
             if ext is None:
                 continue
             try:
-                ph = phash_hex(ctx.ws.image_path(sha, ext))
+                ph = phash_of_file(ctx.ws.image_path(sha, ext))
             except (OSError, ValueError) as exc:
                 ctx.stats.notes.append(f"image {sha[:12]} unreadable for phash ({exc}); near-duplicate check skipped")
                 continue

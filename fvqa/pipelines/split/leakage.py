@@ -80,13 +80,14 @@ def entity_keys(row: dict[str, Any]) -> list[str]:
     return keys
 
 
-def phash_hex(path: Path) -> str:
-    """64-bit perceptual hash (imagehash.phash) as 16 hex digits."""
-    import imagehash
+def phash_of_file(path: Path) -> str:
+    """The stored image's perceptual hash, by the same rule as crawl's dedup (`fvqa.vision.dedup`)."""
     from PIL import Image
 
+    from fvqa.vision.dedup import phash_hex
+
     with Image.open(path) as im:
-        return str(imagehash.phash(im))
+        return phash_hex(im)
 
 
 def near_duplicate_pairs(hashes: Sequence[str], max_distance: int) -> list[tuple[int, int, int]]:

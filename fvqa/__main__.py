@@ -1,0 +1,5 @@
+"""`python -m fvqa`: the same CLI as the `fvqa` command."""
+
+from fvqa.cli import main
+
+main()
