@@ -16,6 +16,9 @@ from typing import Any
 from fvqa.eval.metrics import bootstrap_ci, breakdown, infoseek_final, search_usage, simplevqa_summary
 from fvqa.store import Workspace
 
+MODEL_CALL_FAILED = "error"
+"""stop_reason of a prediction whose model call failed: stored, never scored, generated again next run."""
+
 
 def scored_rows(ws: Workspace, run: str) -> list[dict[str, Any]]:
     """Scored predictions joined with their scores, one dict per item, in a stable order."""
@@ -23,8 +26,8 @@ def scored_rows(ws: Workspace, run: str) -> list[dict[str, Any]]:
         "SELECT p.*, s.em, s.subem, s.official, s.official_name, s.judge, s.judge_grade, s.judge_reason, "
         "s.judge_error, s.judge_id, s.score, s.metric FROM eval_predictions p "
         "JOIN eval_scores s USING (run, model, benchmark, workflow, item_id) WHERE p.run = ? "
-        "AND p.stop_reason IS DISTINCT FROM 'error' AND s.score IS NOT NULL "
-        "ORDER BY p.model, p.workflow, p.benchmark, p.item_id", [run])
+        "AND p.stop_reason IS DISTINCT FROM ? AND s.score IS NOT NULL "
+        "ORDER BY p.model, p.workflow, p.benchmark, p.item_id", [run, MODEL_CALL_FAILED])
     cols = [d[0] for d in cur.description]
     rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     for r in rows:
@@ -52,12 +55,12 @@ def unscored(ws: Workspace, run: str) -> dict[tuple[str, str, str], Unscored]:
         return {}
     rows = ws.execute(
         "SELECT p.model, p.workflow, p.benchmark, any_value(p.kind), "
-        "count(*) FILTER (WHERE p.stop_reason = 'error'), "
-        "count(*) FILTER (WHERE p.stop_reason IS DISTINCT FROM 'error' AND s.item_id IS NOT NULL "
+        "count(*) FILTER (WHERE p.stop_reason = ?), "
+        "count(*) FILTER (WHERE p.stop_reason IS DISTINCT FROM ? AND s.item_id IS NOT NULL "
         "AND s.score IS NULL), "
-        "count(*) FILTER (WHERE p.stop_reason IS DISTINCT FROM 'error' AND s.item_id IS NULL) "
+        "count(*) FILTER (WHERE p.stop_reason IS DISTINCT FROM ? AND s.item_id IS NULL) "
         "FROM eval_predictions p LEFT JOIN eval_scores s USING (run, model, benchmark, workflow, item_id) "
-        "WHERE p.run = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", [run])
+        "WHERE p.run = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", [*[MODEL_CALL_FAILED] * 3, run])
     return {(m, w, b): Unscored(int(a), int(j), int(p), kind) for m, w, b, kind, a, j, p in rows if a or j or p}
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fvqa.eval.aggregate import MODEL_CALL_FAILED
 from fvqa.eval.benchmarks import EvalItem, LoadResult, load_benchmark
 from fvqa.eval.config import EvalConfig
 from fvqa.eval.scoring import JUDGE_OFFICIAL, rule_scores
@@ -44,7 +45,6 @@ CREATE TABLE IF NOT EXISTS eval_runs (run VARCHAR PRIMARY KEY, config VARCHAR, u
 """
 KEY = ("run", "model", "benchmark", "workflow", "item_id")
 JUDGE_REQUEST_FAILED = "judge request failed"
-MODEL_CALL_FAILED = "error"  # stop_reason of a trajectory whose generator call failed: not a final answer
 
 
 def ensure_tables(ws: Workspace) -> None:

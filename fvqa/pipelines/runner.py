@@ -59,17 +59,22 @@ def ensure_world(config: RunConfig, console: Console) -> None:
     make_world(world.path, seed=world.seed, n_entities=world.n_entities)
 
 
+def _check_in_build(flag: str, name: str, names: Sequence[str]) -> None:
+    """A stage named by `flag` must exist and be part of this build (else one line, nothing touched)."""
+    if name not in STAGES:
+        raise ConfigError(f"{flag}: unknown stage '{name}' (known: {', '.join(STAGES)})")
+    if name not in names:
+        raise ConfigError(f"{flag} {name}: stage {name} is not part of this build "
+                          f"(selected: {', '.join(names) or 'none'}); enable it or name it in --stages")
+
+
 def parse_retry_rejects(specs: Sequence[str], names: Sequence[str]) -> dict[str, list[str | None]]:
     """`STAGE[:REASON]` specs -> stage -> reasons (None: all), checked before anything is touched."""
     out: dict[str, list[str | None]] = {}
     for spec in specs:
         stage, _, reason = spec.partition(":")
         stage, reason = stage.strip(), reason.strip()
-        if stage not in STAGES:
-            raise ConfigError(f"--retry-rejects: unknown stage '{stage}' (known: {', '.join(STAGES)})")
-        if stage not in names:
-            raise ConfigError(f"--retry-rejects {stage}: stage {stage} is not part of this build "
-                              f"(selected: {', '.join(names) or 'none'})")
+        _check_in_build("--retry-rejects", stage, names)
         out.setdefault(stage, []).append(reason or None)
     return out
 
@@ -98,11 +103,7 @@ def check_selection(config: RunConfig, only: Sequence[str] | None = None, until:
     touched (a typo in --stages/--until/--force/--retry-rejects is one line, not a written world)."""
     names = select_stages(config, only, until)
     for name in force:
-        if name not in STAGES:
-            raise ConfigError(f"--force: unknown stage '{name}' (known: {', '.join(STAGES)})")
-        if name not in names:
-            raise ConfigError(f"--force {name}: stage {name} is not part of this build "
-                              f"(selected: {', '.join(names) or 'none'}); enable it or name it in --stages")
+        _check_in_build("--force", name, names)
     return names, parse_retry_rejects(retry_rejects, names)
 
 
