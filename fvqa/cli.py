@@ -125,8 +125,8 @@ def build(
     force: Annotated[str | None, typer.Option(help="Redo these stages from scratch, comma-separated.")] = None,
     estimate: Annotated[bool, typer.Option("--estimate", help="Print expected paid calls and cost; run nothing.")] = False,
     retry_rejects: Annotated[str | None, typer.Option(
-        "--retry-rejects", help="Try these rejects again: STAGE or STAGE:REASON, comma-separated "
-        "(reasons as `fvqa status` lists them); the stage's outputs stay.")] = None,
+        "--retry-rejects", help="Try these rejects again: STAGE or STAGE:CODE, comma-separated "
+        "(codes as `fvqa status` lists them, e.g. crawl:http_error); the stage's outputs stay.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the build stages in order (match, concepts, crawl, generate, infoseek, tag, index, probe, split, export).
@@ -150,7 +150,7 @@ def build(
 
 @app.command()
 def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
-    """Per-stage counts, last run, paid LLM calls and dollars per stage, and rejects by reason."""
+    """Per-stage counts, last run, paid LLM calls and dollars per stage, and rejects by reason code."""
     from fvqa.llm.cache import read_spend
     from fvqa.store import Workspace
 
@@ -197,11 +197,13 @@ def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
             "SELECT stage, reason, count(*) FROM rejects GROUP BY 1, 2 ORDER BY 1, 3 DESC"
         ).fetchall()
         if rejects:
-            rj = Table(title="rejects by reason")
-            for col in ("stage", "reason", "count"):
-                rj.add_column(col)
-            for stage, reason, n in rejects:
-                rj.add_row(stage, reason, str(n))
+            from fvqa.reasons import meaning
+
+            rj = Table(title="rejects by code (retry: fvqa build --retry-rejects STAGE:CODE)")
+            for col in ("stage", "code", "count", "means"):
+                rj.add_column(col, justify="right" if col == "count" else "left")
+            for stage, code, n in rejects:
+                rj.add_row(stage, code, str(n), meaning(stage, code))
             out.print(rj)
         if "crawl_deferred" in ws.tables():  # transient failures: neither kept nor rejected, retried next run
             deferred = ws.con.execute(

@@ -11,8 +11,9 @@ from enum import StrEnum
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2
-"""Version of the workspace tables (``fvqa.store``) and of this schema; v2 added ``items.data_id``."""
+SCHEMA_VERSION = 3
+"""Version of the workspace tables (``fvqa.store``) and of this schema; v2 added ``items.data_id``,
+v3 made reject reasons codes (``fvqa.reasons``)."""
 
 
 class Source(StrEnum):

@@ -23,6 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from fvqa.errors import WorkspaceError
+from fvqa.reasons import check_code, codes_of, legacy_code
 from fvqa.schema import SCHEMA_VERSION
 from fvqa.vision.gate import CheckedImage, ImageReject, check_image
 
@@ -129,7 +130,19 @@ def _v2_data_id_column(ws: Workspace) -> None:
         ws.con.unregister("_v2_data_ids")
 
 
-MIGRATIONS: dict[int, Callable[[Workspace], None]] = {2: _v2_data_id_column}
+def _v3_reason_codes(ws: Workspace) -> None:
+    """v3: reject reasons become codes from `fvqa.reasons`; a reason that was more than a rename
+    (e.g. ``HTTP 404`` -> ``http_error``) keeps its old text at the front of the detail."""
+    pairs = ws.execute("SELECT DISTINCT stage, reason FROM rejects")
+    moves = [(stage, reason, *legacy_code(stage, reason)) for stage, reason in pairs
+             if reason is not None and reason not in codes_of(stage)]
+    for stage, reason, code, keep_text in moves:
+        ws.execute(
+            "UPDATE rejects SET reason = ?, detail = CASE WHEN ? THEN ? || coalesce(': ' || nullif(detail, ''), '') "
+            "ELSE detail END WHERE stage = ? AND reason = ?", [code, keep_text, reason, stage, reason])
+
+
+MIGRATIONS: dict[int, Callable[[Workspace], None]] = {2: _v2_data_id_column, 3: _v3_reason_codes}
 """Schema version -> the step that brings a workspace of the version before it up to it."""
 
 
@@ -434,12 +447,15 @@ class Workspace:
         rows = self.execute("SELECT DISTINCT key FROM rejects WHERE stage = ?", [stage])
         return {r[0] for r in rows}
 
-    def reject(self, stage: str, key: str, reason: str, detail: str = "") -> None:
-        """Record a dropped input with a reason a person understands."""
-        self.add_rejects([(stage, key, reason, detail)])
+    def reject(self, stage: str, key: str, code: str, detail: str = "") -> None:
+        """Record a dropped input: a registered reason code (`fvqa.reasons`) and what was found."""
+        self.add_rejects([(stage, key, code, detail)])
 
     def add_rejects(self, rejects: Iterable[tuple[str, str, str, str]]) -> None:
-        """Record many rejects at once."""
+        """Record many rejects at once; every code must be registered for its stage (`fvqa.reasons`)."""
+        rejects = list(rejects)
+        for stage, _, code, _ in rejects:
+            check_code(stage, code)
         rows = [dict(stage=s, key=k, reason=r, detail=d[:4000], time=now()) for s, k, r, d in rejects]
         if rows:
             self.insert("rejects", rows)

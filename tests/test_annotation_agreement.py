@@ -63,10 +63,10 @@ def _text(name: str, value: str) -> dict[str, Any]:
     ("result", "message"),
     [
         ([], "annotation has no verdict"),
-        ([_choice("verdict", "maybe")], 'unknown verdict value: ["maybe"]'),
-        ([_choice("verdict", "fix")], "verdict fix without a corrected answer"),
-        ([_choice("verdict", "keep"), _choice("knowledge_type", "Cooking")], "unknown knowledge_type value"),
-        ([_choice("verdict", "keep"), _choice("search", "yes")], "unknown search value"),
+        ([_choice("verdict", "maybe")], 'unknown_value: verdict: ["maybe"]'),
+        ([_choice("verdict", "fix")], "fix_without_answer"),
+        ([_choice("verdict", "keep"), _choice("knowledge_type", "Cooking")], "unknown_value: knowledge_type: "),
+        ([_choice("verdict", "keep"), _choice("search", "yes")], "unknown_value: search: "),
     ],
 )
 def test_parse_review_rejects_with_reason(result: list[dict[str, Any]], message: str) -> None:

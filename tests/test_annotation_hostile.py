@@ -100,59 +100,59 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
 
 KEEP = _choice("verdict", "keep")
 
-# (export entry for item i1 / task 101, the reject reason it must produce)
-HOSTILE: dict[str, tuple[Any, str]] = {
-    "task is a string": ("task 101", "task is not an object"),
-    "task is a list": ([1, 2], "task is not an object"),
-    "task id null": (_task(None, "i1", _ann(2, KEEP)), "task id is not an integer"),
-    "task id a word": (_task("abc", "i1", _ann(2, KEEP)), "task id is not an integer"),
-    "task id a float": (_task(101.5, "i1", _ann(2, KEEP)), "task id is not an integer"),
-    "annotations missing": (_without(_task(101, "i1"), "annotations"), "task annotations is not a list"),
-    "annotations null": (_task(101, "i1") | {"annotations": None}, "task annotations is not a list"),
-    "annotations an object": (_task(101, "i1") | {"annotations": {"id": 2}}, "task annotations is not a list"),
-    "annotation a number": (_task(101, "i1", 42), "annotation is not an object"),
-    "annotation id null": (_task(101, "i1", _ann(None, KEEP)), "annotation id is not an integer"),
-    "annotation id a bool": (_task(101, "i1", _ann(True, KEEP)), "annotation id is not an integer"),
-    "annotation id beyond BIGINT": (_task(101, "i1", _ann(2**70, KEEP)), "annotation id is not an integer"),
-    "result missing": (_task(101, "i1", _without(_ann(2, KEEP), "result")), "annotation result is not a list"),
+# (export entry for item i1 / task 101, the reject code it must produce, words its detail must hold)
+HOSTILE: dict[str, tuple[Any, str, str]] = {
+    "task is a string": ("task 101", "wrong_type", "task is not an object"),
+    "task is a list": ([1, 2], "wrong_type", "task is not an object"),
+    "task id null": (_task(None, "i1", _ann(2, KEEP)), "wrong_type", "task id is not an integer"),
+    "task id a word": (_task("abc", "i1", _ann(2, KEEP)), "wrong_type", "task id is not an integer"),
+    "task id a float": (_task(101.5, "i1", _ann(2, KEEP)), "wrong_type", "task id is not an integer"),
+    "annotations missing": (_without(_task(101, "i1"), "annotations"), "field_missing", "task has no annotations list"),
+    "annotations null": (_task(101, "i1") | {"annotations": None}, "wrong_type", "task annotations is not a list"),
+    "annotations an object": (_task(101, "i1") | {"annotations": {"id": 2}}, "wrong_type", "task annotations is not a list"),
+    "annotation a number": (_task(101, "i1", 42), "wrong_type", "annotation is not an object"),
+    "annotation id null": (_task(101, "i1", _ann(None, KEEP)), "wrong_type", "annotation id is not an integer"),
+    "annotation id a bool": (_task(101, "i1", _ann(True, KEEP)), "wrong_type", "annotation id is not an integer"),
+    "annotation id beyond BIGINT": (_task(101, "i1", _ann(2**70, KEEP)), "wrong_type", "annotation id is not an integer"),
+    "result missing": (_task(101, "i1", _without(_ann(2, KEEP), "result")), "field_missing", "annotation has no result list"),
     "result an object": (_task(101, "i1", _ann(2) | {"result": {"verdict": "keep"}}),
-                         "annotation result is not a list"),
-    "result item a string": (_task(101, "i1", _ann(2, KEEP) | {"result": ["keep"]}), "result item is not an object"),
+                         "wrong_type", "annotation result is not a list"),
+    "result item a string": (_task(101, "i1", _ann(2, KEEP) | {"result": ["keep"]}), "wrong_type", "result item is not an object"),
     "result item without from_name": (_task(101, "i1", _ann(2, _without(KEEP, "from_name"))),
-                                      "result item has no from_name"),
-    "verdict without value": (_task(101, "i1", _ann(2, _without(KEEP, "value"))), "verdict value is not an object"),
+                                      "field_missing", "result item has no from_name"),
+    "verdict without value": (_task(101, "i1", _ann(2, _without(KEEP, "value"))), "wrong_type", "verdict value is not an object"),
     "choices a string": (_task(101, "i1", _ann(2, KEEP | {"value": {"choices": "keep"}})),
-                         "verdict choices is not a list"),
-    "choices empty": (_task(101, "i1", _ann(2, _choice("verdict"))), "annotation has no verdict"),
-    "unknown choice label": (_task(101, "i1", _ann(2, _choice("verdict", "maybe"))), "unknown verdict value"),
-    "choice a number": (_task(101, "i1", _ann(2, _choice("verdict", 1))), "unknown verdict value"),
+                         "wrong_type", "verdict choices is not a list"),
+    "choices empty": (_task(101, "i1", _ann(2, _choice("verdict"))), "field_missing", "annotation has no verdict"),
+    "unknown choice label": (_task(101, "i1", _ann(2, _choice("verdict", "maybe"))), "unknown_value", "verdict: "),
+    "choice a number": (_task(101, "i1", _ann(2, _choice("verdict", 1))), "unknown_value", "verdict: "),
     "two verdict regions": (_task(101, "i1", _ann(2, KEEP, _choice("verdict", "reject"))),
-                            "verdict has more than one value"),
+                            "multiple_values", "verdict: "),
     "answer text an object": (_task(101, "i1", _ann(2, _choice("verdict", "fix"), _text("answer", {"x": 1}))),
-                              "answer text is not a string or a list of strings"),
+                              "wrong_type", "answer text is not a string or a list of strings"),
     "answer text huge": (_task(101, "i1", _ann(2, _choice("verdict", "fix"), _text("answer", "x" * 1_000_000))),
-                         "answer text is too long"),
+                         "too_long", "answer text: 1000000 characters"),
     "choices nested 50000 deep": (_task(101, "i1", _ann(2, _choice("verdict", _deep(50_000)))),
-                                  "unknown verdict value"),
-    "completed_by a name": (_task(101, "i1", _ann(2, KEEP, user="bob")), "annotation completed_by is not a user id"),
+                                  "unknown_value", "verdict: "),
+    "completed_by a name": (_task(101, "i1", _ann(2, KEEP, user="bob")), "wrong_type", "annotation completed_by is not a user id"),
     "completed_by object without id": (_task(101, "i1", _ann(2, KEEP, user={"email": "x@y"})),
-                                       "annotation completed_by is not a user id"),
-    "completed_by negative": (_task(101, "i1", _ann(2, KEEP, user=-3)), "annotation completed_by is not a user id"),
+                                       "wrong_type", "annotation completed_by is not a user id"),
+    "completed_by negative": (_task(101, "i1", _ann(2, KEEP, user=-3)), "wrong_type", "annotation completed_by is not a user id"),
     "was_cancelled a word": (_task(101, "i1", _ann(2, KEEP, was_cancelled="yes")),
-                             "annotation was_cancelled is not a boolean"),
-    "lead_time a word": (_task(101, "i1", _ann(2, KEEP, lead_time="fast")), "annotation lead_time is not a number"),
+                             "wrong_type", "annotation was_cancelled is not a boolean"),
+    "lead_time a word": (_task(101, "i1", _ann(2, KEEP, lead_time="fast")), "wrong_type", "annotation lead_time is not a number"),
     "lead_time beyond float": (_task(101, "i1", _ann(2, KEEP, lead_time=10**400)),
-                               "annotation lead_time is not a number"),
+                               "wrong_type", "annotation lead_time is not a number"),
     "updated_at not a time": (_task(101, "i1", _ann(2, KEEP, updated_at="yesterday")),
-                              "annotation updated_at is not a timestamp"),
-    "data missing": (_without(_task(101, "i1", _ann(2, KEEP)), "data"), "task data is not an object"),
-    "data a list": (_task(101, "i1", _ann(2, KEEP)) | {"data": ["i1"]}, "task data is not an object"),
-    "item id missing": (_task(101, "i1", _ann(2, KEEP)) | {"data": {"answer": "A1"}}, "task has no item_id in its data"),
-    "item id a number": (_task(101, 1, _ann(2, KEEP)), "task item_id is not a string"),
-    "item id of another task": (_task(101, "i2", _ann(2, KEEP)), "task item_id differs from the pushed one"),
-    "item gone from the workspace": (_task(150, "i9", _ann(2, KEEP)), "item no longer in the workspace"),
+                              "wrong_type", "annotation updated_at is not a timestamp"),
+    "data missing": (_without(_task(101, "i1", _ann(2, KEEP)), "data"), "wrong_type", "task data is not an object"),
+    "data a list": (_task(101, "i1", _ann(2, KEEP)) | {"data": ["i1"]}, "wrong_type", "task data is not an object"),
+    "item id missing": (_task(101, "i1", _ann(2, KEEP)) | {"data": {"answer": "A1"}}, "field_missing", "task has no item_id in its data"),
+    "item id a number": (_task(101, 1, _ann(2, KEEP)), "wrong_type", "task item_id is not a string"),
+    "item id of another task": (_task(101, "i2", _ann(2, KEEP)), "item_id_mismatch", ""),
+    "item gone from the workspace": (_task(150, "i9", _ann(2, KEEP)), "item_gone", ""),
     "proposed answer an object": (_task(101, "i1", _ann(2, KEEP)) | {"data": {"item_id": "i1", "answer": {}}},
-                                  "task answer is not a string"),
+                                  "wrong_type", "task answer is not a string"),
 }
 
 
@@ -167,13 +167,14 @@ def _balanced(counts: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_shape_is_one_reject_naming_the_field(tmp_path: Path, case: str) -> None:
-    entry, reason = HOSTILE[case]
+    entry, reason, words = HOSTILE[case]
     ws = _ws(tmp_path)
     # tasks 101/102 are re-exported unless the case replaced 101 (a task id the case broke counts as deleted)
     export = [_good(), entry, _task(102, "i2")]
     counts = pull(ws, ExportClient(export), ROUND)
-    rejects = [r for r in _rejects(ws) if r[1] != "task deleted in Label Studio"]
+    rejects = [r for r in _rejects(ws) if r[1] != "task_deleted"]
     assert [r[1] for r in rejects] == [reason], rejects
+    assert words in rejects[0][2], rejects  # the detail names the field
     _balanced(counts)
     assert len(rejects[0][2]) <= 4000, "details stay bounded"
     assert counts["annotations"] == 1 and counts["reasons"][reason] == 1
@@ -209,7 +210,7 @@ def test_duplicate_annotation_id_keeps_the_first_and_rejects_the_copy(tmp_path: 
     counts = pull(ws, ExportClient(export), ROUND)
     _balanced(counts)
     assert ws.execute("SELECT annotation_id, item_id, verdict FROM annotations") == [(1, "i0", "keep")]
-    assert [(r[0], r[1]) for r in _rejects(ws)] == [(f"{ROUND}/task 101/annotation 1", "duplicate annotation id")]
+    assert [(r[0], r[1]) for r in _rejects(ws)] == [(f"{ROUND}/task 101/annotation 1", "duplicate_id")]
     assert "first seen in task 100" in _rejects(ws)[0][2]
 
 
@@ -220,7 +221,7 @@ def test_duplicate_task_id_is_one_reject_not_a_merge(tmp_path: Path) -> None:
     counts = pull(ws, ExportClient(export), ROUND)
     _balanced(counts)
     assert counts["annotations"] == 1 and counts["tasks_rejected"] == 1
-    assert [(r[0], r[1]) for r in _rejects(ws)] == [(f"{ROUND}/task 100", "duplicate task id")]
+    assert [(r[0], r[1]) for r in _rejects(ws)] == [(f"{ROUND}/task 100", "duplicate_id")]
 
 
 def test_anonymous_annotators_are_never_merged(tmp_path: Path) -> None:
@@ -270,7 +271,7 @@ def test_cli_pull_summary_adds_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert res.exit_code == 0, res.output
     assert ("round r1: 3 tasks (1 rejected, 1 deleted in Label Studio); 4 annotations: 2 stored, 1 rejected, "
             "1 skipped") in res.output.replace("\n", " ").replace("  ", " ")
-    for line in ("rejected 1: task is not an object", "rejected 1: unknown verdict value",
-                 "rejected 1: task deleted in Label Studio", "skipped 1: cancelled in Label Studio",
+    for line in ("rejected 1: wrong_type", "rejected 1: unknown_value",
+                 "rejected 1: task_deleted", "skipped 1: cancelled in Label Studio",
                  "1 stored annotations have no annotator"):
         assert line in res.output

@@ -55,7 +55,7 @@ def test_demo_build_writes_three_exports(demo_build: tuple[Path, Path, str]):
     # the demo's planted bad inputs are visible as rejects with reasons
     status = _run("status", "--workspace", str(ws))
     assert status.returncode == 0, status.stderr
-    assert "bad JSON line" in status.stdout
+    assert "malformed_json" in status.stdout
     sql = _run("sql", "SELECT count(*) AS n FROM dataset", "--workspace", str(ws), "--json")
     assert json.loads(sql.stdout)["n"] == len(native)
 

@@ -92,7 +92,7 @@ def test_forced_stage_failing_before_its_first_commit_leaves_old_outputs(tmp_pat
     stage = type("Failing", (_Relabel,), {"fail_after": fail_after})()
     cfg = RunConfig(workspace=root, batch_size=64)
     with Workspace(root) as ws:
-        ws.reject("probe", "old-reject", "old reason")
+        ws.reject("probe", "old-reject", "image_missing")
         with pytest.raises(RuntimeError, match="endpoint down"):
             execute_stage(stage, ws, cfg, Console(file=io.StringIO()), reset=True)
         assert ws.count("rejects") == 1  # rejects of the stage are back too

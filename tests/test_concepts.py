@@ -51,15 +51,15 @@ def test_tiers_filters_and_reasons_with_list_counts(tmp_path: Path):
     assert rows["okapi"][1:3] == (0, "zero")
     assert rows["tabby cat"][3] == "metaclip-000001" and rows["tabby cat"][0] == 1
     assert rejects == {
-        "entry-3": ("no letters (number or punctuation)", "entry 3: '42'"),
-        "entry-4": ("no letters (number or punctuation)", "entry 4: '...'"),
-        "entry-5": ("too short", "entry 5: 'ox'"),
-        "entry-6": ("duplicate entry", "entry 6 'Tabby Cat' repeats entry 1"),
-        "entry-14": ("not a string", "entry 14: '7'"),
-        "entry-15": ("too long", f"entry 15: {'x' * 150!r}"),
-        "entry-16": ("on deny list", "entry 16: 'spam word'"),
+        "entry-3": ("no_letters", "entry 3: '42'"),
+        "entry-4": ("no_letters", "entry 4: '...'"),
+        "entry-5": ("too_short", "entry 5: 'ox'"),
+        "entry-6": ("duplicate_entry", "entry 6 'Tabby Cat' repeats entry 1"),
+        "entry-14": ("wrong_type", "entry 14: '7'"),
+        "entry-15": ("too_long", f"entry 15: {'x' * 150!r}"),
+        "entry-16": ("on_deny_list", "entry 16: 'spam word'"),
     }
-    assert stats.rejected["no letters (number or punctuation)"] == 2 and stats.n_in == len(ENTRIES)
+    assert stats.rejected["no_letters"] == 2 and stats.n_in == len(ENTRIES)
     assert stats.extra["population"] == {"head": 4, "tail": 4, "zero": 2}
     assert stats.n_out == 10  # asked for 100: everything usable, with a note saying so
     assert any("asked 50, only 4" in n for n in stats.notes)
@@ -94,7 +94,7 @@ def test_allow_list_and_resume_adds_only_missing(tmp_path: Path):
                      n=10, head_fraction=0.0, zero_fraction=0.5, allow_list=allow)
     with ws:
         assert set(_rows(ws)) == {"quokka", "axolotl", "okapi"}
-        assert stats.rejected["not on allow list"] == 9
+        assert stats.rejected["not_on_allow_list"] == 9
         ws.execute("DELETE FROM concepts WHERE concept = 'okapi'")  # as if killed before this row committed
         config = RunConfig(workspace=ws.root, concepts=ConceptsConfig(
             metadata_path=tmp_path / "metadata.json", counts_path=tmp_path / "counts.json", n=10,

@@ -168,25 +168,25 @@ def test_429_is_retried_after_retry_after_and_5xx_gives_up(crawl_run):
     # a 5xx that outlasts the retries may still pass: the concept is deferred, not rejected
     assert crawl_run["url"]("/broken.jpg") not in crawl_run["rejects"] and "c05-broken" not in crawl_run["rejects"]
     reason, detail, runs = crawl_run["deferred"]["c05-broken"]
-    assert reason == "HTTP 500" and "gave up after 3 attempts" in detail and runs == 1
+    assert reason == "http_error" and "HTTP 500" in detail and "gave up after 3 attempts" in detail and runs == 1
     assert crawl_run["hits"]["/broken.jpg"] == 3  # first try + retries=2
-    assert crawl_run["rejects"][crawl_run["url"]("/missing.jpg")][0] == "HTTP 404"
+    assert crawl_run["rejects"][crawl_run["url"]("/missing.jpg")][0] == "http_error"
     assert crawl_run["hits"]["/missing.jpg"] == 1  # a 404 is not retried
 
 
 def test_every_bad_candidate_has_its_reason(crawl_run):
     url, rejects = crawl_run["url"], crawl_run["rejects"]
     expected = {
-        "/truncated.jpg": "image undecodable",
-        "/html.jpg": "image format unknown",
-        "/bomb.png": "image too large",
-        "/tiny.png": "image too small",
-        "/huge.jpg": "too large",
-        "/huge-stream.jpg": "too large",
-        "/private/secret.jpg": "disallowed by robots.txt",
-        "/copy-of-good1.jpg": "exact duplicate",
-        "/near-good1.jpg": "near-duplicate",
-        "/nopage.html": "page HTTP 404",
+        "/truncated.jpg": "image_undecodable",
+        "/html.jpg": "image_format_unknown",
+        "/bomb.png": "image_too_large",
+        "/tiny.png": "image_too_small",
+        "/huge.jpg": "too_large",
+        "/huge-stream.jpg": "too_large",
+        "/private/secret.jpg": "robots_disallowed",
+        "/copy-of-good1.jpg": "exact_duplicate",
+        "/near-good1.jpg": "near_duplicate",
+        "/nopage.html": "page_fetch_failed",
     }
     got = {path: rejects.get(url(path), ("(none)", ""))[0] for path in expected}
     assert got == expected
@@ -195,10 +195,10 @@ def test_every_bad_candidate_has_its_reason(crawl_run):
     assert "stopped reading" in rejects[url("/huge-stream.jpg")][1]
     assert crawl_run["hits"].get("/private/secret.jpg", 0) == 0
     # concepts without any usable image are rejected with the candidates' reasons
-    assert rejects["c08-bomb"] == ("no usable image", "'bomb sculptor': image too large: 1")
-    assert rejects["c16-none"][0] == "no candidates"
+    assert rejects["c08-bomb"] == ("no_usable_image", "'bomb sculptor': image_too_large: 1")
+    assert rejects["c16-none"][0] == "no_candidates"
     for cid in ("c07-html", "c10-tiny", "c11-huge", "c12-missing", "c13-robots", "c14-dups"):
-        assert rejects[cid][0] == "no usable image", cid
+        assert rejects[cid][0] == "no_usable_image", cid
     # transient failures (timeouts, a cut transfer, a 5xx) defer their concept: no reject, URL or concept
     for path in ("/slow.jpg", "/trickle.jpg", "/cut-transfer.jpg", "/broken.jpg"):
         assert url(path) not in rejects, path
@@ -206,7 +206,7 @@ def test_every_bad_candidate_has_its_reason(crawl_run):
     assert not set(crawl_run["deferred"]) & set(rejects)
     assert crawl_run["deferred"]["c09-slow"][0] == "timeout"
     # c06's other candidate is permanently bad: that URL reject stands
-    assert "connection error" in crawl_run["deferred"]["c06-truncated"][1]
+    assert "connection_error" in crawl_run["deferred"]["c06-truncated"][1]
 
 
 def test_summary_counts_every_failure_mode(crawl_run):
@@ -214,13 +214,13 @@ def test_summary_counts_every_failure_mode(crawl_run):
     # the stage's unit is the concept: every one is kept, rejected or deferred, and counted once
     assert stats.n_in == len(CASES) and stats.n_out == 5 and stats.extra["deferred"] == 3
     assert stats.n_in == stats.n_out + stats.n_rejected + stats.extra["deferred"]
-    assert dict(stats.rejected) == {"no usable image": 7, "no candidates": 1}
+    assert dict(stats.rejected) == {"no_usable_image": 7, "no_candidates": 1}
     urls = stats.extra["rejected_urls"]  # candidate URLs, counted apart
-    for reason in ("HTTP 404", "image undecodable", "image format unknown", "image too large",
-                   "image too small", "too large", "near-duplicate", "exact duplicate", "disallowed by robots.txt",
-                   "lower CLIP score than chosen image", "page HTTP 404"):
+    for reason in ("http_error", "image_undecodable", "image_format_unknown", "image_too_large",
+                   "image_too_small", "too_large", "near_duplicate", "exact_duplicate", "robots_disallowed",
+                   "not_chosen", "page_fetch_failed"):
         assert urls[reason] >= 1, reason
-    assert "timeout" not in urls and "HTTP 500" not in urls  # transient: their concepts were deferred
+    assert "timeout" not in urls and "connection_error" not in urls  # transient: their concepts were deferred
     assert any("random weights" in n for n in stats.notes)
     assert any(n.startswith("3 concept(s) deferred (retried next run)") for n in stats.notes)
     assert any("candidate URL(s) rejected (not counted as concepts)" in n for n in stats.notes)
@@ -231,7 +231,7 @@ def test_clip_scores_are_recorded_and_random_weights_flagged(crawl_run):
     two = crawled["c02-two"]
     loser = "/two-b.png" if two["image_url"].endswith("two-a.jpg") else "/two-a.jpg"
     reason, detail = rejects[crawl_run["url"](loser)]
-    assert reason == "lower CLIP score than chosen image" and f"{two['score']:.4f}" in detail
+    assert reason == "not_chosen" and f"{two['score']:.4f}" in detail
     prov = json.loads(two["prov"])["crawl"]
     assert prov["clip"]["pretrained"] is None and "random weights" in prov["clip"]["warning"]
     assert prov["clip"]["threshold"] is None and prov["source"] == "urls" and prov["candidates"] == 2
@@ -258,9 +258,9 @@ def test_clip_threshold_keeps_only_candidates_above_it(tmp_path: Path):
     assert [(r[0], r[1]) for r in kept] == [("k1-kite", srv.url(hi))]
     assert kept[0][2] == pytest.approx(max(s_a, s_b), abs=1e-5)
     assert json.loads(kept[0][3])["crawl"]["clip"]["threshold"] == pytest.approx(threshold)
-    assert rejects[srv.url(lo)][0] == "low CLIP score"
-    assert rejects["k2-kite"][0] == "no usable image" and "low CLIP score" in rejects["k2-kite"][1]
-    assert stats.extra["rejected_urls"]["low CLIP score"] == 2 and dict(stats.rejected) == {"no usable image": 1}
+    assert rejects[srv.url(lo)][0] == "low_clip_score"
+    assert rejects["k2-kite"][0] == "no_usable_image" and "low_clip_score" in rejects["k2-kite"][1]
+    assert stats.extra["rejected_urls"]["low_clip_score"] == 2 and dict(stats.rejected) == {"no_usable_image": 1}
 
 
 def test_rerun_does_nothing_and_repeats_no_request(crawl_run):
@@ -313,7 +313,7 @@ def test_redirect_into_a_private_network_is_refused():
                 return await d.fetch(srv.url("/r"))
 
         res = asyncio.run(go())
-    assert not res.ok and res.reason == "private address refused" and sum(srv.hits.values()) == 0
+    assert not res.ok and res.reason == "private_address" and sum(srv.hits.values()) == 0
 
 
 def test_retry_after_parsing():
@@ -331,8 +331,8 @@ def test_image_checks_without_network():
     rgba.save(buf, format="PNG")
     flat = process_image(buf.getvalue(), max_side=500, min_side=32, max_pixels=10**8)
     assert flat.image.mode == "RGB" and flat.image.getpixel((0, 0)) == (255, 255, 255)  # transparency -> white
-    for data, reason in ((b"", "image format unknown"), (b'{"a": 1}', "image format unknown"),
-                         (bomb_png(3000), "image too large")):
+    for data, reason in ((b"", "image_format_unknown"), (b'{"a": 1}', "image_format_unknown"),
+                         (bomb_png(3000), "image_too_large")):
         with pytest.raises(ImageReject) as exc:
             process_image(data, max_side=500, min_side=32, max_pixels=1_000_000)
         assert exc.value.reason == reason
@@ -350,15 +350,15 @@ def test_demo_build_crawls_one_image_per_concept(demo_config: Path, tmp_path: Pa
             "SELECT reason, count(*) FROM rejects WHERE stage = 'crawl' GROUP BY 1")}
         bad = {r[0].rsplit("/", 1)[1]: r[1] for r in ws.execute(
             "SELECT key, reason FROM rejects WHERE stage = 'crawl' AND key LIKE 'http%' "
-            "AND reason <> 'lower CLIP score than chosen image'")}
+            "AND reason <> 'not_chosen'")}
         texts = ws.execute("SELECT count(*) FROM crawled WHERE length(page_text) > 50")[0][0]
         orphans = ws.execute("SELECT count(*) FROM crawled k LEFT JOIN images i ON i.sha256 = k.image_sha256 "
                              "WHERE i.sha256 IS NULL")[0][0]
     assert n_concepts == 200 and per_concept == [(1,)]
     # every concept is either crawled or rejected with a reason; the demo's planted files are caught
-    assert n_crawled + reasons.get("no candidates", 0) + reasons.get("no usable image", 0) == n_concepts
-    assert bad == {"corrupt.jpg": "image undecodable", "not_an_image.jpg": "image format unknown",
-                   "tiny.png": "image too small"}
+    assert n_crawled + reasons.get("no_candidates", 0) + reasons.get("no_usable_image", 0) == n_concepts
+    assert bad == {"corrupt.jpg": "image_undecodable", "not_an_image.jpg": "image_format_unknown",
+                   "tiny.png": "image_too_small"}
     assert texts == n_crawled and orphans == 0
 
 
@@ -391,7 +391,7 @@ def test_web_search_source_caches_answers_and_never_stores_the_key(tmp_path: Pat
                 assert srv.hits["/search.json"] == 1 and stats.cache_hits == 1
                 assert any("q=Blue+Ridge+tower" in q and f"api_key={key}" in q for q in srv.queries)
             else:
-                assert crawled == [] and rejects[-1][:2] == ("w1-tower", "image search HTTP 401")
+                assert crawled == [] and rejects[-1][:2] == ("w1-tower", "image_search_failed") and "HTTP 401" in rejects[-1][2]
                 assert srv.hits["/denied/search.json"] == 1  # a 401 is not paid for twice
     stored = [p.read_text() for p in (tmp_path / "ws" / "cache").rglob("*.json")]
     assert len(stored) == 2 and not any(key in s for s in stored)

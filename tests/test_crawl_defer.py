@@ -62,14 +62,14 @@ def test_503_defers_and_the_next_run_keeps_it(tmp_path: Path):
         first = _crawl(ws, config)
         crawled, rejects, deferred = _state(ws)
         assert crawled == {"b-good"}
-        assert rejects == {"c-gone": "no usable image", srv.url("/gone.jpg"): "HTTP 404"}  # permanent: rejected
-        assert set(deferred) == {"a-flaky"} and deferred["a-flaky"][0] == "HTTP 503"
+        assert rejects == {"c-gone": "no_usable_image", srv.url("/gone.jpg"): "http_error"}  # permanent: rejected
+        assert set(deferred) == {"a-flaky"} and deferred["a-flaky"][0] == "http_error"
         assert "gave up after 2 attempts" in deferred["a-flaky"][1] and deferred["a-flaky"][2] == 1
         assert srv.hits["/flaky.jpg"] == 2  # first try + retries=1, both 503
         assert (first.n_in, first.n_out, first.n_rejected, first.extra["deferred"]) == (3, 1, 1, 1)
-        assert any(n.startswith("1 concept(s) deferred (retried next run)") and "HTTP 503: 1" in n
+        assert any(n.startswith("1 concept(s) deferred (retried next run)") and "http_error: 1" in n
                    for n in first.notes)
-        assert first.extra["rejected_urls"] == {"HTTP 404": 1}  # counted apart from the concepts
+        assert first.extra["rejected_urls"] == {"http_error": 1}  # counted apart from the concepts
         row = ws.execute("SELECT n_in, n_out, n_rejected, stats FROM runs WHERE stage = 'crawl'")[0]
         assert row[:3] == (3, 1, 1) and json.loads(row[3])["deferred"] == 1
 
@@ -93,13 +93,15 @@ def test_one_transient_candidate_is_enough_to_defer(tmp_path: Path):
         _seed(ws, srv, {"m-mixed": ["/gone.jpg", "/flaky.jpg"]})
         first = _crawl(ws, config)
         crawled, rejects, deferred = _state(ws)
-        assert crawled == set() and rejects == {srv.url("/gone.jpg"): "HTTP 404"}
-        assert "HTTP 404: 1" in deferred["m-mixed"][1] and "HTTP 503: 1" in deferred["m-mixed"][1]
+        assert crawled == set() and rejects == {srv.url("/gone.jpg"): "http_error"}
+        assert "http_error: 2" in deferred["m-mixed"][1] and "HTTP 503" in deferred["m-mixed"][1]
         assert first.n_rejected == 0 and first.extra["deferred"] == 1
         second = _crawl(ws, config)
         crawled, rejects, deferred = _state(ws)
         assert crawled == {"m-mixed"} and deferred == {} and second.n_out == 1
         assert ws.execute("SELECT count(*) FROM rejects")[0][0] == 1  # the 404 is not stored twice
+        assert srv.hits["/gone.jpg"] == 1  # refused for good in run 1: not downloaded again
+        assert second.extra["rejected_urls"] == {"http_error": 1}  # but still counted as this concept's
 
 
 def test_a_concept_kept_despite_a_timeout_rejects_that_url(tmp_path: Path):
@@ -127,7 +129,7 @@ def test_image_search_outage_defers(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             ws.insert("concepts", [dict(concept_id="s-tower", entry_id=0, concept="tower", count=1, tier="tail")])
             first = _crawl(ws, config)
             crawled, rejects, deferred = _state(ws)
-            assert crawled == set() and rejects == {} and deferred["s-tower"][0] == "image search HTTP 503"
+            assert crawled == set() and rejects == {} and deferred["s-tower"][0] == "image_search_failed"
             assert first.extra["deferred"] == 1 and first.n_rejected == 0
             second = _crawl(ws, config)
             crawled, rejects, deferred = _state(ws)
@@ -157,5 +159,5 @@ def test_status_lists_deferred_concepts(tmp_path: Path):
     res = CliRunner().invoke(app, ["status", "-w", str(tmp_path / "ws")], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "deferred (retried by the next build)" in res.output
-    line = next(x for x in res.output.splitlines() if "HTTP 503" in x)
+    line = next(x for x in res.output.splitlines() if "http_error" in x)
     assert "crawl" in line and " 1 " in line

@@ -30,6 +30,10 @@ def _reasons(res) -> dict[str, str]:
     return {r.key: r.reason for r in res.rejects}
 
 
+def _details(res) -> dict[str, str]:
+    return {r.key: f"{r.reason}: {r.detail}" for r in res.rejects}
+
+
 def test_fvqa_upstream_parquet(specs: dict, world: Path) -> None:
     res = load_benchmark(BenchmarkSpec(**specs["fvqa"]))
     assert [it.item_id for it in res.items] == ["fvqa_0", "fvqa_1", "fvqa_2", "fvqa_3"]
@@ -40,8 +44,9 @@ def test_fvqa_upstream_parquet(specs: dict, world: Path) -> None:
     assert first.image == image_of(world, entities(world)[0])
     assert first.meta["search_label"] == "search_free" and first.image_url.endswith(".jpg")
     reasons = _reasons(res)
-    assert "missing or empty ground_truth" in reasons["fvqa_noanswer"]
-    assert reasons["fvqa_badimage"] == "image format unknown"
+    assert reasons["fvqa_noanswer"] == "field_missing"
+    assert "missing or empty ground_truth" in _details(res)["fvqa_noanswer"]
+    assert reasons["fvqa_badimage"] == "image_format_unknown"
     assert res.n_rows == len(res.items) + len(res.rejects)
 
 
@@ -50,11 +55,11 @@ def test_infoseek_with_qtype_and_bad_rows(specs: dict) -> None:
     assert len(res.items) == 4
     assert {it.question_type for it in res.items} == {"string"}
     assert res.items[0].meta["split"] == "val_unseen_question"
-    reasons = _reasons(res)
-    assert any("malformed JSON line" in r for r in reasons.values())
+    reasons = _details(res)
+    assert any(r.startswith("malformed_json: ") for r in reasons.values())
     assert "image oven_missing not found" in reasons["infoseek_val_noimg"]
     assert "descending" in reasons["infoseek_val_badrange"] or "low <= high" in reasons["infoseek_val_badrange"]
-    assert "no question type" in reasons["infoseek_val_notype"]
+    assert reasons["infoseek_val_notype"].startswith("no_question_type: ")
 
 
 def test_infoseek_subset_file_keeps_listed_ids(specs: dict, tmp_path: Path) -> None:
@@ -68,7 +73,7 @@ def test_infoseek_subset_file_keeps_listed_ids(specs: dict, tmp_path: Path) -> N
 def test_mmsearch_keeps_image_questions_only(specs: dict) -> None:
     res = load_benchmark(BenchmarkSpec(**specs["mmsearch"]))
     assert len(res.items) == 4 and res.filtered["text-only query (image_only)"] == 1
-    assert "image file not found" in _reasons(res)["mm_missing"]
+    assert _reasons(res)["mm_missing"] == "image_missing" and "image file not found" in _details(res)["mm_missing"]
     assert res.items[0].meta == {"area": "news", "subfield": "art"}
 
 
@@ -77,14 +82,14 @@ def test_simplevqa_english_only_and_base64_images(specs: dict, world: Path) -> N
     assert [it.item_id for it in res.items] == ["100", "101", "102", "103"]
     assert res.items[1].image == image_of(world, entities(world)[1])
     assert res.filtered["language is not EN"] == 1
-    assert "base64" in _reasons(res)["998"]
+    assert _reasons(res)["998"] == "bad_image_reference" and "base64" in _details(res)["998"]
     everything = load_benchmark(BenchmarkSpec(**specs["simplevqa"], language="all"))
     assert len(everything.items) == 5
 
 
 def test_livevqa_and_limit_sampling_is_seeded(specs: dict) -> None:
     res = load_benchmark(BenchmarkSpec(**specs["livevqa"]))
-    assert len(res.items) == 4 and "missing or empty question" in _reasons(res)["lv_noq"]
+    assert len(res.items) == 4 and "missing or empty question" in _details(res)["lv_noq"]
     a = load_benchmark(BenchmarkSpec(**specs["livevqa"]), limit=2, seed=1)
     b = load_benchmark(BenchmarkSpec(**specs["livevqa"]), limit=2, seed=1)
     assert [it.item_id for it in a.items] == [it.item_id for it in b.items]
@@ -113,7 +118,7 @@ def test_native_export_needs_images_and_filters_split(world: Path, tmp_path: Pat
     assert [it.item_id for it in res.items] == ["a"]
     assert res.items[0].aliases == [e["maker"], "IN"] and res.items[0].meta["knowledge_type"] == "Place"
     assert res.filtered["split is not test"] == 1
-    assert "not found under" in _reasons(res)["c"]
+    assert _reasons(res)["c"] == "image_missing" and "not found under" in _details(res)["c"]
 
 
 def test_missing_or_unsupported_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -166,11 +166,13 @@ def test_llm_backend_enforces_rules_rejects_with_reasons_and_never_repays(tmp_pa
         assert items["metaclip-c5"][2] == "Where"
         rejects = {r[0]: (r[1], r[2]) for r in _rows(root, "SELECT key, reason, detail FROM rejects "
                                                            "WHERE stage = 'generate'")}
-        assert rejects["metaclip-c2"][0] == "rule violated: question must not contain the concept"
+        assert rejects["metaclip-c2"][0] == "rule_violated"
+        assert rejects["metaclip-c2"][1].startswith("question must not contain the concept\n")
         assert "Moonlight Sonata's key" in rejects["metaclip-c2"][1]  # the raw reply is kept
-        assert rejects["metaclip-c3"][0] == "unparseable reply"
+        assert rejects["metaclip-c3"][0] == "unparseable_reply"
         assert "Here is a great question" in rejects["metaclip-c3"][1]
-        assert rejects["metaclip-c4"][0] == "rule violated: question must start with Who, What or Where"
+        assert rejects["metaclip-c4"][0] == "rule_violated"
+        assert rejects["metaclip-c4"][1].startswith("question must start with Who, What or Where\n")
 
         again = _build(cfg)  # everything is done or rejected: no request at all
         assert srv.count("POST", "/v1/chat/completions") == first_calls
@@ -311,7 +313,7 @@ def test_missing_image_file_is_a_reject_not_an_item(tmp_path: Path):
         sha = ws.execute("SELECT image_sha256 FROM crawled WHERE concept_id = 'c2'")[0][0]
         ws.find_image(sha).unlink()
     stats = _build(RunConfig(workspace=root, generate=GenerateConfig(backend="template")))
-    assert stats.n_out == 4 and stats.rejected == {"image file missing": 1}
+    assert stats.n_out == 4 and stats.rejected == {"image_missing": 1}
     detail = _rows(root, "SELECT key, detail FROM rejects")
     assert detail[0][0] == "metaclip-c2" and sha in detail[0][1]
 

@@ -32,7 +32,7 @@ from fvqa.pipelines.import_upstream import import_upstream
 from fvqa.pipelines.infoseek import InfoseekStage
 from fvqa.store import Workspace
 
-WRONG = "wrong type"
+WRONG = "wrong_type"
 DEEP = "[" * 100_000 + "]" * 100_000  # past any JSON parser's nesting limit
 NESTED = "[" * 400 + "]" * 400  # parses, but is no string
 
@@ -53,7 +53,7 @@ INFOSEEK_CASES = [
     # (main-line overrides or a raw line, qtype of the bad row, withkb entity_id of the bad row, reason, in detail)
     pytest.param({"question": 5}, "String", "Q2", WRONG, "question: expected a string, got integer 5",
                  id="question-int"),  # old: ArrowTypeError at commit
-    pytest.param({"question": None}, "String", "Q2", "field missing", "missing question",
+    pytest.param({"question": None}, "String", "Q2", "field_missing", "missing question",
                  id="question-null"),  # old: the same reject (a guard)
     pytest.param({"question": ["Which city?"]}, "String", "Q2", WRONG, "question: expected a string, got array",
                  id="question-list"),  # old: ArrowTypeError at commit
@@ -69,9 +69,9 @@ INFOSEEK_CASES = [
     pytest.param({}, "String", {"x": 1}, WRONG, "infoseek_val_withkb.jsonl line 2: entity_id:",
                  id="entity_id-unhashable"),  # old: TypeError (unhashable) in the per-entity cap
     pytest.param({"answer_eval": [{"wikidata": json.loads(NESTED), "range": [1, 2]}]}, "String", "Q2",
-                 "malformed answer_eval", "wikidata must be a number or string, got array",
+                 "malformed_answer_eval", "wikidata must be a number or string, got array",
                  id="answer_eval-nested-wikidata"),  # old: kept, alias "[[[...]]]"
-    pytest.param('{"data_id": "bad", "question": ' + DEEP + "}", "String", "Q2", "bad JSON line",
+    pytest.param('{"data_id": "bad", "question": ' + DEEP + "}", "String", "Q2", "malformed_json",
                  "JSON nested too deeply to read", id="deep-json-line"),  # old: the same reject (a guard)
     pytest.param({"question": json.loads(NESTED)}, "String", "Q2", WRONG, "question: expected a string, got array",
                  id="nested-question"),  # old: ArrowTypeError at commit
@@ -153,7 +153,7 @@ UPSTREAM_CASES = [
                  id="prompt-string"),  # old: AttributeError ('str' has no .get)
     pytest.param({"prompt": [{"role": "user", "content": 5}]}, {}, True, WRONG,
                  "prompt[0].content: expected a string, got integer 5", id="prompt-content-int"),  # old: ArrowTypeError
-    pytest.param({"prompt": []}, {}, False, "no user message in prompt", "", id="prompt-empty"),  # old: same (guard)
+    pytest.param({"prompt": []}, {}, False, "no_question", "", id="prompt-empty"),  # old: same (guard)
     pytest.param({"reward_model": "Ann"}, {}, True, WRONG, "reward_model: expected an object", id="reward-string"),
     pytest.param({"reward_model": {"ground_truth": ["Ann"], "candidate_answers": "[]", "style": "rule"}}, {}, True,
                  WRONG, "reward_model.ground_truth: expected a string, got array", id="ground_truth-list"),
@@ -162,9 +162,9 @@ UPSTREAM_CASES = [
                  "reward_model.candidate_answers: expected a JSON list of strings (or a list), got integer 5",
                  id="candidates-int"),  # old: reject "candidate_answers is not a JSON list"
     pytest.param({"reward_model": {"ground_truth": "Ann", "candidate_answers": DEEP, "style": "rule"}}, {}, False,
-                 "malformed JSON", "nested too deeply", id="candidates-deep-json"),
+                 "malformed_json", "nested too deeply", id="candidates-deep-json"),
     pytest.param({"reward_model": {"ground_truth": "Ann", "candidate_answers": "not json", "style": "rule"}}, {},
-                 False, "malformed JSON", "reward_model.candidate_answers", id="candidates-not-json"),
+                 False, "malformed_json", "reward_model.candidate_answers", id="candidates-not-json"),
     pytest.param({"reward_model": {"ground_truth": "Ann", "candidate_answers": '"Ann"', "style": "rule"}}, {},
                  False, WRONG, "expected a JSON list, got string", id="candidates-json-string"),
     pytest.param({"images": [{"bytes": "abc", "path": None}]}, {"images": None}, False, WRONG,
@@ -245,12 +245,13 @@ EVAL_CASES = [
                  id="livevqa-image-bytes-huge"),  # old: bytes(10**12): MemoryError (a terabyte); not run on old code
     pytest.param("livevqa", {"image": -1}, WRONG, "image: expected bytes, a path, base64 text or {bytes, path}",
                  id="livevqa-image-int"),  # old: reject "no image"
-    pytest.param("livevqa", {"image": "img/missing.jpg"}, "image file not found", "", id="livevqa-image-missing"),
+    pytest.param("livevqa", {"image": "img/missing.jpg"}, "image_missing", "image file not found",
+                 id="livevqa-image-missing"),
     pytest.param("livevqa", {"question": ["Who?"]}, WRONG, "question: expected a string or number, got array",
                  id="livevqa-question-list"),  # old: reject "missing or empty question / query"
     pytest.param("livevqa", {"answer": [None]}, WRONG, "answer[0]: expected a string, got null",
                  id="livevqa-answer-null-entry"),  # old: reject "answer holds a NoneType, expected strings"
-    pytest.param("livevqa", '{"id": "bad", "question": ' + DEEP + "}", "malformed JSON line", "",
+    pytest.param("livevqa", '{"id": "bad", "question": ' + DEEP + "}", "malformed_json", "nested too deeply",
                  id="livevqa-deep-json-line"),  # old: the same reject (a guard)
     pytest.param("mmsearch", {"query_image": {"bytes": "abc"}}, WRONG, "image.bytes:", id="mmsearch-image-bytes-string"),
     pytest.param("mmsearch", {"gt_answer": {"text": "Ann"}}, WRONG, "gt_answer: expected a string or number, got object",
@@ -264,13 +265,13 @@ EVAL_CASES = [
     pytest.param("infoseek", {"question_type": [1]}, WRONG, "question_type: expected a string or number, got array",
                  id="infoseek-question_type-list"),  # old: reject "unknown InfoSeek question type '[1]'"
     pytest.param("fvqa", {"reward_model": {"ground_truth": "Ann", "candidate_answers": DEEP, "style": "rule"}},
-                 "malformed JSON", "reward_model.candidate_answers: JSON nested too deeply to read",
+                 "malformed_json", "reward_model.candidate_answers: JSON nested too deeply to read",
                  id="fvqa-candidates-deep-json"),  # old: reject "... is nested too deeply to read"
     pytest.param("fvqa", {"images": [{"bytes": "abc", "path": None}]}, WRONG, "images[0].bytes:",
                  id="fvqa-image-bytes-string"),  # whole column (both rows); old: TypeError
     pytest.param("fvqa", {"reward_model": "Ann"}, WRONG, "reward_model: expected an object",
                  id="fvqa-reward-string"),  # whole column (both rows); old: AttributeError ('str' has no .get)
-    pytest.param("fvqa", {"prompt": []}, "no user question in prompt", "", id="fvqa-prompt-empty"),  # guard
+    pytest.param("fvqa", {"prompt": []}, "no_question", "", id="fvqa-prompt-empty"),  # guard
 ]
 _WHOLE_COLUMN = {"fvqa-image-bytes-string", "fvqa-reward-string"}
 

@@ -60,10 +60,10 @@ def tiny_png() -> bytes:
 VALID = jpeg_bytes(1, (160, 120))
 # name -> (bytes, the reason every door rejects it with; None: kept)
 HOSTILE: dict[str, tuple[bytes, str | None]] = {
-    "truncated": (jpeg_bytes(6, (160, 120))[: len(jpeg_bytes(6, (160, 120))) // 2], "image undecodable"),
-    "tiny": (tiny_png(), "image too small"),
-    "claims12000": (claims_12000(), "image too large"),
-    "random": (random.Random(0).randbytes(3000), "image format unknown"),
+    "truncated": (jpeg_bytes(6, (160, 120))[: len(jpeg_bytes(6, (160, 120))) // 2], "image_undecodable"),
+    "tiny": (tiny_png(), "image_too_small"),
+    "claims12000": (claims_12000(), "image_too_large"),
+    "random": (random.Random(0).randbytes(3000), "image_format_unknown"),
     "valid": (VALID, None),
 }
 BAD = {name: reason for name, (_, reason) in HOSTILE.items() if reason}
@@ -100,7 +100,7 @@ def test_gate_catches_truncation_even_if_someone_turned_truncated_loading_on(mon
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(ImageError) as exc:
         check_image(HOSTILE["truncated"][0])
-    assert exc.value.reason == "image undecodable" and "truncated" in exc.value.detail
+    assert exc.value.reason == "image_undecodable" and "truncated" in exc.value.detail
 
 
 # ------------------------------------------------------------------------------------------ doors
@@ -125,8 +125,8 @@ def test_crawl_door(tmp_path: Path) -> None:
         url = srv.url
     assert kept == ["c-valid"] and n_images == 1
     assert {name: rejects[url(f"/{name}.img")] for name in BAD} == BAD
-    assert {rejects[f"c-{name}"] for name in BAD} == {"no usable image"}
-    assert stats.n_in == stats.n_out + stats.rejected["no usable image"] == len(HOSTILE)
+    assert {rejects[f"c-{name}"] for name in BAD} == {"no_usable_image"}
+    assert stats.n_in == stats.n_out + stats.rejected["no_usable_image"] == len(HOSTILE)
 
 
 def test_infoseek_door(tmp_path: Path) -> None:

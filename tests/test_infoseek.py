@@ -107,15 +107,15 @@ def test_official_rows_with_numeric_ranges_unicode_and_bad_input(tmp_path: Path)
     assert data_ids == {f"infoseek-infoseek_val_{i:08d}": f"infoseek_val_{i:08d}" for i in (1, 2, 3, 4)}
 
     rejects = {r[0]: (r[1], r[2]) for r in _query(root, "SELECT key, reason, detail FROM rejects")}
-    assert rejects["infoseek_val.jsonl:5"][0] == "bad JSON line" and "line 5" in rejects["infoseek_val.jsonl:5"][1]
-    assert rejects["infoseek_val.jsonl:9"] == ("bad JSON line", "line 9: not valid UTF-8 (byte 33)")
-    assert rejects["infoseek-infoseek_val_00000006"][0] == "missing image"
+    assert rejects["infoseek_val.jsonl:5"][0] == "malformed_json" and "line 5" in rejects["infoseek_val.jsonl:5"][1]
+    assert rejects["infoseek_val.jsonl:9"] == ("malformed_json", "line 9: not valid UTF-8 (byte 33)")
+    assert rejects["infoseek-infoseek_val_00000006"][0] == "image_missing"
     assert "oven_00000006" in rejects["infoseek-infoseek_val_00000006"][1]
-    assert rejects["infoseek-infoseek_val_00000007"][0] == "answer missing"
-    assert rejects["infoseek-infoseek_val_00000008"][0] == "malformed answer_eval"
+    assert rejects["infoseek-infoseek_val_00000007"][0] == "answer_missing"
+    assert rejects["infoseek-infoseek_val_00000008"][0] == "malformed_answer_eval"
     assert "low <= high" in rejects["infoseek-infoseek_val_00000008"][1]
-    assert rejects["infoseek-infoseek_val_00000010"][0] == "image format unknown"
-    assert rejects["infoseek_val.jsonl:11"][0] == "duplicate data_id"
+    assert rejects["infoseek-infoseek_val_00000010"][0] == "image_format_unknown"
+    assert rejects["infoseek_val.jsonl:11"][0] == "duplicate_id"
     assert stats.n_in == 11 and stats.n_out == 4 and stats.n_rejected == 7
 
     again, _ = _run(tmp_path, main, stratify=["question_type"], n=100)  # resume: nothing new, nothing twice

@@ -125,8 +125,11 @@ def test_transient_failure_is_a_retry_not_a_reject(tmp_path: Path):
     assert seen["a"] == ("out", "HELLO", False) and again.paid_calls == 1
 
 
-def test_structured_reply_that_fails_to_parse_is_an_unparseable_reject_row(tmp_path: Path):
+def test_structured_reply_that_fails_to_parse_is_an_unparseable_reject_row(tmp_path: Path, monkeypatch):
     """Through a stage: the reject lands in the `rejects` table under the task's name and reason code."""
+    from fvqa import reasons
+
+    monkeypatch.setitem(reasons.STAGE_CODES, "count", dict(reasons.LLM))  # a stage of this test only
 
     class CountStage(Stage):
         name = "count"

@@ -200,8 +200,8 @@ def test_stage_counts_candidates_and_rejects(tmp_path: Path) -> None:
         assert set(by_entry[2]) == {"http://a/1.jpg", "http://a/4.jpg"}
         assert len(by_entry[0]) == 2 and set(by_entry[0]) <= {"http://a/1.jpg", "http://a/2.jpg", "http://a/4.jpg"}
         rejects = dict(ws.execute("SELECT key, reason FROM rejects WHERE stage = 'match'"))
-    assert rejects == {"entry:5": "entry is not a string", "pool:pool.parquet:4": "missing url",
-                       "pool:pool.parquet:5": "missing caption"}
+    assert rejects == {"entry:5": "wrong_type", "pool:pool.parquet:4": "field_missing",
+                       "pool:pool.parquet:5": "field_missing"}
     assert stats.n_in == len(POOL) and stats.n_out == 3  # rows 1, 2 and 4 match an entry
 
     # a re-run is a no-op; --force recomputes the same thing without duplicates

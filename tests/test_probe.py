@@ -219,7 +219,7 @@ def test_model_probe_rejects_items_whose_calls_fail(tmp_path: Path, monkeypatch)
         llm = {"endpoints": [{"base_url": srv.base_url, "api_key_env": None}], "model": "m", "max_retries": 0}
         stats = run_probe(ws, backend="openai", k=1, llm=llm)
         rejects = dict(ws.execute("SELECT key, reason FROM rejects WHERE stage = 'probe'"))
-    assert rejects == {"a": "probe model call failed", "b": "image missing"}
+    assert rejects == {"a": "model_call_failed", "b": "image_missing"}
     assert stats.n_out == 0
 
 

@@ -67,8 +67,10 @@ def test_retry_rejects_requeues_only_the_chosen_rejects(tmp_path: Path) -> None:
             assert outcome(ws) == (N // 2, N // 2)
         with pytest.raises(ConfigError, match="unknown stage 'genrate'"):
             run_build(config, only=["generate"], retry_rejects=["genrate"], console=quiet)
-        said = Console(file=io.StringIO(), width=200)
-        run_build(config, only=["generate"], retry_rejects=["generate:no such reason"], console=said)
+        with pytest.raises(ConfigError, match="'no_such_code' is not a reject code of stage generate; its codes: "):
+            run_build(config, only=["generate"], retry_rejects=["generate:no_such_code"], console=quiet)
+        said = Console(file=io.StringIO(), width=200)  # a registered code with no rejects: said, nothing done
+        run_build(config, only=["generate"], retry_rejects=["generate:rule_violated"], console=said)
         assert "no rejects to retry" in said.file.getvalue() and reason in said.file.getvalue()
         calls = srv.count("POST", "/v1/chat/completions")
         run_build(config, only=["generate"], retry_rejects=[f"generate:{reason}"], console=quiet)

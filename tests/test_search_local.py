@@ -43,7 +43,7 @@ def test_build_counts_pages_images_and_rejects_with_reasons(index) -> None:
     # the demo world ships a truncated JPEG, HTML named .jpg and an 8x8 PNG: each rejected with a reason
     assert sum(stats.rejected.values()) == 3
     reasons = {r for (r,) in sqlite3.connect(out / "pages.sqlite").execute("SELECT reason FROM rejects")}
-    assert reasons == {"image undecodable", "image format unknown", "image too small"}
+    assert reasons == {"image_undecodable", "image_format_unknown", "image_too_small"}
     assert json.loads((out / "meta.json").read_text())["images"] == 12
 
 
@@ -58,6 +58,19 @@ def test_image_search_returns_the_images_own_page_first(index, world: Path) -> N
         assert hits[0].url == row["page_url"]
         assert isinstance(hits[0].thumbnail, bytes) and hits[0].thumbnail[:2] == b"\xff\xd8"
         assert len({h.title for h in hits}) == len(hits)  # one hit per page
+
+
+def test_concurrent_first_image_searches_share_one_embedder(index, world: Path) -> None:
+    """Tool threads search at once on a fresh index: all of them must get the seeded model's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, _ = index
+    ix = LocalIndex(out)
+    rows = [json.loads(line) for line in (world / "web/images.jsonl").read_text().splitlines()][:12]
+    images = [Image.open(world / "web" / r["path"]).convert("RGB") for r in rows]
+    with ThreadPoolExecutor(8) as pool:
+        tops = list(pool.map(lambda im: ix.image_search(im, k=1)[0].title, images))
+    assert tops == [r["title"] for r in rows]
 
 
 def test_text_search_finds_the_page_holding_the_answer(index, world: Path, embedder) -> None:
@@ -91,7 +104,7 @@ def test_generic_pages_and_image_folder(tmp_path: Path, embedder) -> None:
     assert stats.pages == 3 and stats.images == 3
     hits = LocalIndex(tmp_path / "ix", embedder=embedder).image_search(Image.open(folder / f"{ents[1].entity_id}.jpg"))
     assert hits[0].title == ents[1].name and hits[0].url == f"https://x.test/{ents[1].entity_id}"
-    assert stats.rejected == {"pages: malformed JSON": 1, "pages: missing title ('wikipedia_title' or 'title')": 1}
+    assert stats.rejected == {"pages: malformed_json": 1, "pages: page_unusable": 1}
 
 
 def test_image_folder_accounts_for_every_file(tmp_path: Path) -> None:
@@ -113,13 +126,13 @@ def test_image_folder_accounts_for_every_file(tmp_path: Path) -> None:
                           "--out", str(tmp_path / "ix"), "--clip-model", "fvqa-tiny"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "rejected - images: not an image file" in res.stdout and "3" in res.stdout
+    assert "rejected - images: not_an_image_file" in res.stdout and "3" in res.stdout
     meta = json.loads((tmp_path / "ix" / "meta.json").read_text())
-    assert meta["images"] == 1 and meta["rejected"] == {"images: not an image file": 3}
+    assert meta["images"] == 1 and meta["rejected"] == {"images: not_an_image_file": 3}
     rows = sqlite3.connect(tmp_path / "ix" / "pages.sqlite").execute(
         "SELECT key, reason, detail FROM rejects ORDER BY key").fetchall()
-    assert [(k, r) for k, r, _ in rows] == [(".DS_Store", "not an image file"), ("random.bin", "not an image file"),
-                                            ("sub/README", "not an image file")]
+    assert [(k, r) for k, r, _ in rows] == [(".DS_Store", "not_an_image_file"), ("random.bin", "not_an_image_file"),
+                                            ("sub/README", "not_an_image_file")]
     assert "'.bin'" in rows[1][2] and "(none)" in rows[2][2]
 
 
@@ -143,7 +156,7 @@ def test_cli_builds_and_queries_the_index(world: Path, tmp_path: Path) -> None:
     res = runner.invoke(search_app, ["index", "build", "--corpus", str(world / "web/pages.jsonl"), "--images",
                                      str(world / "web/images.jsonl"), "--out", str(out), "--clip-model", "fvqa-tiny"])
     assert res.exit_code == 0, res.output
-    assert "rejected - images: image too small" in res.output
+    assert "rejected - images: image_too_small" in res.output
     name = json.loads((world / "entities.jsonl").read_text().splitlines()[2])["name"]
     opts = ["--set", f"search.local.index_dir={out}", "--set", f"workspace={tmp_path / 'ws'}"]
     res = runner.invoke(search_app, ["text", name, "--question", "who made it?", *opts])

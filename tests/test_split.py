@@ -178,7 +178,7 @@ def test_unanswerable_and_contaminated_items_are_rejected_unlabelled_wait(ws: Wo
     assert rejects["a-1"][0] == "unanswerable"
     assert "a-2" not in rejects  # no label yet: it waits (see the waiting tests below), it is not rejected
     assert any("1 item(s) waiting for label" in n for n in stats.notes)
-    assert rejects["a-3"][0] == "benchmark contamination" and "bench.jsonl" in rejects["a-3"][1]
+    assert rejects["a-3"][0] == "benchmark_contamination" and "bench.jsonl" in rejects["a-3"][1]
     assert splits(ws) == {"a-4": "train"} and stats.n_rejected == 2
 
 
@@ -308,7 +308,7 @@ def test_without_a_tag_stage_untagged_items_are_split_at_once(ws: Workspace):
     assert Counter(splits(ws).values()) == {"train": 4} and stats.extra["waiting"]["tag"] == 0
     # ... and so are items the tag stage rejected (they will never get a tag)
     add_item(ws, "r-1", ktype=None)
-    ws.reject("tag", "r-1", "no usable text")
+    ws.reject("tag", "r-1", "no_text")
     stats = run_split(ws, train_size=5, train_search_required=5, train_search_free=0, test_per_source={})
     assert splits(ws)["r-1"] == "train" and stats.extra["waiting"]["tag"] == 0
 

@@ -119,7 +119,7 @@ def test_downloader_refuses_a_name_that_rebinds_to_loopback(loopback_server: int
             return await d.fetch(f"http://rebind.test:{loopback_server}/admin")
 
     result = asyncio.run(go())
-    assert not result.ok and result.reason == "private address refused", result
+    assert not result.ok and result.reason == "private_address", result
     assert "127.0.0.1" in result.detail and not result.retryable
     assert _Handler.hits == []
 

@@ -31,7 +31,7 @@ def test_images_are_content_addressed_and_deduplicated(tmp_path):
 
 def test_image_type_is_sniffed_from_bytes_not_trusted(tmp_path):
     with Workspace(tmp_path / "ws") as ws:
-        with pytest.raises(ImageError, match="image format unknown"):
+        with pytest.raises(ImageError, match="image_format_unknown"):
             ws.put_image(b"<html>not found</html>")
         with pytest.raises(ImageError):
             ws.put_image(_png()[:40])  # truncated
@@ -46,7 +46,7 @@ def test_keyed_insert_ignores_existing_keys_and_rejects_append(tmp_path):
         assert ws.execute("SELECT answer FROM items") == [("A",)]
         ws.insert("items", [{**row, "answer": "B"}], replace=True)
         assert ws.execute("SELECT answer FROM items") == [("B",)]
-        ws.reject("crawl", "k1", "HTTP 404", "http://x")
+        ws.reject("crawl", "k1", "http_error", "HTTP 404: http://x")
         ws.reject("crawl", "k2", "timeout")
         assert ws.rejected_keys("crawl") == {"k1", "k2"}
         assert ws.rejected_keys("tag") == set()
@@ -123,8 +123,8 @@ def test_v1_workspace_is_migrated_once_and_data_id_back_filled(tmp_path):
         assert ws.schema_version == 1
         assert "data_id" not in [c[0] for c in ws.con.execute("SELECT * FROM items").description]
     with Workspace(root) as ws:
-        assert ws.schema_version == SCHEMA_VERSION == 2
-        assert ws.execute("SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+        assert ws.schema_version == SCHEMA_VERSION == 3
+        assert ws.execute("SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
         got = dict(ws.execute("SELECT item_id, data_id FROM items"))
         assert got == {
             "import-fvqa_train_00007": "fvqa_train_00007",
@@ -139,8 +139,8 @@ def test_v1_workspace_is_migrated_once_and_data_id_back_filled(tmp_path):
         assert ws.execute("SELECT data_id FROM dataset WHERE item_id = 'import-42'") == [("42",)]
         ws.insert("items", [dict(item_id="import-new", source="import", data_id="d9", question="Q?", answer="A")])
         ws.execute("UPDATE items SET data_id = 'hand-edited' WHERE item_id = 'import-42'")
-    with Workspace(root) as ws:  # re-open: already v2, nothing is migrated again
-        assert ws.schema_version == 2
+    with Workspace(root) as ws:  # re-open: already current, nothing is migrated again
+        assert ws.schema_version == 3
         assert ws.execute("SELECT data_id FROM items WHERE item_id = 'import-42'") == [("hand-edited",)]
         assert ws.execute("SELECT data_id FROM items WHERE item_id = 'import-new'") == [("d9",)]
         assert ws.execute("SELECT count(*) FROM meta WHERE key = 'schema_version'") == [(1,)]
@@ -167,14 +167,14 @@ def test_failed_migration_leaves_the_v1_workspace_untouched(tmp_path, monkeypatc
     assert "data_id" not in [c[0] for c in con.execute("SELECT * FROM items").description]
     con.close()
     with Workspace(root) as ws:  # the next open migrates for real
-        assert ws.schema_version == 2
+        assert ws.schema_version == 3
         assert ws.execute("SELECT data_id FROM items WHERE item_id = 'import-42'") == [("42",)]
 
 
 def test_new_workspace_starts_at_the_current_version_with_the_column(tmp_path):
     with Workspace(tmp_path / "ws") as ws:
-        assert ws.schema_version == 2
-        assert ws.execute("SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+        assert ws.schema_version == 3
+        assert ws.execute("SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
         assert "data_id" in [c[0] for c in ws.con.execute("SELECT * FROM dataset").description]
 
 

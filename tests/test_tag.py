@@ -120,8 +120,8 @@ def test_llm_tagger_rejects_unknown_types_and_never_repays(tmp_path: Path):
         tags = dict(_query(root, "SELECT item_id, knowledge_type FROM tags"))
         assert tags["i0"] == "Place" and tags["i3"] == "Entities"
         rejects = {k: (r, d) for k, r, d in _query(root, "SELECT key, reason, detail FROM rejects")}
-        assert rejects["i1"][0] == "unparseable reply" and "Music" in rejects["i1"][1]
-        assert rejects["i2"][0] == "unparseable reply" and "I think this is about People" in rejects["i2"][1]
+        assert rejects["i1"][0] == "unparseable_reply" and "Music" in rejects["i1"][1]
+        assert rejects["i2"][0] == "unparseable_reply" and "I think this is about People" in rejects["i2"][1]
         assert _build(cfg).paid_calls == 0 and srv.count("POST", "/v1/chat/completions") == calls
         est = _estimate(cfg)
         assert est.paid_calls == 0 and est.usd == 0
@@ -138,7 +138,7 @@ def test_llm_subtype_must_belong_to_the_type(tmp_path: Path):
             backend="llm", llm=llm, taxonomy={"Place": "places", "Nature": "animals and plants"},
             subtypes={"Place": {"Bridges": "bridges"}, "Nature": {"Birds": "birds"}}))
         stats = _build(cfg)
-    assert stats.n_out == 7 and stats.rejected == {"subtype not under the chosen type": 1}
+    assert stats.n_out == 7 and stats.rejected == {"subtype_mismatch": 1}
     assert set(_query(root, "SELECT DISTINCT knowledge_subtype FROM tags")) == {("Bridges",)}
 
 

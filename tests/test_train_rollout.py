@@ -99,8 +99,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_prepare_writes_both_splits_and_rejects_with_reasons(prepared: dict[str, Any]) -> None:
     result = prepared["result"]
     assert result.rows == {"train": 2, "test": 1}
-    assert prepared["rejects"] == [("d-noimage", "item has no image"), ("e-empty", "empty question"),
-                                   ("f-corrupt", "not a decodable image")]
+    assert prepared["rejects"] == [("d-noimage", "image_missing"), ("e-empty", "empty_question"),
+                                   ("f-corrupt", "image_undecodable")]
     train = pq.read_table(result.files["train"]).to_pylist()
     val = pq.read_table(result.files["test"]).to_pylist()
     assert result.files["test"].name == "val.parquet"
@@ -122,7 +122,7 @@ def test_prepare_writes_both_splits_and_rejects_with_reasons(prepared: dict[str,
     assert len(set(indices)) == len(indices)
     manifest = json.loads(result.manifest.read_text())
     assert manifest["rows"] == {"train": 2, "test": 1} and manifest["rejected"] == {
-        "item has no image": 1, "empty question": 1, "not a decodable image": 1}
+        "image_missing": 1, "empty_question": 1, "image_undecodable": 1}
 
 
 def test_prepare_cli_rerun_writes_identical_files(prepared: dict[str, Any]) -> None:
@@ -134,7 +134,7 @@ def test_prepare_cli_rerun_writes_identical_files(prepared: dict[str, Any]) -> N
     result = CliRunner().invoke(app, ["train", "prepare", "--workspace", str(prepared["root"]),
                                       "--image-max-pixels", str(IMAGE_MAX_PIXELS)])
     assert result.exit_code == 0, result.output
-    assert "train.parquet" in result.stdout and "not a decodable image" in result.stdout
+    assert "train.parquet" in result.stdout and "image_undecodable" in result.stdout
     assert pq.read_table(prepared["result"].files["train"]).equals(pq.read_table(io.BytesIO(before)))
     with Workspace(prepared["root"], read_only=True) as ws:
         n = ws.execute("SELECT count(*) FROM rejects WHERE stage = 'train_prepare'")[0][0]

@@ -175,7 +175,7 @@ def apply(ws: Workspace, round_name: str) -> dict[str, int]:
                                    "server": rnd["server_url"], "comments": [r["comment"] for r in anns if r["comment"]],
                                    "time": now().isoformat()})))
     missing = ws.keys("items", "item_id")
-    rejects = [(STAGE, f"{round_name}/{g['item_id']}", "item no longer in the workspace", "not applied")
+    rejects = [(STAGE, f"{round_name}/{g['item_id']}", "item_gone", "not applied")
                for g in gold if g["item_id"] not in missing]
     gold = [g for g in gold if g["item_id"] in missing]
     with ws.transaction():

@@ -2,8 +2,8 @@
 
 Every task and annotation is checked against the shape fvqa relies on before any field is read;
 fields fvqa does not use are allowed and ignored. A problem raises `AnnotationProblem` with a
-fixed reason (it becomes the `rejects` reason, so rejects group by it) and a detail naming the
-value. The control names come from `configs`; a value outside the listed choices is a reject
+reason code (`fvqa.reasons`, stage `annotate`: it becomes the `rejects` reason, so rejects group by
+it) and a detail naming the field and the value. The control names come from `configs`; a value outside the listed choices is a reject
 reason, never a guess. Values are only ever looked at to a fixed depth and shown through
 `show`, so a hostile, deeply nested value cannot raise RecursionError.
 """
@@ -62,7 +62,7 @@ def _timestamp(value: Any, name: str) -> str | None:
             return value
         except ValueError:
             pass
-    raise AnnotationProblem(f"annotation {name} is not a timestamp", show(value))
+    raise AnnotationProblem("wrong_type", f"annotation {name} is not a timestamp: {show(value)}")
 
 
 def _seconds(value: Any) -> float:
@@ -73,7 +73,7 @@ def _seconds(value: Any) -> float:
             seconds = math.inf
         if math.isfinite(seconds):
             return seconds
-    raise AnnotationProblem("annotation lead_time is not a number", show(value))
+    raise AnnotationProblem("wrong_type", f"annotation lead_time is not a number: {show(value)}")
 
 
 @dataclass(frozen=True)
@@ -101,25 +101,25 @@ class Annotation:
 def task_shape(raw: Any) -> Task:
     """Check one exported task: an object with an integer id and a list of annotations."""
     if not isinstance(raw, dict):
-        raise AnnotationProblem("task is not an object", show(raw))
+        raise AnnotationProblem("wrong_type", f"task is not an object: {show(raw)}")
     tid = as_id(raw.get("id"))
     if tid is None:
-        raise AnnotationProblem("task id is not an integer", show(raw.get("id")))
+        raise AnnotationProblem("wrong_type", f"task id is not an integer: {show(raw.get('id'))}")
     if "annotations" not in raw:
-        raise AnnotationProblem("task annotations is not a list", "missing")
+        raise AnnotationProblem("field_missing", "task has no annotations list")
     annotations = raw["annotations"]
     if not isinstance(annotations, list):
-        raise AnnotationProblem("task annotations is not a list", show(annotations))
+        raise AnnotationProblem("wrong_type", f"task annotations is not a list: {show(annotations)}")
     return Task(tid, raw.get("data"), annotations)
 
 
 def annotation_id(raw: Any) -> int:
     """The id of one exported annotation (checked first: rejects and duplicates are keyed by it)."""
     if not isinstance(raw, dict):
-        raise AnnotationProblem("annotation is not an object", show(raw))
+        raise AnnotationProblem("wrong_type", f"annotation is not an object: {show(raw)}")
     aid = as_id(raw.get("id"))
     if aid is None:
-        raise AnnotationProblem("annotation id is not an integer", show(raw.get("id")))
+        raise AnnotationProblem("wrong_type", f"annotation id is not an integer: {show(raw.get('id'))}")
     return aid
 
 
@@ -128,7 +128,7 @@ def cancelled(raw: dict[str, Any]) -> bool:
     flag = raw.get("was_cancelled")
     if flag is None or isinstance(flag, bool):
         return bool(flag)
-    raise AnnotationProblem("annotation was_cancelled is not a boolean", show(flag))
+    raise AnnotationProblem("wrong_type", f"annotation was_cancelled is not a boolean: {show(flag)}")
 
 
 def annotation_shape(raw: dict[str, Any], aid: int) -> Annotation:
@@ -139,17 +139,17 @@ def annotation_shape(raw: dict[str, Any], aid: int) -> Annotation:
         email = user.get("email") if isinstance(user.get("email"), str) else None
         user = user.get("id")
         if user is None:
-            raise AnnotationProblem("annotation completed_by is not a user id", show(raw.get("completed_by")))
+            raise AnnotationProblem("wrong_type", f"annotation completed_by is not a user id: {show(raw.get('completed_by'))}")
     uid = as_id(user)
     if user is not None and uid is None:
-        raise AnnotationProblem("annotation completed_by is not a user id", show(raw.get("completed_by")))
+        raise AnnotationProblem("wrong_type", f"annotation completed_by is not a user id: {show(raw.get('completed_by'))}")
     lead = raw.get("lead_time")
     lead = None if lead is None else _seconds(lead)
     if "result" not in raw:
-        raise AnnotationProblem("annotation result is not a list", "missing")
+        raise AnnotationProblem("field_missing", "annotation has no result list")
     result = raw["result"]
     if not isinstance(result, list):
-        raise AnnotationProblem("annotation result is not a list", show(result))
+        raise AnnotationProblem("wrong_type", f"annotation result is not a list: {show(result)}")
     return Annotation(aid, result, uid, email, lead,
                       _timestamp(raw.get("created_at"), "created_at"), _timestamp(raw.get("updated_at"), "updated_at"))
 
@@ -157,10 +157,10 @@ def annotation_shape(raw: dict[str, Any], aid: int) -> Annotation:
 def _texts(name: str, text: Any) -> list[str]:
     pieces = text if isinstance(text, list) else [text]
     if not all(isinstance(t, str) for t in pieces):
-        raise AnnotationProblem(f"{name} text is not a string or a list of strings", show(text))
+        raise AnnotationProblem("wrong_type", f"{name} text is not a string or a list of strings: {show(text)}")
     if sum(len(t) for t in pieces) > MAX_TEXT:
-        raise AnnotationProblem(f"{name} text is too long",
-                                f"{sum(len(t) for t in pieces)} characters (limit {MAX_TEXT})")
+        raise AnnotationProblem("too_long",
+                                f"{name} text: {sum(len(t) for t in pieces)} characters (limit {MAX_TEXT})")
     return pieces
 
 
@@ -169,22 +169,22 @@ def _values(result: list[Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for region in result:
         if not isinstance(region, dict):
-            raise AnnotationProblem("result item is not an object", show(region))
+            raise AnnotationProblem("wrong_type", f"result item is not an object: {show(region)}")
         name = region.get("from_name")
         if not isinstance(name, str):
-            raise AnnotationProblem("result item has no from_name", show(region))
+            raise AnnotationProblem("field_missing", f"result item has no from_name: {show(region)}")
         if name not in CHOICE_CONTROLS and name not in TEXT_CONTROLS:
             continue
         value = region.get("value")
         if not isinstance(value, dict):
-            raise AnnotationProblem(f"{name} value is not an object", show(value))
+            raise AnnotationProblem("wrong_type", f"{name} value is not an object: {show(value)}")
         if name in CHOICE_CONTROLS:
             if not isinstance(value.get("choices"), list):
-                raise AnnotationProblem(f"{name} choices is not a list", show(value.get("choices")))
+                raise AnnotationProblem("wrong_type", f"{name} choices is not a list: {show(value.get('choices'))}")
             out.setdefault(name, []).extend(value["choices"])
         else:
             if "text" not in value:
-                raise AnnotationProblem(f"{name} has no text", show(value))
+                raise AnnotationProblem("field_missing", f"{name} has no text: {show(value)}")
             out.setdefault(name, []).extend(_texts(name, value["text"]))
     return out
 
@@ -193,13 +193,13 @@ def _one_choice(values: dict[str, list[Any]], name: str, allowed: tuple[str, ...
     got = values.get(name) or []
     if not got:
         if required:
-            raise AnnotationProblem(f"annotation has no {name}")
+            raise AnnotationProblem("field_missing", f"annotation has no {name}")
         return None
     bad = [g for g in got if not isinstance(g, str) or g not in allowed]
     if bad:
-        raise AnnotationProblem(f"unknown {name} value", f"{show(bad)} (expected one of {', '.join(allowed)})")
+        raise AnnotationProblem("unknown_value", f"{name}: {show(bad)} (expected one of {', '.join(allowed)})")
     if len(set(got)) != 1:
-        raise AnnotationProblem(f"{name} has more than one value", show(got))
+        raise AnnotationProblem("multiple_values", f"{name}: {show(got)}")
     return str(got[0])
 
 
@@ -214,7 +214,7 @@ def parse_review(result: list[Any], proposed: str | None) -> dict[str, Any]:
     verdict = _one_choice(v, "verdict", configs.VERDICTS, True)
     corrected = _text(v, "answer")
     if verdict == "fix" and not corrected:
-        raise AnnotationProblem("verdict fix without a corrected answer")
+        raise AnnotationProblem("fix_without_answer", "verdict fix without a corrected answer")
     return {"verdict": verdict, "answer": corrected if verdict == "fix" else None,
             "knowledge_type": _one_choice(v, "knowledge_type", configs.KNOWLEDGE_TYPES, False),
             "search_label": _one_choice(v, "search", configs.SEARCH_NEEDS, False),
@@ -226,9 +226,9 @@ def parse_manual(result: list[Any]) -> dict[str, Any]:
     v = _values(result)
     question, answer = _text(v, "question"), _text(v, "answer")
     if not question:
-        raise AnnotationProblem("written item has no question")
+        raise AnnotationProblem("field_missing", "written item has no question")
     if not answer:
-        raise AnnotationProblem("written item has no answer")
+        raise AnnotationProblem("field_missing", "written item has no answer")
     aliases = [a.strip() for a in (_text(v, "aliases") or "").splitlines() if a.strip()]
     return {"verdict": "manual", "question": question, "answer": answer, "aliases": aliases or None,
             "knowledge_type": _one_choice(v, "knowledge_type", configs.KNOWLEDGE_TYPES, True)}

@@ -139,7 +139,7 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
         if r["item_id"] in on_server:
             continue
         if not r["image_sha256"] or not r["image_ext"]:
-            rejects.append((STAGE, f"{round_name}/{r['item_id']}", "item has no image to review", ""))
+            rejects.append((STAGE, f"{round_name}/{r['item_id']}", "no_image", "item has no image to review"))
             continue
         note = (notes or {}).get(r["item_id"], "")
         context = (f"source {r['source']} | pipeline knowledge type {r['knowledge_type'] or '-'} | "
@@ -204,7 +204,7 @@ def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str,
         try:
             if tid is not None and tid in seen_tasks:
                 n = len(raw["annotations"]) if isinstance(raw.get("annotations"), list) else 0
-                raise AnnotationProblem("duplicate task id", f"again at position {pos}: the first copy is used, "
+                raise AnnotationProblem("duplicate_id", f"task id again at position {pos}: the first copy is used, "
                                                              f"the {n} annotations of this one are not read")
             task = task_shape(raw)
         except AnnotationProblem as exc:
@@ -221,7 +221,7 @@ def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str,
                 aid = annotation_id(ann)
                 key = f"{round_name}/task {task.id}/annotation {aid}"
                 if aid in seen_annotations:
-                    raise AnnotationProblem("duplicate annotation id", f"first seen in task {seen_annotations[aid]}: "
+                    raise AnnotationProblem("duplicate_id", f"annotation id first seen in task {seen_annotations[aid]}: "
                                                                        "that copy is used, this one ignored")
                 seen_annotations[aid] = task.id
                 if cancelled(ann):
@@ -231,7 +231,7 @@ def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str,
             except AnnotationProblem as exc:
                 result = ann.get("result") if isinstance(ann, dict) else None
                 ann_rejects.append((STAGE, key, exc.reason, exc.detail or show(result, 2000)))
-    deleted = [(STAGE, f"{round_name}/task {tid}", "task deleted in Label Studio",
+    deleted = [(STAGE, f"{round_name}/task {tid}", "task_deleted",
                 f"item {item_id}: push the round again to re-create it")
                for tid, item_id in ctx.pushed.items() if tid not in seen_tasks]
     rejects = task_rejects + ann_rejects + deleted
@@ -269,7 +269,7 @@ class _PullContext:
         """The `annotations` row of one annotation; raises AnnotationProblem for anything unusable."""
         data = task.data
         if not isinstance(data, dict):
-            raise AnnotationProblem("task data is not an object", show(data))
+            raise AnnotationProblem("wrong_type", f"task data is not an object: {show(data)}")
         if self.manual:
             fields = parse_manual(ann.result)
             fields["image_sha256"] = _store_image(self.ws, self.client, data.get("image"))
@@ -277,17 +277,17 @@ class _PullContext:
         else:
             item_id = data.get("item_id")
             if item_id is None:
-                raise AnnotationProblem("task has no item_id in its data", "not pushed by fvqa?")
+                raise AnnotationProblem("field_missing", "task has no item_id in its data (not pushed by fvqa?)")
             if not isinstance(item_id, str) or not item_id:
-                raise AnnotationProblem("task item_id is not a string", show(item_id))
+                raise AnnotationProblem("wrong_type", f"task item_id is not a string: {show(item_id)}")
             if task.id in self.pushed and self.pushed[task.id] != item_id:
-                raise AnnotationProblem("task item_id differs from the pushed one",
+                raise AnnotationProblem("item_id_mismatch",
                                         f"{show(item_id)}, pushed as {self.pushed[task.id]}")
             if item_id not in self.items:
-                raise AnnotationProblem("item no longer in the workspace", show(item_id))
+                raise AnnotationProblem("item_gone", show(item_id))
             proposed = data.get("answer")
             if proposed is not None and not isinstance(proposed, str):
-                raise AnnotationProblem("task answer is not a string", show(proposed))
+                raise AnnotationProblem("wrong_type", f"task answer is not a string: {show(proposed)}")
             fields = parse_review(ann.result, proposed)
         if ann.user_id is None:
             annotator = f"anonymous:{ann.id}"  # never merged with another anonymous annotation
@@ -308,13 +308,13 @@ def _complete(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _store_image(ws: Workspace, client: LabelStudioClient, url: Any) -> str:
     if not isinstance(url, str) or not url:
-        raise AnnotationProblem("written item has no image")
+        raise AnnotationProblem("field_missing", "written item has no image")
     try:
         return ws.put_image(client.download(url), provenance={"stage": "annotate", "url": url}).sha256
     except FvqaError as exc:
-        raise AnnotationProblem("written item image cannot be downloaded", str(exc)) from exc
+        raise AnnotationProblem("image_unavailable", str(exc)) from exc
     except ImageError as exc:
-        raise AnnotationProblem("written item image is not a usable image", str(exc)) from exc
+        raise AnnotationProblem("image_unusable", str(exc)) from exc
 
 
 def adjudicate(ws: Workspace, client: LabelStudioClient, round_name: str, new_round: str | None = None

@@ -1,7 +1,7 @@
 """Benchmark loaders: local files in each benchmark's official format -> validated `EvalItem`s.
 
 Every row either becomes an item or a `Reject` with a reason a person can act on (a field of the wrong
-type: reason ``wrong type``, the detail naming the field and what was found, checked before anything
+type: reason ``wrong_type``, the detail naming the field and what was found, checked before anything
 is allocated from it; an unparsable JSON text in a cell: ``malformed JSON``); rows left out on
 purpose (another split, a non-English SimpleVQA item, a text-only MMSearch query) are counted in
 `filtered` with the reason, so the numbers always add up. Every image goes through the image gate
@@ -126,7 +126,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     if suffix == ".jsonl":
         for rec in read_jsonl(path):
             if isinstance(rec, BadLine):
-                yield f"line {rec.line_no}", RowError(f"malformed JSON line: {rec.reason}")
+                yield f"line {rec.line_no}", RowError(rec.code, rec.reason)
             else:
                 yield f"line {rec[0]}", rec[1]
         return
@@ -140,7 +140,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
         if not isinstance(data, list):
             raise ConfigError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
         for i, row in enumerate(data):
-            yield f"record {i}", row if isinstance(row, dict) else RowError("record is not a JSON object")
+            yield f"record {i}", row if isinstance(row, dict) else RowError(WRONG_TYPE, f"record: expected an object, got {found(row)}")
         return
     raise ConfigError(f"{path}: unsupported benchmark file type {suffix!r} (use .jsonl, .json or .parquet)")
 
@@ -155,8 +155,24 @@ def _text(row: dict[str, Any], *names: str, required: bool = True) -> str | None
         if value is not None and not isinstance(value, str):
             raise _wrong(name, "a string or number", value)
     if required:
-        raise RowError(f"missing or empty {' / '.join(names)}")
+        raise RowError("field_missing", f"missing or empty {' / '.join(names)}")
     return None
+
+
+META_MAX_CHARS = 500
+"""Longer descriptive fields are cut: they are reported per item, never scored."""
+
+
+def _meta(row: dict[str, Any], **fields: tuple[str, ...]) -> dict[str, str | int | float | bool | None]:
+    """Descriptive fields (`name=(source keys, first non-empty wins)`): each a JSON scalar, else the
+    row is a `wrong_type` reject naming the field (a nested or huge value never reaches a report)."""
+    out: dict[str, str | int | float | bool | None] = {}
+    for name, keys in fields.items():
+        value = next((row[k] for k in keys if row.get(k) not in (None, "")), None)
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise _wrong(next(k for k in keys if row.get(k) is value), "a string or number", value)
+        out[name] = value[:META_MAX_CHARS] if isinstance(value, str) else value
+    return out
 
 
 def _str_list(value: Any, what: str) -> list[str]:
@@ -204,14 +220,14 @@ def _b64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise RowError(f"image is neither an existing file nor valid base64 ({exc})") from exc
+        raise RowError("bad_image_reference", f"image is neither an existing file nor valid base64 ({exc})") from exc
 
 
 def image_bytes(value: Any, base: Path) -> bytes:
     """Image bytes from an HF image dict, raw bytes, a data URL, base64 text or a path under `base`."""
     if isinstance(value, list | tuple):
         if not value:
-            raise RowError("no image")
+            raise RowError("image_missing", "empty image list")
         value = value[0]
     data: bytes | None = None
     # types first, before anything is allocated: bytes(10**12) would ask for a terabyte
@@ -226,14 +242,14 @@ def image_bytes(value: Any, base: Path) -> bytes:
         elif where:
             value = where
         else:
-            raise RowError("image entry has neither bytes nor path")
+            raise RowError("image_missing", "image entry has neither bytes nor path")
     elif value is not None and not isinstance(value, str | bytes | bytearray):
         raise _wrong("image", "bytes, a path, base64 text or {bytes, path}", value)
     if isinstance(value, bytes | bytearray):
         data = bytes(value)
     if data is None:
         if not isinstance(value, str) or not value.strip():
-            raise RowError("no image")
+            raise RowError("image_missing", "no image field")
         text = value.strip()
         path = Path(text) if len(text) < 1024 else None
         if path is not None and not path.is_absolute():
@@ -245,7 +261,7 @@ def image_bytes(value: Any, base: Path) -> bytes:
         elif len(text) > 256:  # SimpleVQA's json ships images as base64 text
             data = _b64(text)
         else:
-            raise RowError(f"image file not found: {path}")
+            raise RowError("image_missing", f"image file not found: {path}")
     try:
         check_image(data)  # the one image gate: a bad image is a load reject, never a wrong prediction
     except ImageReject as exc:
@@ -263,7 +279,7 @@ def _fvqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counte
             raise RowError(*checked)
         user = next((m.content for m in checked.prompt or [] if m.role == "user"), None)
         if not isinstance(user, str) or not user.replace(IMAGE_IN_PROMPT, "").strip():
-            raise RowError("no user question in prompt")
+            raise RowError("no_question", "no user question in prompt")
         reward = (checked.reward_model or RewardModel()).model_dump()
         answer = _text(reward, "ground_truth")
         aliases = _str_list(reward.get("candidate_answers"), "reward_model.candidate_answers")
@@ -274,7 +290,7 @@ def _fvqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counte
             question=user.replace(IMAGE_IN_PROMPT, "").strip(), image=image_bytes(row.get("images"), base),
             answer=answer or "", aliases=_dedupe([answer or "", *aliases]), data_id=data_id,
             image_url=urls[0] if isinstance(urls, list) and urls and isinstance(urls[0], str) else None,
-            meta={"search_label": row.get("category"), "data_source": row.get("data_source")},
+            meta=_meta(row, search_label=("category",), data_source=("data_source",)),
         )
     # fvqa's native export
     split = spec.split or "test"
@@ -286,14 +302,14 @@ def _fvqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Counte
     candidates = [base / sha[:2] / f"{sha}.{ext}"] if ext else sorted((base / sha[:2]).glob(f"{sha}.*"))
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise RowError(f"image {sha} not found under {base} (point image_dir at the workspace's images/)")
+        raise RowError("image_missing", f"image {sha} not found under {base} (point image_dir at the workspace's images/)")
     answer = _text(row, "answer")
     return EvalItem(
         item_id=_text(row, "item_id") or "", benchmark=spec.name, kind="fvqa", question=_text(row, "question") or "",
         image=image_bytes(str(path), base), answer=answer or "",
         aliases=_dedupe([answer or "", *_str_list(row.get("aliases"), "aliases")]),
         image_url=row.get("image_url"), data_id=_text(row, "data_id", required=False),
-        meta={k: row.get(k) for k in ("knowledge_type", "search_label", "source", "concept_tier")},
+        meta=_meta(row, **{k: (k,) for k in ("knowledge_type", "search_label", "source", "concept_tier")}),
     )
 
 
@@ -340,30 +356,33 @@ def _infoseek(spec: BenchmarkSpec, row: dict[str, Any], base: Path, qtypes: dict
     image_id = _text(row, "image_id") or ""
     answers = _str_list(row.get("answer"), "answer")
     if not answers:
-        raise RowError("missing or empty answer")
+        raise RowError("field_missing", "missing or empty answer")
     answer_eval = row.get("answer_eval")
     if answer_eval is None or answer_eval == []:
         answer_eval = answers
     problem = check_answer_eval(answer_eval)
     if problem:
-        raise RowError(problem)
+        raise RowError("malformed_answer_eval", problem)
     raw_type = _text(row, "question_type", required=False) or qtypes.get(data_id)
     if not raw_type:
-        raise RowError("no question type (give the _qtype file: data_id, question_type)")
+        raise RowError("no_question_type", "give the _qtype file: data_id, question_type")
     try:
         qtype = infoseek_question_type(raw_type).value
+    except ValueError as exc:
+        raise RowError("unknown_question_type", str(exc)) from exc
+    try:
         if qtype == "numerical":
             infoseek_gold_range(answer_eval)
     except ValueError as exc:
-        raise RowError(str(exc)) from exc
+        raise RowError("malformed_answer_eval", str(exc)) from exc
     path = find_image(base, "{image_id}.jpg", image_id)
     if path is None:
-        raise RowError(f"image {image_id} not found in {base}")
+        raise RowError("image_missing", f"image {image_id} not found in {base}")
     return EvalItem(
         item_id=data_id, benchmark=spec.name, kind="infoseek", question=question, image=image_bytes(str(path), base),
         answer=answers[0], aliases=aliases_of(answers, answer_eval), answer_eval=answer_eval,
         question_type=qtype, data_id=data_id,
-        meta={"split": row.get("data_split"), "entity_id": row.get("entity_id")},
+        meta=_meta(row, split=("data_split",), entity_id=("entity_id",)),
     )
 
 
@@ -378,7 +397,7 @@ def _mmsearch(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: Co
     return EvalItem(
         item_id=sample_id or "", benchmark=spec.name, kind="mmsearch", question=_text(row, "query") or "",
         image=image_bytes(image, base), answer=answer or "", aliases=_dedupe([answer or "", *alts]),
-        meta={"area": row.get("area"), "subfield": row.get("subfield")},
+        meta=_meta(row, area=("area",), subfield=("subfield",)),
     )
 
 
@@ -393,20 +412,20 @@ def _simplevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: C
         item_id=_text(row, "data_id", "id") or "", benchmark=spec.name, kind="simplevqa",
         question=_text(row, "question") or "", image=image_bytes(row.get("image"), base), answer=answer or "",
         aliases=[answer or ""],
-        meta={"language": row.get("language"), "category": row.get("vqa_category") or row.get("original_category")},
+        meta=_meta(row, language=("language",), category=("vqa_category", "original_category")),
     )
 
 
 def _livevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path) -> EvalItem:
     answers = _str_list(row.get("answer", row.get("answers")), "answer")
     if not answers:
-        raise RowError("missing or empty answer")
+        raise RowError("field_missing", "missing or empty answer")
     image = next((row[k] for k in ("image", "img_path", "image_path", "images") if row.get(k)), None)
     return EvalItem(
         item_id=_text(row, "id", "sample_id", "data_id", "question_id") or "", benchmark=spec.name, kind="livevqa",
         question=_text(row, "question", "query") or "", image=image_bytes(image, base), answer=answers[0],
         aliases=_dedupe(answers + _str_list(row.get("aliases"), "aliases")),
-        meta={"topic": row.get("topic") or row.get("category"), "level": row.get("level")},
+        meta=_meta(row, topic=("topic", "category"), level=("level",)),
     )
 
 
@@ -436,7 +455,7 @@ def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int =
     for pos, row in read_rows(spec.path):
         n_rows += 1
         if isinstance(row, RowError):
-            rejects.append(Reject(pos, str(row)))
+            rejects.append(Reject(pos, str(row), row.detail))
             continue
         try:
             if keep is not None:
@@ -464,7 +483,7 @@ def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int =
         if not item.item_id:
             item.item_id = f"{spec.name}-{pos.replace(' ', '')}"
         if item.item_id in seen:
-            rejects.append(Reject(item.item_id, "duplicate id", pos))
+            rejects.append(Reject(item.item_id, "duplicate_id", pos))
             continue
         seen.add(item.item_id)
         items.append(item)

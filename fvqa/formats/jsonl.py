@@ -31,10 +31,12 @@ Record = tuple[int, dict[str, Any]]
 
 @dataclass(frozen=True)
 class BadLine:
-    """A line that is not one JSON object: its number and why, in words a person can act on."""
+    """A line that is not one JSON object: its number and why, in words a person can act on, and
+    the reject code callers store (`malformed_json`, or `wrong_type` for JSON that is not an object)."""
 
     line_no: int
     reason: str
+    code: str = "malformed_json"
 
     def __str__(self) -> str:
         return f"line {self.line_no}: {self.reason}"
@@ -58,7 +60,7 @@ def parse_line(raw: bytes | str, line_no: int = 1) -> dict[str, Any] | BadLine |
     except RecursionError:
         return BadLine(line_no, "JSON nested too deeply to read")
     if not isinstance(obj, dict):
-        return BadLine(line_no, f"line is not a JSON object (got a JSON {_json_kind(obj)})")
+        return BadLine(line_no, f"line is not a JSON object (got a JSON {_json_kind(obj)})", "wrong_type")
     return obj
 
 

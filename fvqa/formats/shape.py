@@ -21,10 +21,10 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-WRONG_TYPE = "wrong type"
+WRONG_TYPE = "wrong_type"
 """The reason code of a record whose field has the wrong type (the detail names the field)."""
 
-MALFORMED_JSON = "malformed JSON"
+MALFORMED_JSON = "malformed_json"
 """The reason code of a JSON text inside a record (a parquet cell) that does not parse."""
 
 _repr = reprlib.Repr()

@@ -35,8 +35,8 @@ In = TypeVar("In")  # one input of a task
 Out = TypeVar("Out")  # its output
 
 # Reason codes of the rejects the runner makes itself (a task's parser names its own).
-UNPARSEABLE = "unparseable reply"  # a reply arrived but did not match the reply model (after one repair)
-REQUEST_FAILED = "LLM request failed"  # no usable reply: a deterministic error (HTTP 400, bad image...)
+UNPARSEABLE = "unparseable_reply"  # a reply arrived but did not match the reply model (after one repair)
+REQUEST_FAILED = "llm_request_failed"  # no usable reply: a deterministic error (HTTP 400, bad image...)
 
 IMAGE_TOKENS = 765  # GPT-4o high-detail cost of a 768 px image (4 tiles x 170 + 85), for estimates
 

@@ -166,22 +166,22 @@ class Downloader:
             try:
                 await check_url(current, allow_private=self.opts.allow_private)
             except BadURL as exc:
-                return FetchResult(url, False, final_url=current, reason="bad URL", detail=str(exc))
+                return FetchResult(url, False, final_url=current, reason="bad_url", detail=str(exc))
             except BlockedAddress as exc:
-                return FetchResult(url, False, final_url=current, reason="private address refused",
+                return FetchResult(url, False, final_url=current, reason="private_address",
                                    detail=str(exc))
             except ResolveError as exc:
-                return FetchResult(url, False, final_url=current, reason="DNS lookup failed", detail=str(exc))
+                return FetchResult(url, False, final_url=current, reason="dns_failed", detail=str(exc))
             if self._robots is not None:
                 ok, why = await self._robots.allowed(current)
                 if not ok:
-                    return FetchResult(url, False, final_url=current, reason="disallowed by robots.txt",
+                    return FetchResult(url, False, final_url=current, reason="robots_disallowed",
                                        detail=why)
             result = await self._request(url, current, max_bytes)
             if isinstance(result, FetchResult):
                 return result
             current = result  # a redirect target
-        return FetchResult(url, False, final_url=current, reason="too many redirects",
+        return FetchResult(url, False, final_url=current, reason="too_many_redirects",
                            detail=f"more than {self.opts.max_redirects} redirects")
 
     async def _request(self, url: str, current: str, max_bytes: int) -> FetchResult | str:
@@ -204,14 +204,14 @@ class Downloader:
             except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
                 blocked = blocked_cause(exc)
                 if blocked is not None:  # the connect-time guard: the name re-resolved to a private address
-                    return FetchResult(url, False, final_url=current, reason="private address refused",
+                    return FetchResult(url, False, final_url=current, reason="private_address",
                                        detail=f"{blocked} (at connect)")
-                return FetchResult(url, False, final_url=current, reason="connection error", retryable=True,
+                return FetchResult(url, False, final_url=current, reason="connection_error", retryable=True,
                                    detail=f"{exc.__class__.__name__}: {exc}")
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-                return FetchResult(url, False, final_url=current, reason="bad URL", detail=str(exc))
+                return FetchResult(url, False, final_url=current, reason="bad_url", detail=str(exc))
             except httpx.HTTPError as exc:
-                return FetchResult(url, False, final_url=current, reason="network error",
+                return FetchResult(url, False, final_url=current, reason="network_error",
                                    detail=f"{exc.__class__.__name__}: {exc}")
             finally:
                 self._slots.put_nowait(client)
@@ -226,19 +226,19 @@ class Downloader:
             if resp.status_code >= 400:
                 return FetchResult(
                     url, False, status=resp.status_code, final_url=current, content_type=ctype,
-                    reason=f"HTTP {resp.status_code}", detail=resp.reason_phrase or "",
+                    reason="http_error", detail=f"HTTP {resp.status_code} {resp.reason_phrase or ''}".strip(),
                     retryable=resp.status_code in RETRY_STATUS,
                     retry_after=parse_retry_after(resp.headers.get("retry-after")))
             declared = resp.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 return FetchResult(url, False, status=resp.status_code, final_url=current, content_type=ctype,
-                                   reason="too large", detail=f"Content-Length {declared} > max_bytes {max_bytes}")
+                                   reason="too_large", detail=f"Content-Length {declared} > max_bytes {max_bytes}")
             chunks, size = [], 0
             async for chunk in resp.aiter_bytes():
                 size += len(chunk)
                 if size > max_bytes:
                     return FetchResult(url, False, status=resp.status_code, final_url=current,
-                                       content_type=ctype, reason="too large",
+                                       content_type=ctype, reason="too_large",
                                        detail=f"body exceeds max_bytes {max_bytes} (stopped reading)")
                 chunks.append(chunk)
             return FetchResult(url, True, b"".join(chunks), status=resp.status_code, final_url=current,

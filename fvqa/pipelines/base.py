@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fvqa.reasons import check_code
 from fvqa.store import Workspace, now
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ class StageContext:
         `counted=False` stores a reject of something that is not the stage's unit (e.g. one of a
         concept's candidate URLs), so `n_in == n_out + n_rejected` stays a statement about units.
         """
+        check_code(self.stage.name, reason)
         if counted:
             self.stats.rejected[reason] += 1
         if self._rejected_before is None:

@@ -146,20 +146,20 @@ def _read_list(path: Path | None) -> set[str] | None:
 def filter_reason(text: Any, cfg: ConceptsConfig, allow: set[str] | None, deny: set[str] | None) -> str | None:
     """Why an entry cannot be a visual concept, or None if it can."""
     if not isinstance(text, str):
-        return "not a string"
+        return "wrong_type"
     s = text.strip()
     if not s:
         return "empty"
     if not any(ch.isalpha() for ch in s):
-        return "no letters (number or punctuation)"
+        return "no_letters"
     if len(s) < cfg.min_chars:
-        return "too short"
+        return "too_short"
     if len(s) > cfg.max_chars:
-        return "too long"
+        return "too_long"
     if deny is not None and s.casefold() in deny:
-        return "on deny list"
+        return "on_deny_list"
     if allow is not None and s.casefold() not in allow:
-        return "not on allow list"
+        return "not_on_allow_list"
     return None
 
 
@@ -211,7 +211,7 @@ def usable_entries(
             continue
         norm = text.strip().casefold()
         if norm in seen:
-            ctx.reject(key, "duplicate entry", f"entry {eid} {text!r} repeats entry {seen[norm]}")
+            ctx.reject(key, "duplicate_entry", f"entry {eid} {text!r} repeats entry {seen[norm]}")
             continue
         seen[norm] = eid
         c = count or 0

@@ -71,7 +71,7 @@ class GenerateStage(Stage):
         todo = []
         for row in self._todo(ctx, rows):  # an item without its image is no visual question
             if self._image(ctx, row) is None:
-                ctx.reject(item_id(row["concept_id"]), "image file missing",
+                ctx.reject(item_id(row["concept_id"]), "image_missing",
                            f"crawled image {row['image_sha256']} is not in the workspace image store")
             else:
                 todo.append(row)

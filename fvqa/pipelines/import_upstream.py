@@ -84,10 +84,10 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
             counts["skipped"] += 1
             continue
         if not question:
-            rejects.append((STAGE, key, "no user message in prompt", ""))
+            rejects.append((STAGE, key, "no_question", "no user message in prompt"))
             continue
         if not ground_truth:
-            rejects.append((STAGE, key, "answer missing (reward_model.ground_truth)", ""))
+            rejects.append((STAGE, key, "answer_missing", "reward_model.ground_truth is empty"))
             continue
         candidates = parse_candidates(reward.candidate_answers)
         if isinstance(candidates, tuple):
@@ -97,7 +97,7 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
         try:
             for n, img in enumerate(checked.images or []):
                 if img is None or not img.bytes:
-                    raise ImageReject("image missing", f"image {n}: entry without bytes")
+                    raise ImageReject("image_missing", f"image {n}: entry without bytes")
                 gated = check_image(img.bytes)
                 # the file now (content-addressed: harmless if this import dies); its row with the item's
                 ref, image_row = ws.store_image(img.bytes, provenance={"stage": STAGE, "file": path.name},

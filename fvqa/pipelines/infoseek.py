@@ -128,7 +128,7 @@ class InfoseekStage(Stage):
         for rec in read_jsonl(main):
             ctx.stats.n_in += 1
             if isinstance(rec, BadLine):
-                ctx.reject(f"{main.name}:{rec.line_no}", "bad JSON line", str(rec))
+                ctx.reject(f"{main.name}:{rec.line_no}", rec.code, str(rec))
                 continue
             line_no, obj = rec
             checked = validate(MainLine, obj)  # the declared shape first: a wrong type names its field
@@ -147,19 +147,19 @@ class InfoseekStage(Stage):
             missing = [k for k, v in (("question", obj.get("question")), ("answer", answers),
                                       ("image_id", obj.get("image_id"))) if not v]
             if missing:
-                ctx.reject(key, "answer missing" if "answer" in missing else "field missing",
+                ctx.reject(key, "answer_missing" if "answer" in missing else "field_missing",
                            f"line {line_no}: missing {', '.join(missing)}")
                 continue
             if data_id in seen:
-                ctx.reject(f"{main.name}:{line_no}", "duplicate data_id", f"line {line_no}: {data_id} seen before")
+                ctx.reject(f"{main.name}:{line_no}", "duplicate_id", f"line {line_no}: {data_id} seen before")
                 continue
             seen.add(data_id)
             if why := check_answer_eval(obj.get("answer_eval")):
-                ctx.reject(key, "malformed answer_eval", f"line {line_no}: {why}")
+                ctx.reject(key, "malformed_answer_eval", f"line {line_no}: {why}")
                 continue
             image_id = str(obj["image_id"])
             if "/" in image_id or "\\" in image_id or image_id.startswith("."):
-                ctx.reject(key, "bad image_id", f"line {line_no}: image_id {image_id!r} is not a plain name")
+                ctx.reject(key, "bad_image_id", f"line {line_no}: image_id {image_id!r} is not a plain name")
                 continue
             rows.append({**{k: obj.get(k) for k in MAIN_FIELDS}, "data_id": data_id, "image_id": image_id,
                          "upstream_data_id": str(obj["data_id"]) if obj.get("data_id") else None,
@@ -223,12 +223,12 @@ class InfoseekStage(Stage):
         image_path = find_image(image_dir, cfg.image_pattern, row["image_id"])
         if image_path is None:
             expected = image_dir / cfg.image_pattern.format(image_id=row["image_id"])
-            ctx.reject(item_id, "missing image", f"{expected} not found (image_id {row['image_id']})")
+            ctx.reject(item_id, "image_missing", f"{expected} not found (image_id {row['image_id']})")
             return
         try:
             data = image_path.read_bytes()
         except OSError as exc:
-            ctx.reject(item_id, "unreadable image", f"{image_path.name}: {exc}")
+            ctx.reject(item_id, "image_unreadable", f"{image_path.name}: {exc}")
             return
         try:
             checked = check_image(data)

@@ -323,7 +323,7 @@ class MatchStage(Stage):
         entries = _load_entries(metadata)
         valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
         for i in sorted(set(range(len(entries))) - set(valid)):
-            ctx.reject(f"entry:{i}", "entry is not a string", f"{entries[i]!r:.200} in {metadata}")
+            ctx.reject(f"entry:{i}", "wrong_type", f"{entries[i]!r:.200} in {metadata}")
         matcher = EntryMatcher([entries[i] for i in valid])
         counts = [0] * len(entries)
         reservoir = Reservoir(cfg.candidates_per_concept, cfg.seed)
@@ -373,7 +373,8 @@ class MatchStage(Stage):
                 if problem:
                     bad_rows[0] += 1
                     if reject:
-                        ctx.reject(f"pool:{pool.name}:{row_no}", problem, f"url={url!r:.200} caption={caption!r:.200}")
+                        ctx.reject(f"pool:{pool.name}:{row_no}", problem[0],
+                                   f"{problem[1]}: url={url!r:.200} caption={caption!r:.200}")
                     continue
                 meta.append((url, page, caption))
                 yield caption
@@ -414,12 +415,12 @@ class MatchStage(Stage):
             ctx.ws.insert("match_candidates", candidate_rows)
 
 
-def _row_problem(url: Any, caption: Any, page: Any) -> str:
-    """Why a pool row cannot be used ('' if it can)."""
+def _row_problem(url: Any, caption: Any, page: Any) -> tuple[str, str] | None:
+    """Why a pool row cannot be used, as (reason code, what), or None if it can."""
     if not isinstance(url, str) or not url.strip():
-        return "missing url"
+        return "field_missing", "no url"
     if not isinstance(caption, str):
-        return "missing caption"
+        return "field_missing", "no caption string"
     if page is not None and not isinstance(page, str):
-        return "page_url is not a string"
-    return ""
+        return "wrong_type", "page_url is not a string"
+    return None

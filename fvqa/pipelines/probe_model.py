@@ -158,7 +158,7 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
             else:
                 why = "item has no image"
             if image is None:
-                ctx.reject(r["item_id"], "image missing", why)
+                ctx.reject(r["item_id"], "image_missing", why)
                 continue
             items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"), upstream_data_id(r))))
         plan = [(r, slot, job) for r, it in items for slot, job in jobs_for(it, cfg, set(have_all.get(r["item_id"], {})))]
@@ -182,7 +182,7 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
             if errors:
                 permanent = [e for e in errors if is_permanent_failure(e)]
                 if permanent:
-                    ctx.reject(item_id, "probe model call failed",
+                    ctx.reject(item_id, "model_call_failed",
                                f"{len(errors)} of {2 * cfg.k} rollouts failed; first: {permanent[0]}")
                 else:
                     deferred.append(item_id)

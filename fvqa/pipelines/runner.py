@@ -12,6 +12,7 @@ from fvqa.config import RunConfig
 from fvqa.errors import ConfigError
 from fvqa.pipelines import STAGES, load_stage
 from fvqa.pipelines.base import Estimate, StageContext, StageStats, execute_stage
+from fvqa.reasons import codes_of, legacy_code
 from fvqa.store import Workspace
 
 
@@ -69,12 +70,18 @@ def _check_in_build(flag: str, name: str, names: Sequence[str]) -> None:
 
 
 def parse_retry_rejects(specs: Sequence[str], names: Sequence[str]) -> dict[str, list[str | None]]:
-    """`STAGE[:REASON]` specs -> stage -> reasons (None: all), checked before anything is touched."""
+    """`STAGE[:CODE]` specs -> stage -> reason codes (None: all), checked against the stage's
+    registered codes (`fvqa.reasons`) before anything is touched."""
     out: dict[str, list[str | None]] = {}
     for spec in specs:
         stage, _, reason = spec.partition(":")
         stage, reason = stage.strip(), reason.strip()
         _check_in_build("--retry-rejects", stage, names)
+        if reason and reason not in codes_of(stage):
+            hint = legacy_code(stage, reason)[0]
+            hint = f" (did you mean {stage}:{hint}?)" if hint != "legacy" else ""
+            raise ConfigError(f"--retry-rejects {spec}: {reason!r} is not a reject code of stage {stage}{hint}; "
+                              f"its codes: {', '.join(codes_of(stage))}")
         out.setdefault(stage, []).append(reason or None)
     return out
 

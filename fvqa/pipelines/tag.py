@@ -72,7 +72,7 @@ class TagStage(Stage):
             texts = [item_text(r) for r in chunk]
             for row, text, tag in zip(chunk, texts, tagger.tag(texts), strict=True):
                 if not text:
-                    ctx.reject(row["item_id"], "no text to tag", "item has no question, answer or subject")
+                    ctx.reject(row["item_id"], "no_text", "item has no question, answer or subject")
                     continue
                 self._emit(ctx, row["item_id"], tag.knowledge_type, tag.knowledge_subtype, tag.confidence, prov)
 

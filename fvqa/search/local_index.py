@@ -44,6 +44,7 @@ from PIL import Image
 
 from fvqa.errors import ConfigError, FvqaError
 from fvqa.formats.jsonl import BadLine, read_jsonl
+from fvqa.reasons import check_code
 from fvqa.search.clip import ClipEmbedder
 from fvqa.search.config import LocalConfig
 from fvqa.search.summarize import extractive_summary, tokenize
@@ -104,19 +105,19 @@ def parse_page(row: Any) -> tuple[str, str, str, str]:
     return key, str(url or ""), title.strip(), text
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | ValueError]]:
-    """(line number, object) per record, or (line number, ValueError(reason)) per bad line."""
+def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
+    """(line number, object) per record, or (line number, the BadLine) per bad line."""
     for rec in read_jsonl(path):
-        yield (rec.line_no, ValueError(rec.reason)) if isinstance(rec, BadLine) else rec
+        yield (rec.line_no, rec) if isinstance(rec, BadLine) else rec
 
 
-def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | Exception]]:
-    """(key, file, manifest row or error) from a manifest jsonl or a folder of image files."""
+def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | ImageReject]]:
+    """(key, file, manifest row or the reject of its line) from a manifest jsonl or a folder of image files."""
     if images.is_dir():
         for path in sorted(p for p in images.rglob("*") if not p.is_dir()):
             rel = path.relative_to(images).as_posix()
             if path.suffix.lower() not in IMAGE_SUFFIXES:  # not even read: it may be anything, of any size
-                yield rel, path, ImageReject("not an image file", f"suffix {path.suffix or '(none)'!r} is not one of "
+                yield rel, path, ImageReject("not_an_image_file", f"suffix {path.suffix or '(none)'!r} is not one of "
                                              f"{', '.join(sorted(IMAGE_SUFFIXES))}")
                 continue
             yield rel, path, {"path": rel, "page_key": path.stem}
@@ -124,23 +125,22 @@ def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | E
     base = images.parent
     for lineno, row in _jsonl(images):
         key = f"{images.name}:{lineno}"
-        if isinstance(row, Exception):
-            yield key, base, ValueError(f"malformed JSON: {row}")
+        if isinstance(row, BadLine):
+            yield key, base, ImageReject(row.code, row.reason)
         elif not isinstance(row, dict) or not isinstance(row.get("path"), str):
-            yield key, base, ValueError("manifest line needs a string 'path'")
+            yield key, base, ImageReject("field_missing", "manifest line needs a string 'path'")
         else:
             yield row["path"], base / row["path"], row
 
 
 def _load_image(path: Path, max_side: int) -> tuple[Image.Image, bytes]:
-    """Decoded RGB image and a JPEG thumbnail; ValueError with a readable reason if unusable (the
-    image gate's `ImageReject`, with its reason and detail, for bytes it refuses)."""
+    """Decoded RGB image and a JPEG thumbnail; `ImageReject` (a reason code and detail) if unusable."""
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise ValueError("image file not found") from exc
+        raise ImageReject("image_missing", "image file not found") from exc
     except OSError as exc:
-        raise ValueError(f"image file unreadable ({type(exc).__name__})") from exc
+        raise ImageReject("image_unreadable", f"image file unreadable ({type(exc).__name__})") from exc
     rgb = check_image(data, min_side=MIN_SIDE).image.convert("RGB")
     thumb = rgb.copy()
     thumb.thumbnail((max_side, max_side))
@@ -268,6 +268,7 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
     db.executescript(SCHEMA)
 
     def reject(source: str, key: str, reason: str, detail: str = "") -> None:
+        check_code("index", reason)
         db.execute("INSERT INTO rejects VALUES (?, ?, ?, ?)", (source, key, reason, detail))
         stats.rejected[f"{source}: {reason}"] += 1
 
@@ -277,16 +278,16 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
     url_to_page: dict[str, int] = {}
     batch: list[tuple[int, str, str, str, str]] = []
     for lineno, row in _jsonl(corpus):
-        if isinstance(row, Exception):
-            reject("pages", f"{corpus.name}:{lineno}", "malformed JSON", str(row))
+        if isinstance(row, BadLine):
+            reject("pages", f"{corpus.name}:{lineno}", row.code, row.reason)
             continue
         try:
             key, url, title, text = parse_page(row)
         except ValueError as exc:
-            reject("pages", f"{corpus.name}:{lineno}", str(exc))
+            reject("pages", f"{corpus.name}:{lineno}", "page_unusable", str(exc))
             continue
         if key in key_to_page:
-            reject("pages", key, "duplicate page key", f"line {lineno}")
+            reject("pages", key, "duplicate_id", f"line {lineno}: page key seen before")
             continue
         pid = len(texts)
         key_to_page[key] = pid
@@ -339,16 +340,10 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
             if isinstance(row, ImageReject):
                 reject("images", key, row.reason, row.detail)
                 continue
-            if isinstance(row, Exception):
-                reject("images", key, str(row))
-                continue
             try:
                 img, thumb = _load_image(path, cfg.thumbnail_max_side)
             except ImageReject as exc:
                 reject("images", key, exc.reason, exc.detail)
-                continue
-            except ValueError as exc:
-                reject("images", key, str(exc))
                 continue
             page_key = str(row.get("wikidata_id") or row.get("page_key") or "")
             pid = key_to_page.get(page_key)
@@ -362,7 +357,7 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
                 page_title, page_url = db.execute("SELECT title, url FROM pages WHERE id = ?", (pid,)).fetchone()
                 title, url = page_title or title, page_url or url
             if not title:
-                reject("images", key, "image matches no page and has no title")
+                reject("images", key, "no_title", "the image matches no page and has no title of its own")
                 continue
             pending.append((shrink(img), (pid, title, url or str(row.get("url") or ""), key, thumb)))
             if len(pending) >= cfg.batch_size:
@@ -457,6 +452,7 @@ class LocalIndex:
                                             clip_pretrained=self.meta["clip_pretrained"])
         self._db = sqlite3.connect(f"file:{self.path / 'pages.sqlite'}?mode=ro", uri=True, check_same_thread=False)
         self._lock = threading.Lock()
+        self._embedder_lock = threading.Lock()
         self._bm25 = bm25s.BM25.load(self.path / "text", mmap=True, show_progress=False, verbosity=0)
         self.vectors = np.load(self.path / "image_vectors.npy", mmap_mode="r")
         self._embedder = embedder
@@ -466,7 +462,10 @@ class LocalIndex:
     def embedder(self) -> ClipEmbedder:
         """Built on first image search (text-only users never pay for loading CLIP)."""
         if self._embedder is None:
-            self._embedder = ClipEmbedder(self.meta["clip_model"], self.meta["clip_pretrained"], self.config.device)
+            with self._embedder_lock:  # concurrent first searches (tool threads) must share one model:
+                if self._embedder is None:  # random-weight CLIP is seeded, and two builds at once race
+                    self._embedder = ClipEmbedder(self.meta["clip_model"], self.meta["clip_pretrained"],
+                                                  self.config.device)
         return self._embedder
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:

@@ -37,12 +37,12 @@ class QAPair:
 
 def checked_pair(concept: str, question: str, answer: str, aliases: list[str], *, raw: str,
                  max_answer_words: int = 12) -> QAPair:
-    """The pair if it keeps every rule, else `Reject("rule violated: <first broken rule>")`."""
+    """The pair if it keeps every rule, else `Reject("rule_violated")` naming the first broken rule."""
     question, answer = question.strip(), answer.strip()
     broken = rule_violations(question, answer, concept, max_answer_words=max_answer_words)
     if broken:
-        raise Reject(f"rule violated: {broken[0]}",
-                     f"broken: {'; '.join(broken)}\nconcept: {concept}\nraw reply: {raw}")
+        raise Reject("rule_violated",
+                     f"{broken[0]}\nbroken: {'; '.join(broken)}\nconcept: {concept}\nraw reply: {raw}")
     return QAPair(question, answer, qa.clean_aliases(answer, aliases), question_type(question))
 
 

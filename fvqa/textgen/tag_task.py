@@ -24,7 +24,7 @@ Subject of the image: {subject}
 Choose the one type that fits best{subtype_hint}, and say how confident you are (0 to 1).
 Reply with a JSON object only: {{"knowledge_type": "...", {subtype_field}"confidence": 0.0}}"""
 
-SUBTYPE_MISMATCH = "subtype not under the chosen type"
+SUBTYPE_MISMATCH = "subtype_mismatch"
 
 
 def reply_model(taxonomy: Taxonomy) -> type[BaseModel]:

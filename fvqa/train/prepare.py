@@ -74,27 +74,38 @@ def prompt_fingerprint(prompts: Prompts) -> str:
     return hashlib.sha256(prompts.round_1.encode("utf-8")).hexdigest()
 
 
+class NotARow(ValueError):
+    """Why an item cannot become a training row: a reason `code` (`fvqa.reasons`) and a message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def build_row(
     ws: Workspace, row: dict[str, Any], index: int, prompts: Prompts, image_max_pixels: int
 ) -> dict[str, Any]:
-    """One veRL row for one dataset item; ValueError says why an item cannot become a row."""
+    """One veRL row for one dataset item; `NotARow` says why an item cannot become a row."""
     question = (row.get("question") or "").strip()
     answer = (row.get("answer") or "").strip()
     if not question:
-        raise ValueError("empty question")
+        raise NotARow("empty_question", "empty question")
     if not answer:
-        raise ValueError("empty answer")
+        raise NotARow("empty_answer", "empty answer")
     if IMAGE_PLACEHOLDER in question:
-        raise ValueError(f"question contains the image placeholder {IMAGE_PLACEHOLDER}")
+        raise NotARow("placeholder_in_question", f"question contains the image placeholder {IMAGE_PLACEHOLDER}")
     sha = row.get("image_sha256")
     if not sha:
-        raise ValueError("item has no image")
+        raise NotARow("image_missing", "item has no image")
     try:
         path = ws.find_image(sha)
         data = path.read_bytes()
     except (KeyError, OSError) as exc:
-        raise ValueError(f"image file missing from the workspace ({exc})") from exc
-    data, _, _ = bounded_image_bytes(data, image_max_pixels)
+        raise NotARow("image_missing", f"image file missing from the workspace ({exc})") from exc
+    try:
+        data, _, _ = bounded_image_bytes(data, image_max_pixels)
+    except ValueError as exc:
+        raise NotARow("image_undecodable", str(exc)) from exc
     split = row["split"]
     return verl_row(
         layout="training", prompt=opening_user_text(prompts.round_1, question),
@@ -155,10 +166,9 @@ def prepare(
             continue
         try:
             by_split[item["split"]].append(build_row(ws, item, index, prompts, image_max_pixels))
-        except ValueError as exc:
-            reason = str(exc).split(" (")[0]
-            result.rejected[reason] += 1
-            rejects.append((STAGE, item["item_id"], reason, str(exc)))
+        except NotARow as exc:
+            result.rejected[exc.code] += 1
+            rejects.append((STAGE, item["item_id"], exc.code, str(exc)))
     with ws.transaction():  # a re-run replaces the previous run's rejects instead of repeating them
         ws.execute("DELETE FROM rejects WHERE stage = ?", [STAGE])
         ws.add_rejects(rejects)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile
 
-UNKNOWN = "image format unknown"
-UNDECODABLE = "image undecodable"
-TOO_LARGE = "image too large"
-TOO_SMALL = "image too small"
+UNKNOWN = "image_format_unknown"
+UNDECODABLE = "image_undecodable"
+TOO_LARGE = "image_too_large"
+TOO_SMALL = "image_too_small"
 REASONS = (UNKNOWN, UNDECODABLE, TOO_LARGE, TOO_SMALL)
 """Every reason `check_image` rejects with."""
 

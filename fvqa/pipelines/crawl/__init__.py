@@ -31,6 +31,7 @@ from fvqa.config import CrawlConfig
 from fvqa.net.fetch import Downloader, FetchOptions, FetchResult
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.pipelines.crawl.sources import Candidate, Failure, Source, make_source
+from fvqa.reasons import FETCH, IMAGE
 from fvqa.store import Workspace, now
 from fvqa.vision.dedup import DedupIndex, phash_hex, sha256_hex
 from fvqa.vision.gate import CheckedImage
@@ -90,6 +91,7 @@ class CrawlStage(Stage):
     async def _run(self, ctx: StageContext, concepts: list[tuple[str, str]]) -> None:
         cfg: CrawlConfig = ctx.cfg
         self.dedup = _load_dedup(ctx, cfg.phash_distance)
+        self.refused = _refused_urls(ctx.ws)
         self.scorer: Any = None
         # importing open_clip takes seconds: start it now, overlapping the first downloads
         self._scorer_task = asyncio.create_task(asyncio.to_thread(_load_scorer, cfg, ctx))
@@ -113,7 +115,8 @@ class CrawlStage(Stage):
         """Candidates and their bytes for a chunk of concepts (the network part)."""
         cands, failures = await source.candidates(chunk)
         flat = [c for cid, _ in chunk for c in cands.get(cid, [])]
-        results = iter(await source.fetch(flat))
+        fetched = iter(await source.fetch([c for c in flat if c.url not in self.refused]))
+        results = iter([self.refused[c.url] if c.url in self.refused else next(fetched) for c in flat])
         return [(cid, concept, cands.get(cid, []), [next(results) for _ in cands.get(cid, [])],
                  failures.get(cid)) for cid, concept in chunk]
 
@@ -142,15 +145,15 @@ class CrawlStage(Stage):
                 if not cands and failure is not None:  # e.g. the image search itself failed
                     ctx.reject(cid, failure.reason, f"{concept!r}: {failure.detail}")
                 elif not cands:
-                    ctx.reject(cid, "no candidates", f"{concept!r}: the {source.name} source has no image for it")
+                    ctx.reject(cid, "no_candidates", f"{concept!r}: the {source.name} source has no image for it")
                 else:
                     detail = ", ".join(f"{r}: {n}" for r, n in why.items())
-                    ctx.reject(cid, "no usable image", f"{concept!r}: {detail}")
+                    ctx.reject(cid, "no_usable_image", f"{concept!r}: {detail}")
                 continue
             best = max(checked, key=lambda c: c.score if c.score is not None else float("-inf"))
             for other in checked:
                 if other is not best:
-                    self._reject_url(ctx, other.cand.url, "lower CLIP score than chosen image",
+                    self._reject_url(ctx, other.cand.url, "not_chosen",
                                      f"{cid}: {other.score:.4f} < {best.score:.4f} ({best.cand.url})")
             await self._keep(ctx, source, cid, best, len(cands))
 
@@ -203,7 +206,7 @@ class CrawlStage(Stage):
             sha, ph = sha256_hex(img.data), phash_hex(img.image)
             dup = self.dedup.check(sha, ph) or local.check(sha, ph)
             if dup is not None:
-                kind = "exact duplicate" if dup[0] == "exact duplicate" else "near-duplicate"
+                kind = "exact_duplicate" if dup[0] == "exact duplicate" else "near_duplicate"
                 why[kind] += 1
                 self._reject_url(ctx, cand.url, kind, f"{cid}: {dup[0]} of {dup[1]}")
                 continue
@@ -221,8 +224,8 @@ class CrawlStage(Stage):
             if c.score is not None and c.score >= threshold:
                 keep.append(c)
             else:
-                why["low CLIP score"] += 1
-                self._reject_url(ctx, c.cand.url, "low CLIP score",
+                why["low_clip_score"] += 1
+                self._reject_url(ctx, c.cand.url, "low_clip_score",
                                  f"{cid}: {c.score:.4f} < clip_threshold {threshold:g}")
         return keep
 
@@ -248,6 +251,17 @@ class CrawlStage(Stage):
                 "original_size": list(best.image.orig_size), "phash": best.phash, "clip": clip,
                 "time": now().isoformat()}}),
         )))
+
+
+def _refused_urls(ws: Workspace) -> dict[str, FetchResult]:
+    """Candidate URLs an earlier run refused for good (a download failure that would repeat, or
+    bytes the image gate refused): a deferred concept's next run does not download them again."""
+    permanent = sorted({*FETCH, *IMAGE} - {"timeout", "connection_error", "network_error", "image_missing"})
+    marks = ", ".join("?" * len(permanent))
+    rows = ws.execute(f"SELECT key, reason, detail FROM rejects WHERE stage = ? AND reason IN ({marks})",
+                      [STAGE, *permanent])
+    return {url: FetchResult(url, False, reason=code, detail=f"refused in an earlier run: {detail}")
+            for url, code, detail in rows}
 
 
 def _load_scorer(cfg: CrawlConfig, ctx: StageContext) -> Any:

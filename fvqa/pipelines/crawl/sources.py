@@ -91,10 +91,20 @@ class Source:
             return Page(cand.page_url, cand.title, None), None
         res = await self.downloader.fetch(cand.page_url, max_bytes=PAGE_MAX_BYTES)
         if not res.ok:
-            return Page(cand.page_url, cand.title, None), Failure(f"page {res.reason}", res.detail, res.retryable)
+            return Page(cand.page_url, cand.title, None), Failure("page_fetch_failed", f"{res.reason}: {res.detail}", res.retryable)
         title, text = extract_page(decode_html(res.data, res.content_type))
-        failure = None if text else Failure("page has no extractable text", str(cand.page_url))
+        failure = None if text else Failure("page_no_text", str(cand.page_url))
         return Page(cand.page_url, title or cand.title, text), failure
+
+
+def _cached_failure(error: Any) -> Failure | None:
+    """The failure a search cache entry recorded (entries from before reason codes hold the old text)."""
+    if not error:
+        return None
+    reason, detail = str(error[0]), str(error[1]) if len(error) > 1 else ""
+    if reason in ("image_search_failed", "image_search_bad_response"):
+        return Failure(reason, detail)
+    return Failure("image_search_failed", f"{reason}: {detail}")
 
 
 class LocalSource(Source):
@@ -139,17 +149,17 @@ class LocalSource(Source):
     def _read(self, cand: Candidate) -> FetchResult:
         path = cand.path
         if path is None or not path.is_file():
-            return FetchResult(cand.url, False, reason="missing file", detail=f"{path} not found")
+            return FetchResult(cand.url, False, reason="image_missing", detail=f"{path} not found")
         size = path.stat().st_size
         if size > self.cfg.max_bytes:
-            return FetchResult(cand.url, False, reason="too large", detail=f"{size} bytes > max_bytes")
+            return FetchResult(cand.url, False, reason="too_large", detail=f"{size} bytes > max_bytes")
         return FetchResult(cand.url, True, path.read_bytes(), final_url=str(path))
 
     async def page(self, cand: Candidate) -> tuple[Page, Failure | None]:
         row = self.pages.get(cand.page_url or "")
         if row is None:
             return Page(cand.page_url, cand.title, None), Failure(
-                "page not found", f"no page with url {cand.page_url} in the pages file")
+                "page_not_found", f"no page with url {cand.page_url} in the pages file")
         title, text = row.get("wikipedia_title") or row.get("title"), None
         html_path = row.get("html_path")
         if self.cfg.fetch_pages and isinstance(html_path, str) and (self.pages_root / html_path).is_file():
@@ -158,7 +168,7 @@ class LocalSource(Source):
             title = title or got_title
         text = text or row.get("wikipedia_content") or row.get("text")
         return Page(cand.page_url, title or cand.title, text), None if text else Failure(
-            "page has no extractable text", str(cand.page_url))
+            "page_no_text", str(cand.page_url))
 
 
 class UrlSource(Source):
@@ -232,7 +242,7 @@ class WebSearchSource(Source):
         if path.is_file():
             cached = json.loads(path.read_text(encoding="utf-8"))
             self.cache_hits += 1
-            return cached.get("results", []), Failure(*cached["error"]) if cached.get("error") else None
+            return cached.get("results", []), _cached_failure(cached.get("error"))
         params = {"engine": self.cfg.search_engine, "q": query}
         if self._key:
             params["api_key"] = self._key
@@ -240,7 +250,7 @@ class WebSearchSource(Source):
         res = await self.downloader.fetch(f"{self.cfg.search_url}?{urlencode(params)}", max_bytes=PAGE_MAX_BYTES)
         self.paid_calls += 1
         if not res.ok:
-            failure = Failure(f"image search {res.reason}", self._scrub(res.detail), res.retryable)
+            failure = Failure("image_search_failed", self._scrub(f"{res.reason}: {res.detail}"), res.retryable)
             if res.status is not None and 400 <= res.status < 500 and res.status != 429:
                 self._write(path, {"results": [], "error": list(failure[:2])})  # deterministic: do not pay again
             return [], failure
@@ -250,7 +260,7 @@ class WebSearchSource(Source):
         except (json.JSONDecodeError, UnicodeDecodeError):
             items = None
         if not isinstance(items, list):
-            return [], Failure("image search bad response", "no images_results list in the JSON answer")
+            return [], Failure("image_search_bad_response", "no images_results list in the JSON answer")
         results = [{"image_url": it.get("original") or it.get("thumbnail"), "page_url": it.get("link"),
                     "title": it.get("title")} for it in items if isinstance(it, dict)]
         results = [r for r in results if isinstance(r["image_url"], str)]

@@ -184,9 +184,9 @@ class SplitStage(Stage):
                 ctx.reject(r["item_id"], "unanswerable",
                            "no probe rollout answered it correctly, with or without search")
             elif label not in SearchLabel.__members__:
-                ctx.reject(r["item_id"], "unknown search label", f"label {label!r} is not one of {list(SearchLabel)}")
+                ctx.reject(r["item_id"], "unknown_search_label", f"label {label!r} is not one of {list(SearchLabel)}")
             elif index and (bench := contamination_match(r["question"], r["answer"], index, cfg.question_key)):
-                ctx.reject(r["item_id"], "benchmark contamination", f"question found in {bench}: {r['question']!r}")
+                ctx.reject(r["item_id"], "benchmark_contamination", f"question found in {bench}: {r['question']!r}")
             else:
                 keep.append(r)
         return keep
