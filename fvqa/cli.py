@@ -255,17 +255,18 @@ def export_cmd(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     format_: Annotated[
-        list[str] | None, typer.Option("--format", "-f", help="native | upstream | hf (repeatable; default all)")
+        list[str] | None, typer.Option("--format", "-f", help="native | upstream | hf | sft (repeatable; default: native, upstream, hf)")
     ] = None,
 ) -> None:
-    """Write the dataset as native Parquet, upstream's veRL parquet and/or a Hugging Face folder."""
-    from fvqa.pipelines.export import export_all
+    """Write the dataset as native Parquet, upstream's veRL parquet and/or a Hugging Face folder, or the
+    distilled SFT trajectories (`sft`: veRL's multi-turn SFT parquet, after the distill stage)."""
+    from fvqa.pipelines.export import FORMATS, export_all
     from fvqa.store import Workspace
 
     formats = format_ or ["native", "upstream", "hf"]
-    bad = [f for f in formats if f not in ("native", "upstream", "hf")]
+    bad = [f for f in formats if f not in FORMATS]
     if bad:
-        raise FvqaError(f"unknown export format(s): {', '.join(bad)} (choose native, upstream, hf)")
+        raise FvqaError(f"unknown export format(s): {', '.join(bad)} (choose {', '.join(FORMATS)})")
     with Workspace(_workspace_path(config, workspace)) as ws:
         for fmt, paths in export_all(ws, formats).items():
             for p in paths:

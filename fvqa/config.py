@@ -219,6 +219,50 @@ class ProbeConfig(Section):
 _FLAT_LIMITS = ("max_rounds", "max_image_search", "max_text_search", "image_search_first_round_only")
 
 
+class DistillBalance(Section):
+    """How kept trajectories are balanced (`fvqa.pipelines.distill_select`)."""
+
+    per_item: int = Field(1, ge=1)  # at most this many kept trajectories per item
+    # no search label keeps more than max_ratio x the trajectories of the smallest non-empty label
+    max_ratio: float | None = Field(1.0, ge=1.0)  # None: no ratio cap
+    max_per_label: int | None = Field(None, ge=1)  # absolute cap per search label (None: none)
+    # which search patterns a label's items may keep: `compatible` = search-free items only without
+    # search, search-required items only with some search; `exact` = the pattern the label names; `any`
+    label_rule: Literal["compatible", "exact", "any"] = "compatible"
+    seed: int = 0
+
+
+class DistillConfig(Section):
+    """SFT cold start: a teacher runs the search protocol on chosen items; correct, format-valid
+    trajectories are kept, balanced by search pattern and label (fvqa.pipelines.distill)."""
+
+    enabled: bool = False
+    # openai: any OpenAI-compatible VLM (GPT-4o, `vllm serve`); transformers / vllm: a local model;
+    # scripted-teacher: the offline demo's stand-in over the demo world (fvqa.demo.teacher)
+    backend: Literal["openai", "transformers", "vllm", "scripted-teacher"] = "openai"
+    llm: Any = None  # openai backend: fvqa.llm.config.LLMConfig; None: GPT-4o with OPENAI_API_KEY
+    model_path: Annotated[Path | None, HUB_ID_OR_PATH] = None  # transformers / vllm
+    device: str = "cpu"
+    split: str = "train"  # the items distilled: this split of the `dataset` view
+    max_items: int | None = Field(None, ge=1)  # None: every item of the split (else a seeded, label-interleaved sample)
+    k: int = Field(4, ge=1)  # attempts per item
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompts: list[Path] | None = None  # the same prompt files as the probe / training
+    limits: Limits = Field(default_factory=Limits)
+    format_rule: Literal["limits", "upstream"] = "limits"  # fvqa.protocol.format_rules
+    balance: DistillBalance = Field(default_factory=DistillBalance)
+    seed: int = 0
+
+    @field_validator("llm", mode="before")
+    @classmethod
+    def _llm_config(cls, v: Any) -> Any:
+        from fvqa.llm.config import LLMConfig
+
+        return None if v is None else LLMConfig.model_validate(v)
+
+
 class SplitConfig(Section):
     """Balancing and leakage-free train/test split (defaults: the paper's FVQA-train/test sizes)."""
 
@@ -252,10 +296,11 @@ class ExportConfig(Section):
     """Which export formats a build writes at its end."""
 
     enabled: bool = True
-    formats: list[Literal["native", "upstream", "hf"]] = Field(
+    formats: list[Literal["native", "upstream", "hf", "sft"]] = Field(
         default_factory=lambda: ["native", "upstream", "hf"]
     )
     include_unassigned: bool = True
+    sft_val_fraction: float = Field(0.0, ge=0, lt=1)  # sft: share of items (seeded) written to val.parquet
 
 
 class IndexConfig(Section):
@@ -282,6 +327,7 @@ class RunConfig(Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)  # search tools of probe/eval/train (fvqa.search)
 

@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "index": "fvqa.pipelines.index:IndexStage",
     "probe": "fvqa.pipelines.probe:ProbeStage",
     "split": "fvqa.pipelines.split:SplitStage",
+    "distill": "fvqa.pipelines.distill:DistillStage",  # optional (distill.enabled): SFT trajectories
     "export": "fvqa.pipelines.export:ExportStage",
 }
 

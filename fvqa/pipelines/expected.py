@@ -268,3 +268,14 @@ def with_typical_prompt(task: T, tokens: float) -> T:
 def repair_note(stage: str) -> str:
     return (f"{stage}: high end adds one repair request for {REPAIR_RATE:.0%} of replies; "
             "requests already in the response cache are free")
+
+
+def expected_split_items(ws: Workspace, config: RunConfig, split: str) -> tuple[Span, str]:
+    """Items the split stage is expected to put in `split` (its configured sizes) before it has run."""
+    if split == "train":
+        n = config.split.train_size
+    elif split == "test":
+        n = sum(config.split.test_per_source.values())
+    else:
+        return Span.of(0), f"split {split!r} has no configured size"
+    return Span(0.9 * n, n, n).rounded(), f"{n} {split} items (the split's configured size; fewer if short)"

@@ -1,4 +1,5 @@
-"""Exports: native Parquet, upstream's veRL layout (as `lmms-lab/FVQA`), and a Hugging Face folder.
+"""Exports: native Parquet, upstream's veRL layout (as `lmms-lab/FVQA`), a Hugging Face folder, and
+the distilled SFT trajectories (`sft`, veRL's multi-turn SFT format).
 
 Every image the export references is checked to be in the store first (a missing one is an
 `ExportError` naming it, before anything is written). The formats are then written into a fresh
@@ -179,6 +180,15 @@ def export_hf(ws: Workspace, rows: list[dict[str, Any]], root: Path | None = Non
     return final
 
 
+def _export_sft(ws: Workspace, root: Path, val_fraction: float) -> list[Path]:
+    from fvqa.pipelines.distill_sft import SFTExportError, export_sft
+
+    try:
+        return export_sft(ws, root, val_fraction=val_fraction)
+    except SFTExportError as exc:
+        raise ExportError(str(exc)) from exc
+
+
 def _publish(staged: Path, final: Path, trash: Path) -> None:
     """Rename the complete folder `staged` to `final`, the previous `final` (if any) moved to `trash`."""
     if final.exists():
@@ -186,8 +196,16 @@ def _publish(staged: Path, final: Path, trash: Path) -> None:
     os.replace(staged, final)
 
 
-def export_all(ws: Workspace, formats: list[str], include_unassigned: bool = True) -> dict[str, list[Path]]:
+FORMATS = ("native", "upstream", "hf", "sft")
+"""Every export format, in the order they are written (`sft` only has rows after the distill stage)."""
+
+
+def export_all(ws: Workspace, formats: list[str], include_unassigned: bool = True, *,
+               sft_val_fraction: float = 0.0) -> dict[str, list[Path]]:
     """Write the requested formats; returns the paths written per format.
+
+    `sft`: the distill stage's kept trajectories in veRL's multi-turn SFT format
+    (`fvqa.formats.sft`, written by `fvqa.pipelines.distill_sft`), staged and renamed like the others.
 
     Raises ExportError (writing nothing) when an image the rows reference is not in the store."""
     rows = dataset_rows(ws, include_unassigned)
@@ -202,9 +220,10 @@ def export_all(ws: Workspace, formats: list[str], include_unassigned: bool = Tru
     staging.mkdir()
     writers = {"native": lambda: [export_native(ws, rows, staging)],
                "upstream": lambda: export_upstream(ws, rows, staging),
-               "hf": lambda: [export_hf(ws, rows, staging)]}
+               "hf": lambda: [export_hf(ws, rows, staging)],
+               "sft": lambda: _export_sft(ws, staging, sft_val_fraction)}
     try:
-        staged = {fmt: writers[fmt]() for fmt in ("native", "upstream", "hf") if fmt in formats}
+        staged = {fmt: writers[fmt]() for fmt in FORMATS if fmt in formats}
         (staging / "previous").mkdir()
         for fmt in staged:  # every format complete: now rename each into place
             (staging / fmt).mkdir(exist_ok=True)  # e.g. upstream with no rows: an empty folder
@@ -223,7 +242,8 @@ class ExportStage(Stage):
     description = "native / upstream / Hugging Face exports"
 
     def run(self, ctx: StageContext) -> None:
-        written = export_all(ctx.ws, list(ctx.cfg.formats), ctx.cfg.include_unassigned)
+        written = export_all(ctx.ws, list(ctx.cfg.formats), ctx.cfg.include_unassigned,
+                             sft_val_fraction=ctx.cfg.sft_val_fraction)
         ctx.stats.n_in = ctx.ws.count("dataset")
         ctx.stats.n_out = ctx.stats.n_in
         for fmt, paths in written.items():

@@ -223,3 +223,101 @@ def estimate_probe(ctx: StageContext) -> Estimate | None:
         note=f"{count_note}; k={cfg.k}, 1-{cfg.limits.max_rounds} turns per search rollout; {llm.model}",
         assumptions=assumptions,
     )
+
+
+def estimate_distill(ctx: StageContext) -> Estimate | None:
+    """The distill stage's `--estimate` row (None for backends that make no paid call).
+
+    Per item k search attempts, each 1 to `limits.max_rounds` teacher calls, sized like the probe's
+    search rollouts (`_Model`). Items: the split's items still to distil when the split has run (an
+    attempt an earlier run kept is not made again; one whose first request is cached is counted as
+    cached, with its later turns), else the split's configured size (at most `distill.max_items`)."""
+    from fvqa.config import DistillConfig
+    from fvqa.pipelines.expected import expected_split_items
+
+    cfg: DistillConfig = ctx.cfg
+    if cfg.backend != "openai":
+        return None
+    from fvqa.agent import Rollout
+    from fvqa.generators.openai_chat import sampling_params, wire_messages
+    from fvqa.llm.client import LLMClient
+    from fvqa.llm.runner import keyless
+    from fvqa.pipelines.distill import sampling_for, split_rows, stored_attempts
+    from fvqa.pipelines.probe_model import upstream_data_id
+    from fvqa.protocol import AgentItem, load_prompts
+
+    llm: LLMConfig = cfg.llm or LLMConfig()
+    prompts = load_prompts(cfg.prompts)
+    ws, config = ctx.ws, ctx.config
+    assumptions: list[str] = []
+    rows = split_rows(ws, cfg) if ws.count("splits") else []
+    if rows:
+        todo = set(ctx.todo([r["item_id"] for r in rows]))  # prepare() made the stage's tables
+        rows = [r for r in rows if r["item_id"] in todo]
+        have_all = stored_attempts(ws, [r["item_id"] for r in rows], cfg.k)
+        n_attempts = cached = 0
+        client = LLMClient(keyless(llm), ws.cache_dir / "llm")
+        try:
+            for r in rows:
+                try:
+                    image = ws.find_image(r["image_sha256"]).read_bytes() if r["image_sha256"] else None
+                except (KeyError, OSError):
+                    image = None
+                if image is None:
+                    continue
+                item = AgentItem(r["item_id"], r["question"], image, r.get("image_url"), upstream_data_id(r))
+                for i in range(cfg.k):
+                    if i in have_all.get(r["item_id"], {}):
+                        continue
+                    n_attempts += 1
+                    req = Rollout(item, "search", prompts, cfg.limits, "estimate", sampling_for(cfg, r["item_id"], i)
+                                  ).request()
+                    cached += client.cache.has(client.key_for(wire_messages(req.messages),
+                                                              **sampling_params(req.sampling)))
+        finally:
+            client.cache.close()
+        attempts = Span.of(n_attempts)
+        question = Span.of(sum(len(r["question"] or "") for r in rows) / max(1, len(rows)))
+        image = (workspace_image_tokens(ws, llm, "AND sha256 IN (SELECT image_sha256 FROM items)")
+                 or Span.of(image_tokens(llm.image_max_side, llm.image_max_side)))
+        count_note = f"{len(rows)} {cfg.split} items to distil ({n_attempts} attempts to make, {cached} cached)"
+    else:
+        items, why = expected_split_items(ws, config, cfg.split)
+        if cfg.max_items is not None:
+            items = Span(min(items.low, cfg.max_items), min(items.mid, cfg.max_items), min(items.high, cfg.max_items))
+        attempts, cached = items * cfg.k, 0
+        question = Span.of(QUESTION_CHARS)
+        side = llm.image_max_side
+        image = Span(image_tokens(512, 512), image_tokens(side, side), image_tokens(side, side))
+        count_note = f"~{round(items.mid)} {cfg.split} items to distil"
+        assumptions.append(f"distill items: {why}" + (f", at most distill.max_items={cfg.max_items}"
+                                                       if cfg.max_items is not None else "")
+                           + f"; images of {side} px at most")
+    side = math.isqrt(cfg.limits.thumbnail_max_pixels)
+    thumb = image_tokens(side, side, llm.image_max_side)
+    summary, why_s = page_chars(config, config.search.summary_sentences * SENTENCE_CHARS)
+    assumptions.append(f"distill: k={cfg.k} attempts per item, each 1 (low) to {cfg.limits.max_rounds} (high) "
+                       f"teacher calls, evenly spread (mid); {why_s}")
+    out: dict[str, tuple[float, float, float]] = {}
+    for end, price in zip(("low", "mid", "high"), prices(llm), strict=True):
+        m = _Model(cfg, prompts, getattr(question, end), getattr(image, end), thumb, getattr(summary, end),  # type: ignore[arg-type]
+                   getattr(COMPLETION, end))
+        n = max(0.0, getattr(attempts, end) - cached)  # cached attempts cost nothing
+        calls = prompt = completion = n_search = 0.0
+        for turns, share in _turn_mix(cfg.limits.max_rounds, end):
+            p, c, i, t = m.search_rollout(turns)
+            calls += n * share * turns
+            prompt += n * share * p
+            completion += n * share * c
+            n_search += n * share * (i + t)
+        dollars = usd(price, prompt, completion, batch=False)
+        if config.search.backend == "web":
+            dollars += n_search * config.search.web.usd_per_call
+        out[end] = (calls, prompt + completion, dollars)
+    if config.search.backend == "web":
+        assumptions.append(f"distill: web search at ${config.search.web.usd_per_call} a call, search cache empty")
+    (c_lo, t_lo, u_lo), (c_mid, t_mid, u_mid), (c_hi, t_hi, u_hi) = out["low"], out["mid"], out["high"]
+    return Estimate(
+        paid_calls=round(c_mid), cached=cached, tokens=round(t_mid), usd=u_mid,
+        paid_calls_low=round(c_lo), paid_calls_high=round(c_hi), tokens_low=round(t_lo), tokens_high=round(t_hi),
+        usd_low=u_lo, usd_high=u_hi, note=f"{count_note}; k={cfg.k}; {llm.model}", assumptions=assumptions)
