@@ -191,7 +191,7 @@ def check_cpu_backend() -> Check:
     return Check("CPU backend", True, f"verl {VERL_VERSION}, the version fvqa.train.cpu was checked against")
 
 
-def check_gpus(cfg: Any, ray_address: str | None = None) -> Check:
+def check_gpus(cfg: Any, ray_address: str | None = None, cpu_config: str = "configs/grpo_demo_cpu.yaml") -> Check:
     """This node has the GPUs one node of the run needs (a cluster's other nodes are Ray's business)."""
     need = int(cfg.trainer.n_gpus_per_node)
     if is_cpu(cfg):
@@ -206,7 +206,7 @@ def check_gpus(cfg: Any, ray_address: str | None = None) -> Check:
     where = f" (cluster at {ray_address}: other nodes are checked by Ray)" if ray_address else ""
     if have < need:
         return Check("GPUs", False, f"need {need} per node (trainer.n_gpus_per_node), found {have}{where}; "
-                     "to check the setup without GPUs use trainer.device=cpu (configs/grpo_demo_cpu.yaml)")
+                     f"to check the setup without GPUs use trainer.device=cpu ({cpu_config})")
     return Check("GPUs", True, f"{have} visible, {need} per node needed{where}")
 
 

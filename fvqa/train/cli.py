@@ -1,4 +1,4 @@
-"""`fvqa train ...`: prepare veRL data from a workspace; launch (or dry-run) a GRPO run.
+"""`fvqa train ...`: prepare veRL data from a workspace; launch (or dry-run) a GRPO or an SFT run.
 
 Only typer is imported at module level: `fvqa --help` must not pay for veRL, Hydra or torch.
 """
@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-train_app = typer.Typer(help="GRPO training on veRL with multi-turn search rollouts.", no_args_is_help=True)
+train_app = typer.Typer(help="SFT and GRPO training on veRL with multi-turn search rollouts.", no_args_is_help=True)
 
 
 @train_app.command("prepare")
@@ -106,6 +106,72 @@ def run_cmd(
         code = launcher.launch(launcher.build_command(config, run_overrides), env)
     latest = launcher.latest_checkpoint(cfg)
     err.print(f"checkpoints: {latest or f'none yet under {ckpt}'}", highlight=False)
+    if env.get("VERL_FILE_LOGGER_PATH") and Path(env["VERL_FILE_LOGGER_PATH"]).is_file():
+        err.print(f"per-step metrics: {env['VERL_FILE_LOGGER_PATH']}", highlight=False)
+    raise typer.Exit(code)
+
+
+@train_app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sft_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", help="veRL SFT config (configs/sft_*.yaml).")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Compose, check and print; launch nothing (exit 2 if a check fails).")
+    ] = False,
+    skip_checks: Annotated[bool, typer.Option("--skip-checks", help="Launch even if a check fails.")] = False,
+) -> None:
+    """Supervised fine-tuning on distilled search trajectories with veRL's own SFT trainer.
+
+    Prints the exact `torchrun ... -m verl.trainer.sft_trainer ...` command and the composed config,
+    checks GPUs, packages, the model folder, the data (columns, roles, images per `<image>`), batch
+    sizes and tokenized lengths (veRL's MultiTurnSFTDataset: loss on assistant turns only), then
+    launches. Extra arguments are Hydra overrides (e.g. `trainer.total_training_steps=10`).
+
+    `trainer.device=cpu` (configs/sft_demo_cpu.yaml) runs the same trainer on CPU with fvqa's CPU
+    backend. After the run, TRAINER.DEFAULT_LOCAL_DIR/huggingface is the newest checkpoint's
+    transformers folder: pass it to GRPO as `actor_rollout_ref.model.path=...`. Re-running the same
+    command resumes from the newest checkpoint (`trainer.resume_mode: auto`)."""
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from fvqa.errors import FvqaError
+    from fvqa.train import launcher, sft
+    from fvqa.train.sft_checks import run_sft_checks
+
+    out, err = Console(), Console(stderr=True, soft_wrap=True)
+    overrides = list(ctx.args)
+    overrides += sft.runtime_overrides(launcher.compose(config, overrides))
+    cfg = launcher.compose(config, overrides)
+    sft.validate(cfg)
+    env = sft.launch_env(cfg)
+    cmd = sft.build_command(config, overrides, cfg)
+    out.print("[bold]command:[/]")
+    print(launcher.format_command(cmd, env))
+    out.print("[bold]composed config (as `--cfg job` prints it):[/]")
+    print(OmegaConf.to_yaml(cfg), end="")
+    checks = run_sft_checks(cfg)
+    failed = [c for c in checks if c.required and not c.ok]
+    for c in checks:
+        mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]warn[/]")
+        err.print(f"check {c.name}: {mark} {c.detail}", highlight=False)
+    if failed and (dry_run or not skip_checks):
+        hint = "" if dry_run else "; fix them or pass --skip-checks"
+        raise FvqaError(f"{len(failed)} check(s) failed ({', '.join(c.name for c in failed)}){hint}")
+    if dry_run:
+        err.print("dry run: nothing launched (all required checks passed)")
+        raise typer.Exit(0)
+    done = sft.finished_step(cfg)
+    if done is not None:
+        err.print(f"already trained: the newest checkpoint is step {done} (trainer.total_training_steps="
+                  f"{cfg.trainer.total_training_steps}); nothing launched", highlight=False)
+    code = launcher.launch(cmd, env) if done is None else 0
+    ckpt = launcher.checkpoint_dir(cfg)
+    latest = launcher.latest_checkpoint(cfg)
+    err.print(f"checkpoints: {latest or f'none yet under {ckpt}'}", highlight=False)
+    link = sft.link_hf_model(cfg) if code == 0 else None
+    if link is not None:
+        err.print(f"SFT model (transformers folder; use it as GRPO's actor_rollout_ref.model.path): {link}",
+                  highlight=False)
     if env.get("VERL_FILE_LOGGER_PATH") and Path(env["VERL_FILE_LOGGER_PATH"]).is_file():
         err.print(f"per-step metrics: {env['VERL_FILE_LOGGER_PATH']}", highlight=False)
     raise typer.Exit(code)
