@@ -22,10 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fvqa build --config configs/demo.yaml
 	$(VENV)/bin/fvqa train prepare --workspace fvqa-work
-	@test -f fvqa-work/demo-policy/fvqa_standin.json || \
-	  $(VENV)/bin/fvqa demo policy --workspace fvqa-work --out fvqa-work/demo-policy
+	@test -f fvqa-work/demo-tiny-model/config.json || \
+	  $(VENV)/bin/fvqa demo base-model --workspace fvqa-work --out fvqa-work/demo-tiny-model
+	$(VENV)/bin/fvqa train sft --config configs/sft_demo_cpu.yaml
 	$(VENV)/bin/fvqa train run --config configs/grpo_demo_cpu.yaml
 	@echo "exports: $$(pwd)/fvqa-work/exports  (native/, upstream/, hf/, verl/)"
+	@echo "sft: $$(pwd)/fvqa-work/checkpoints/fvqa_demo_sft/tiny_qwen2_5_vl  (huggingface/ = the GRPO start, metrics/)"
 	@echo "training: $$(pwd)/fvqa-work/checkpoints/fvqa_demo_cpu/tiny_qwen2_5_vl  (global_step_*/, metrics/, rollouts/)"
 	@echo "inspect: $(VENV)/bin/fvqa status -c configs/demo.yaml"
 

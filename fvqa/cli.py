@@ -316,6 +316,36 @@ def demo_world(
     out.print(json.loads((path / "world.json").read_text()))
 
 
+@demo_app.command("base-model")
+def demo_base_model(
+    workspace: WorkspaceOpt = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Model folder to write (default: WORKSPACE/demo-tiny-model).")
+    ] = None,
+    seed: int = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Write the demo's base model: a tiny random Qwen2.5-VL with a tokenizer trained on the demo rows.
+
+    It knows nothing: `fvqa train sft` (on the distilled trajectories) gives it the protocol, then
+    GRPO trains it. Its vocabulary comes from the prepared rows, so run `fvqa train prepare` first.
+    """
+    from fvqa.demo.policy import demo_corpus, read_rows
+    from fvqa.demo.tiny_model import build_tiny_qwen
+
+    ws = _workspace_path(config, workspace)
+    parquet = ws / "exports" / "verl" / "train.parquet"
+    if not parquet.is_file():
+        raise FvqaError(f"{parquet} not found: run `fvqa train prepare --workspace {ws}` first")
+    rows = read_rows(parquet)
+    if not rows:
+        raise FvqaError(f"{parquet} has no row with one image: run `fvqa train prepare --workspace {ws}` again")
+    target = out_dir if out_dir is not None else ws / "demo-tiny-model"
+    model_dir = build_tiny_qwen(target, seed=seed, corpus=demo_corpus(rows), subdir=None)
+    out.print(f"[bold yellow]DEMO STAND-IN:[/] tiny random Qwen2.5-VL (untrained) at {model_dir.resolve()}",
+              soft_wrap=True)
+
+
 @demo_app.command("policy")
 def demo_policy(
     workspace: WorkspaceOpt = None,
@@ -329,10 +359,11 @@ def demo_policy(
     ] = True,
     config: ConfigOpt = None,
 ) -> None:
-    """Build a tiny Qwen2.5-VL and prime it on protocol turns from the prepared rows (a demo stand-in).
+    """Build a tiny Qwen2.5-VL and prime it on hand-made protocol turns (a quick demo stand-in).
 
     A random tiny model scores 0 on every rollout, so GRPO would have no signal: a few seconds of
-    supervised steps make it write search and answer tags, so rewards vary within a group.
+    supervised steps make it write search and answer tags. `make demo` no longer uses it (it runs
+    distill -> `fvqa train sft` -> GRPO); the GRPO tests use it as a policy that takes seconds.
     """
     from fvqa.demo.policy import (
         STANDIN_FILE,

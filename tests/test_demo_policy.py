@@ -122,3 +122,22 @@ def test_demo_policy_cli_says_to_prepare_first(tmp_path: Path) -> None:
     assert isinstance(result.exception, FvqaError)
     assert "run `fvqa train prepare" in str(result.exception)
     assert not (tmp_path / "p").exists()
+
+
+def test_demo_base_model_cli_writes_an_untrained_model_that_loads(train_parquet: Path, tmp_path: Path) -> None:
+    """The SFT cold start's base: random weights, the demo tokenizer, loadable by transformers."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from fvqa.cli import app
+
+    workspace = train_parquet.parents[2]  # <ws>/exports/verl/train.parquet
+    result = CliRunner().invoke(app, ["demo", "base-model", "--workspace", str(workspace), "--out",
+                                      str(tmp_path / "base")])
+    assert result.exit_code == 0, result.output
+    assert "DEMO STAND-IN" in result.output and "untrained" in result.output
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "base"))
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "base"))
+    assert model.config.model_type == "qwen2_5_vl" and processor.tokenizer.vocab_size > 100
+    assert not (tmp_path / "base" / "fvqa_standin.json").exists()  # not primed: nothing to describe
+    missing = CliRunner().invoke(app, ["demo", "base-model", "--workspace", str(tmp_path / "empty")])
+    assert isinstance(missing.exception, FvqaError) and "run `fvqa train prepare" in str(missing.exception)
