@@ -10,7 +10,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -316,6 +316,19 @@ def demo_world(
     out.print(json.loads((path / "world.json").read_text()))
 
 
+def _demo_train_rows(ws: Path) -> tuple[Path, list[Any]]:
+    """The prepared veRL train parquet and its rows (the demo models' tokenizer is trained on them)."""
+    from fvqa.demo.policy import read_rows
+
+    parquet = ws / "exports" / "verl" / "train.parquet"
+    if not parquet.is_file():
+        raise FvqaError(f"{parquet} not found: run `fvqa train prepare --workspace {ws}` first")
+    rows = read_rows(parquet)
+    if not rows:
+        raise FvqaError(f"{parquet} has no row with one image: run `fvqa train prepare --workspace {ws}` again")
+    return parquet, rows
+
+
 @demo_app.command("base-model")
 def demo_base_model(
     workspace: WorkspaceOpt = None,
@@ -330,16 +343,11 @@ def demo_base_model(
     It knows nothing: `fvqa train sft` (on the distilled trajectories) gives it the protocol, then
     GRPO trains it. Its vocabulary comes from the prepared rows, so run `fvqa train prepare` first.
     """
-    from fvqa.demo.policy import demo_corpus, read_rows
+    from fvqa.demo.policy import demo_corpus
     from fvqa.demo.tiny_model import build_tiny_qwen
 
     ws = _workspace_path(config, workspace)
-    parquet = ws / "exports" / "verl" / "train.parquet"
-    if not parquet.is_file():
-        raise FvqaError(f"{parquet} not found: run `fvqa train prepare --workspace {ws}` first")
-    rows = read_rows(parquet)
-    if not rows:
-        raise FvqaError(f"{parquet} has no row with one image: run `fvqa train prepare --workspace {ws}` again")
+    parquet, rows = _demo_train_rows(ws)
     target = out_dir if out_dir is not None else ws / "demo-tiny-model"
     model_dir = build_tiny_qwen(target, seed=seed, corpus=demo_corpus(rows), subdir=None)
     out.print(f"[bold yellow]DEMO STAND-IN:[/] tiny random Qwen2.5-VL (untrained) at {model_dir.resolve()}",
@@ -369,19 +377,13 @@ def demo_policy(
         STANDIN_FILE,
         demo_corpus,
         prime_policy,
-        read_rows,
         sample_turns,
         write_standin_note,
     )
     from fvqa.demo.tiny_model import build_tiny_qwen
 
     ws = _workspace_path(config, workspace)
-    parquet = ws / "exports" / "verl" / "train.parquet"
-    if not parquet.is_file():
-        raise FvqaError(f"{parquet} not found: run `fvqa train prepare --workspace {ws}` first")
-    rows = read_rows(parquet)
-    if not rows:
-        raise FvqaError(f"{parquet} has no row with one image: run `fvqa train prepare --workspace {ws}` again")
+    parquet, rows = _demo_train_rows(ws)
     if steps < 1:
         raise FvqaError("--steps must be at least 1")
     target = out_dir if out_dir is not None else ws / "demo-policy"

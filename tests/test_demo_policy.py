@@ -13,42 +13,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
+from support.sft_rows import prepared_train_parquet
 from typer.testing import CliRunner
 
 from fvqa.errors import FvqaError
-from fvqa.store import Workspace
-from fvqa.train.prepare import prepare
 
 N_ENTITIES = 24
-LABELS = ["search_free", "image_search_required", "mixed_search_required", "text_search_required"]
 
 
 @pytest.fixture(scope="module")
 def train_parquet(tmp_path_factory: pytest.TempPathFactory, demo_world: Path) -> Path:
     """`train prepare` over a small workspace of demo-world entities, their images and questions."""
-    entities = [json.loads(line) for line in (demo_world / "entities.jsonl").read_text().splitlines()[:N_ENTITIES]]
-    root = tmp_path_factory.mktemp("policy-ws")
-    with Workspace(root) as ws:
-        items, labels = [], []
-        for i, ent in enumerate(entities):
-            image = ws.put_image((demo_world / "web" / "images" / f"{ent['entity_id']}_0.jpg").read_bytes())
-            noun = ent["noun"]
-            question, answer = [
-                (f"What is the name of the {noun} in this picture?", ent["name"]),
-                (f"Which country is this {noun} from?", ent["country"]),
-                (f"In which year did this {noun} first appear?", str(ent["year"])),
-            ][i % 3]
-            item_id = f"demo-{ent['entity_id']}"
-            items.append(dict(item_id=item_id, source="metaclip", question=question, answer=answer, aliases=[],
-                              image_sha256=image.sha256))
-            labels.append(dict(item_id=item_id, search_label=LABELS[i % len(LABELS)]))
-        ws.insert("items", items)
-        ws.insert("splits", [dict(item_id=it["item_id"], split="train") for it in items])
-        ws.insert("labels", labels)
-        result = prepare(ws)
-    assert result.rows["train"] == N_ENTITIES
-    return result.files["train"]
+    path = prepared_train_parquet(tmp_path_factory.mktemp("policy-ws"), demo_world, N_ENTITIES)
+    assert len(pq.read_table(path)) == N_ENTITIES
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,8 @@ from fvqa.generators import Sampling
 from fvqa.generators.base import Generator
 from fvqa.pipelines.base import Estimate, Stage, StageContext
 from fvqa.pipelines.distill_select import Candidate, search_pattern, select
-from fvqa.pipelines.probe_model import is_permanent_failure, rollout_seed, upstream_data_id
-from fvqa.protocol import AgentItem, Trajectory, load_prompts, trajectory_format
+from fvqa.pipelines.probe_model import agent_items, is_permanent_failure, rollout_seed
+from fvqa.protocol import Trajectory, load_prompts, trajectory_format
 from fvqa.protocol.episode import image_outcome, sha256
 from fvqa.reasons import STAGE_CODES
 from fvqa.store import Workspace, now
@@ -293,18 +293,7 @@ def _distil(ctx: StageContext, cfg: DistillConfig, rows: list[dict[str, Any]], t
     failures: list[str] = []
     resumed = 0
     for start in ctx.progress(range(0, len(rows), chunk), description=f"distill: {generator.name} ({chunk}/step)"):
-        items: list[tuple[dict[str, Any], AgentItem]] = []
-        for r in rows[start:start + chunk]:
-            try:
-                image = ctx.ws.find_image(r["image_sha256"]).read_bytes() if r["image_sha256"] else None
-            except (KeyError, OSError) as exc:
-                image, why = None, str(exc)
-            else:
-                why = "item has no image"
-            if image is None:
-                ctx.reject(r["item_id"], IMAGE_MISSING, why)
-                continue
-            items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"), upstream_data_id(r))))
+        items = agent_items(ctx, rows[start:start + chunk])
         plan = [(r, i, Job(it, "search", sampling_for(cfg, r["item_id"], i)))
                 for r, it in items for i in range(cfg.k) if i not in have_all.get(r["item_id"], {})]
         trajs = run_many([job for _, _, job in plan], generator, tools, cfg.limits, prompts) if plan else []

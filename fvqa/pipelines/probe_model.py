@@ -41,6 +41,24 @@ def rollout_seed(base_seed: int, item_id: str, index: int) -> int:
     return (int(digest[:8], 16) + index) % (2**31 - 1)
 
 
+def agent_items(ctx: StageContext, rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], AgentItem]]:
+    """(row, AgentItem) for each dataset row whose image is in the store; the others are rejected
+    (`image_missing`), so a rollout stage never asks a model about an image it cannot send."""
+    items: list[tuple[dict[str, Any], AgentItem]] = []
+    for r in rows:
+        try:
+            image = ctx.ws.find_image(r["image_sha256"]).read_bytes() if r["image_sha256"] else None
+        except (KeyError, OSError) as exc:
+            image, why = None, str(exc)
+        else:
+            why = "item has no image"
+        if image is None:
+            ctx.reject(r["item_id"], "image_missing", why)
+            continue
+        items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"), upstream_data_id(r))))
+    return items
+
+
 def upstream_data_id(row: dict[str, Any]) -> str | None:
     """The item's upstream data_id (the column ``items.data_id``), for the replayed image-search cache."""
     return str(row["data_id"]) if row.get("data_id") else None
@@ -149,18 +167,7 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
     failures: list[str] = []  # first error of each deferred item
     resumed = 0
     for start in ctx.progress(range(0, len(rows), chunk), description=f"probe: {generator.name} ({chunk}/step)"):
-        items: list[tuple[dict[str, Any], AgentItem]] = []
-        for r in rows[start:start + chunk]:
-            try:
-                image = ctx.ws.find_image(r["image_sha256"]).read_bytes() if r["image_sha256"] else None
-            except (KeyError, OSError) as exc:
-                image, why = None, str(exc)
-            else:
-                why = "item has no image"
-            if image is None:
-                ctx.reject(r["item_id"], "image_missing", why)
-                continue
-            items.append((r, AgentItem(r["item_id"], r["question"], image, r.get("image_url"), upstream_data_id(r))))
+        items = agent_items(ctx, rows[start:start + chunk])
         plan = [(r, slot, job) for r, it in items for slot, job in jobs_for(it, cfg, set(have_all.get(r["item_id"], {})))]
         trajs = run_many([job for _, _, job in plan], generator, tools, limits, prompts) if plan else []
         made: dict[str, list[tuple[tuple[str, int], Trajectory]]] = {}
