@@ -33,6 +33,16 @@ from typing import Any
 from fvqa.errors import ConfigError
 from fvqa.generators.base import Generation, Message, Request, text_of
 from fvqa.protocol.images import image_bytes
+from fvqa.protocol.turns import parse_turn
+from fvqa.protocol.wire import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    IMAGE_SEARCH_TAG,
+    REASON_CLOSE,
+    REASON_OPEN,
+    TEXT_SEARCH_CLOSE,
+    TEXT_SEARCH_OPEN,
+)
 
 NAME = "scripted-teacher:demo-world"
 STANDIN_NOTE = ("distill teacher is the SCRIPTED DEMO STAND-IN (fvqa.demo.teacher): it knows the demo "
@@ -190,9 +200,9 @@ class ScriptedTeacher:
             if label == "search_free" and entity is not None:
                 return say.answer("direct", fact_of(entity, q))
             if label in ("image_search_required", "mixed_search_required"):
-                return say.reason("image") + "<search><img></search>"
+                return say.reason("image") + IMAGE_SEARCH_TAG
             if label == "text_search_required":
-                return say.reason("text") + f"<text_search>{name} {q.fact}</text_search>"
+                return say.reason("text") + _text_search(f"{name} {q.fact}")
             return say.answer("unsure", name)
         titles = [t.strip() for t in _TITLE.findall(results)]
         summaries = [s.strip() for s in _TEXT_HIT.findall(results)]
@@ -202,7 +212,7 @@ class ScriptedTeacher:
                 (t for t in titles if noun.lower() in t.lower().split()), titles[0])
             if q.kind == "name" or label == "image_search_required":
                 return say.answer("answer_image", seen, name=seen)
-            return say.reason("text_after_image", name=seen) + f"<text_search>{seen} {q.fact}</text_search>"
+            return say.reason("text_after_image", name=seen) + _text_search(f"{seen} {q.fact}")
         if summaries:  # after the text search: read the fact from the page about the subject
             searched = _query_of(messages)
             subject = searched.removesuffix(q.fact).strip() or name
@@ -213,13 +223,17 @@ class ScriptedTeacher:
         return say.answer("unsure", name)  # a search error or nothing readable: the teacher guesses
 
 
+def _text_search(query: str) -> str:
+    return f"{TEXT_SEARCH_OPEN}{query}{TEXT_SEARCH_CLOSE}"
+
+
 def _query_of(messages: Sequence[Message]) -> str:
-    """The query of the last text search the conversation made."""
+    """The query of the last text search the conversation made (read by the protocol's parser)."""
     for msg in reversed(messages):
         if msg.get("role") == "assistant":
-            m = re.search(r"<text_search>(.*?)</text_search>\s*$", text_of(msg), re.DOTALL)
-            if m:
-                return m.group(1).strip()
+            turn = parse_turn(text_of(msg))
+            if turn.kind == "text_search":
+                return turn.query or ""
     return ""
 
 
@@ -232,10 +246,10 @@ class _Say:
     def reason(self, key: str, **extra: str) -> str:
         options = _REASONS[key]
         text = options[self.seed % len(options)].format(**{**self.fields, "value": "", **extra})
-        return f"<reason>{text}</reason>"
+        return f"{REASON_OPEN}{text}{REASON_CLOSE}"
 
     def answer(self, key: str, answer: str, **extra: str) -> str:
-        return self.reason(key, **extra) + f"<answer>{answer}</answer>"
+        return self.reason(key, **extra) + f"{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
 
 def hints_from_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[TeacherHint]]:

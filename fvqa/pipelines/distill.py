@@ -41,7 +41,13 @@ from fvqa.generators import Sampling
 from fvqa.generators.base import Generator
 from fvqa.pipelines.base import Estimate, Stage, StageContext
 from fvqa.pipelines.distill_select import Candidate, search_pattern, select
-from fvqa.pipelines.probe_model import agent_items, is_permanent_failure, rollout_seed
+from fvqa.pipelines.probe_model import (
+    agent_items,
+    book_generator_spend,
+    is_permanent_failure,
+    rollout_seed,
+    stage_search_tools,
+)
 from fvqa.protocol import Trajectory, load_prompts, trajectory_format
 from fvqa.protocol.episode import image_outcome, sha256
 from fvqa.reasons import STAGE_CODES
@@ -136,16 +142,9 @@ class ThumbnailRecorder:
         self.tools, self.limits = tools, limits
         self.seen: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self._first = threading.Lock()
-        self._warm = False
 
     def image_search(self, image: bytes, **kwargs: Any) -> list[Any]:
-        if not self._warm:  # the first call alone: a backend that builds its model lazily builds it once
-            with self._first:
-                hits = list(self.tools.image_search(image, **kwargs))
-                self._warm = True
-        else:
-            hits = list(self.tools.image_search(image, **kwargs))
+        hits = list(self.tools.image_search(image, **kwargs))
         shown = image_outcome(0, hits, self.limits).image_data
         with self._lock:
             self.seen.update({sha256(b): b for b in shown})
@@ -251,14 +250,7 @@ class DistillStage(Stage):
         return make_generator(cfg.backend, model_path=cfg.model_path, device=cfg.device, stage=STAGE)
 
     def _tools(self, ctx: StageContext, cfg: DistillConfig) -> ThumbnailRecorder:
-        from fvqa.search.tools import make_search_tools
-
-        def search_cost(kind: str, n_calls: int, usd: float) -> None:
-            ctx.stats.paid_calls += n_calls
-            ctx.stats.cost_usd += usd
-
-        tools = make_search_tools(ctx.config.search, cache_dir=ctx.ws.cache_dir / "search", cost_hook=search_cost)
-        return ThumbnailRecorder(tools, cfg.limits)
+        return ThumbnailRecorder(stage_search_tools(ctx), cfg.limits)
 
 
 def stored_attempts(ws: Workspace, item_ids: Sequence[str], k: int) -> dict[str, dict[int, dict[str, Any]]]:
@@ -340,12 +332,7 @@ def _distil(ctx: StageContext, cfg: DistillConfig, rows: list[dict[str, Any]], t
                 n_format_valid=sum(bool(o["format_valid"]) for o in outcomes), n_usable=usable,
                 provenance=json.dumps({STAGE: {**prov_base, "time": now().isoformat()}})))
         ctx.commit()
-    ledger = getattr(generator, "ledger", None)
-    if ledger is not None:
-        totals = ledger.stage(STAGE)
-        ctx.stats.cost_usd += totals.usd
-        ctx.stats.paid_calls += totals.calls
-        ctx.stats.cache_hits += totals.cache_hits
+    book_generator_spend(ctx, generator, STAGE)
     if codes:
         ctx.stats.notes.append("attempts this run: " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items())))
     ctx.stats.extra["attempts"] = dict(codes)

@@ -117,6 +117,27 @@ def label_row(item_id: str, rows: Sequence[dict[str, Any]], k: int, method: str,
                 probe_k=k, probe_method=method, provenance=json.dumps({STAGE: prov}))
 
 
+def stage_search_tools(ctx: StageContext) -> Any:
+    """The configured search tools, their paid calls and dollars booked on the stage's stats."""
+    from fvqa.search.tools import make_search_tools
+
+    def search_cost(kind: str, n_calls: int, usd: float) -> None:
+        ctx.stats.paid_calls += n_calls
+        ctx.stats.cost_usd += usd
+
+    return make_search_tools(ctx.config.search, cache_dir=ctx.ws.cache_dir / "search", cost_hook=search_cost)
+
+
+def book_generator_spend(ctx: StageContext, generator: Generator, stage: str) -> None:
+    """Add what a paid generator's ledger booked for `stage` (calls, dollars, cache hits) to the stats."""
+    ledger = getattr(generator, "ledger", None)
+    if ledger is not None:
+        totals = ledger.stage(stage)
+        ctx.stats.cost_usd += totals.usd
+        ctx.stats.paid_calls += totals.calls
+        ctx.stats.cache_hits += totals.cache_hits
+
+
 def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], method: str,
                     generator: Generator | None = None, tools: Any = None) -> None:
     """Probe `rows` with the configured model; emit rollouts, labels and rejects through `ctx`."""
@@ -124,13 +145,7 @@ def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, An
         generator = make_generator(cfg.backend, llm=cfg.llm, model_path=cfg.model_path, device=cfg.device,
                                    cache_dir=ctx.ws.cache_dir / "llm", stage=STAGE)
     if tools is None:
-        from fvqa.search.tools import make_search_tools
-
-        def search_cost(kind: str, n_calls: int, usd: float) -> None:
-            ctx.stats.paid_calls += n_calls
-            ctx.stats.cost_usd += usd
-
-        tools = make_search_tools(ctx.config.search, cache_dir=ctx.ws.cache_dir / "search", cost_hook=search_cost)
+        tools = stage_search_tools(ctx)
     try:
         _probe(ctx, cfg, rows, method, generator, tools)
     finally:
@@ -200,12 +215,7 @@ def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], meth
             labels[label["search_label"]] = labels.get(label["search_label"], 0) + 1
             ctx.emit("labels", label)
         ctx.commit()
-    cost = getattr(generator, "ledger", None)
-    if cost is not None:
-        totals = cost.stage(STAGE)
-        ctx.stats.cost_usd += totals.usd
-        ctx.stats.paid_calls += totals.calls
-        ctx.stats.cache_hits += totals.cache_hits
+    book_generator_spend(ctx, generator, STAGE)
     ctx.stats.notes.append("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
     if resumed:
         ctx.stats.notes.append(f"{resumed} item(s) resumed from rollouts an earlier run kept")

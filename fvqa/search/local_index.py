@@ -127,7 +127,7 @@ def _image_entries(images: Path) -> Iterator[tuple[str, Path, dict[str, Any] | I
         key = f"{images.name}:{lineno}"
         if isinstance(row, BadLine):
             yield key, base, ImageReject(row.code, row.reason)
-        elif not isinstance(row, dict) or not isinstance(row.get("path"), str):
+        elif not isinstance(row.get("path"), str):
             yield key, base, ImageReject("field_missing", "manifest line needs a string 'path'")
         else:
             yield row["path"], base / row["path"], row

@@ -6,11 +6,19 @@ Only typer is imported at module level: `fvqa --help` must not pay for veRL, Hyd
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 train_app = typer.Typer(help="SFT and GRPO training on veRL with multi-turn search rollouts.", no_args_is_help=True)
+
+
+def _print_checks(err: Any, checks: list[Any]) -> list[Any]:
+    """One line per check (ok / FAIL / warn) on stderr; the required checks that failed."""
+    for c in checks:
+        mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]warn[/]")
+        err.print(f"check {c.name}: {mark} {c.detail}", highlight=False)
+    return [c for c in checks if c.required and not c.ok]
 
 
 @train_app.command("prepare")
@@ -86,11 +94,7 @@ def run_cmd(
                   highlight=False, soft_wrap=True)
     out.print("[bold]composed config (as `--cfg job` prints it):[/]")
     print(OmegaConf.to_yaml(cfg), end="")
-    checks = run_checks(cfg, ray_address)
-    failed = [c for c in checks if c.required and not c.ok]
-    for c in checks:
-        mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]warn[/]")
-        err.print(f"check {c.name}: {mark} {c.detail}", highlight=False)
+    failed = _print_checks(err, run_checks(cfg, ray_address))
     if dry_run:
         err.print(f"dry run: nothing launched ({len(failed)} failed check(s))")
         raise typer.Exit(1 if failed else 0)
@@ -149,11 +153,7 @@ def sft_cmd(
     print(launcher.format_command(cmd, env))
     out.print("[bold]composed config (as `--cfg job` prints it):[/]")
     print(OmegaConf.to_yaml(cfg), end="")
-    checks = run_sft_checks(cfg)
-    failed = [c for c in checks if c.required and not c.ok]
-    for c in checks:
-        mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]warn[/]")
-        err.print(f"check {c.name}: {mark} {c.detail}", highlight=False)
+    failed = _print_checks(err, run_sft_checks(cfg))
     if failed and (dry_run or not skip_checks):
         hint = "" if dry_run else "; fix them or pass --skip-checks"
         raise FvqaError(f"{len(failed)} check(s) failed ({', '.join(c.name for c in failed)}){hint}")

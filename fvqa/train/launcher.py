@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -117,25 +118,26 @@ PATH_KEYS = ("data.train_files", "data.val_files", "actor_rollout_ref.model.path
              "trainer.rollout_data_dir", "trainer.validation_data_dir")
 
 
-def launch_env(cfg: Any) -> dict[str, str]:
-    """Environment variables the run needs on top of the caller's (printed before the command)."""
+def extension_env(cfg: Any, cpu_vars: dict[str, str]) -> dict[str, str]:
+    """The environment a veRL run of ours needs (GRPO's and SFT's): fvqa's extension modules, on CPU
+    the CPU backend with `cpu_vars`, and the per-launch metrics file when the file logger is on."""
     modules = [*EXTENSION_MODULES]
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if is_cpu(cfg):
         modules.append(CPU_MODULE)
-        env.update({
-            "VERL_PLATFORM": "cpu",
-            # veRL registers its FSDP engine for cuda/npu only; on the cpu platform the same engine
-            # runs, with every device call going through the platform.
-            "VERL_ENGINE_DEVICE": "cuda",
-            "OMP_NUM_THREADS": "1",
-            "FVQA_CPU_ROLLOUT_THREADS": str(os.cpu_count() or 1),
-            "RAY_DEDUP_LOGS": "0",
-        })
+        # veRL registers its FSDP engine for cuda/npu only; on the cpu platform the same engine
+        # runs, with every device call going through the platform.
+        env.update({"VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda", **cpu_vars})
     env[EXTENSIONS_ENV] = ",".join(modules)
     if "file" in list(cfg.trainer.get("logger") or []):
         env["VERL_FILE_LOGGER_PATH"] = str(metrics_path(cfg))
     return env
+
+
+def launch_env(cfg: Any) -> dict[str, str]:
+    """Environment variables the run needs on top of the caller's (printed before the command)."""
+    return extension_env(cfg, {"OMP_NUM_THREADS": "1", "FVQA_CPU_ROLLOUT_THREADS": str(os.cpu_count() or 1),
+                               "RAY_DEDUP_LOGS": "0"})
 
 
 def metrics_path(cfg: Any) -> Path:
@@ -149,17 +151,24 @@ def _select(cfg: Any, key: str) -> Any:
     return OmegaConf.select(cfg, key)
 
 
-def runtime_overrides(cfg: Any) -> list[str]:
-    """Overrides that depend on the composed config: absolute paths, and the CPU backend's Ray resources."""
+def absolute_path_overrides(cfg: Any, keys: Sequence[str], model_key: str) -> list[str]:
+    """`key=<absolute path>` for each relative path among `keys` (a printed command must run from
+    anywhere); a `model_key` value that is no local folder is a hub name and stays as it is."""
     out = []
-    for key in PATH_KEYS:
+    for key in keys:
         value = _select(cfg, key)
         if isinstance(value, str) and "://" not in value:
             path = Path(value).expanduser()
-            if key == "actor_rollout_ref.model.path" and not path.exists():
+            if key == model_key and not path.exists():
                 continue  # a hub name (Qwen/Qwen2.5-VL-7B-Instruct), resolved by veRL on the GPU box
             if not path.is_absolute():
                 out.append(f"{key}={path.resolve()}")
+    return out
+
+
+def runtime_overrides(cfg: Any) -> list[str]:
+    """Overrides that depend on the composed config: absolute paths, and the CPU backend's Ray resources."""
+    out = absolute_path_overrides(cfg, PATH_KEYS, "actor_rollout_ref.model.path")
     if is_cpu(cfg):
         gpus = int(cfg.trainer.nnodes) * int(cfg.trainer.n_gpus_per_node)
         out += [f"++ray_kwargs.ray_init.num_gpus={gpus}", f"++ray_kwargs.ray_init.num_cpus={CPU_RAY_CPUS}",

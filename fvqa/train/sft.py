@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fvqa.errors import ConfigError
-from fvqa.train.checks import is_cpu
-from fvqa.train.launcher import CPU_MODULE, EXTENSION_MODULES, EXTENSIONS_ENV, _resolve_config, checkpoint_dir
+from fvqa.train.launcher import _resolve_config, absolute_path_overrides, checkpoint_dir, extension_env
 
 ENTRY_MODULE = "verl.trainer.sft_trainer"
 PATH_KEYS = ("data.train_files", "data.val_files", "model.path", "trainer.default_local_dir")
@@ -35,25 +34,10 @@ HF_LINK = "huggingface"
 """Name of the link, in ``trainer.default_local_dir``, to the newest checkpoint's transformers folder."""
 
 
-def _select(cfg: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.select(cfg, key)
-
-
 def runtime_overrides(cfg: Any) -> list[str]:
     """Absolute data/model/output paths (torchrun workers start in the caller's folder, but a printed
     command should run from anywhere); a model path that is not a local folder is a hub name."""
-    out = []
-    for key in PATH_KEYS:
-        value = _select(cfg, key)
-        if isinstance(value, str) and "://" not in value:
-            path = Path(value).expanduser()
-            if key == "model.path" and not path.exists():
-                continue
-            if not path.is_absolute():
-                out.append(f"{key}={path.resolve()}")
-    return out
+    return absolute_path_overrides(cfg, PATH_KEYS, "model.path")
 
 
 def build_command(config: Path, overrides: list[str], cfg: Any, python: str | None = None) -> list[str]:
@@ -69,26 +53,11 @@ def build_command(config: Path, overrides: list[str], cfg: Any, python: str | No
 
 def launch_env(cfg: Any) -> dict[str, str]:
     """Environment variables the run needs on top of the caller's (printed before the command)."""
-    from fvqa.train.launcher import metrics_path
-
-    modules = [*EXTENSION_MODULES]
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if is_cpu(cfg):
-        modules.append(CPU_MODULE)
-        procs = max(1, int(cfg.trainer.n_gpus_per_node))
-        env.update({
-            "VERL_PLATFORM": "cpu",
-            # veRL registers its FSDP engine for cuda/npu only; on the cpu platform the same engine
-            # runs, every device call going through the platform.
-            "VERL_ENGINE_DEVICE": "cuda",
-            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs)),
-            # veRL's dataset passes processor kwargs transformers warns about on every row.
-            "TRANSFORMERS_VERBOSITY": "error",
-        })
-    env[EXTENSIONS_ENV] = ",".join(modules)
-    if "file" in list(cfg.trainer.get("logger") or []):
-        env["VERL_FILE_LOGGER_PATH"] = str(metrics_path(cfg))
-    return env
+    procs = max(1, int(cfg.trainer.n_gpus_per_node))
+    # on CPU the torchrun processes share the cores; veRL's dataset passes processor kwargs
+    # transformers warns about on every row.
+    return extension_env(cfg, {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs)),
+                               "TRANSFORMERS_VERBOSITY": "error"})
 
 
 def validate(cfg: Any) -> None:
