@@ -4,8 +4,9 @@ Stage configs embed `LLMConfig`. It holds only the *name* of the environment var
 key, never the key, so a config file can be shared and committed safely.
 
 Prices are per endpoint: `Endpoint.price` if set, else the config-level `price` if the config sets
-one, else list prices (GPT-4o) for a public endpoint and $0 for a self-hosted one (loopback or
-private address, `localhost`, or a single-label host name such as a compose service `vllm`).
+one, else $0 for a self-hosted endpoint (loopback or private address, `localhost`, or a single-label
+host name such as a compose service `vllm`) and the model's own list price (`fvqa.llm.prices`) for a
+public one. A public endpoint serving a model without a known price must be priced in the config.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fvqa.errors import ConfigError
+from fvqa.llm.prices import list_price
 
 
 class _Section(BaseModel):
@@ -94,7 +96,7 @@ class LLMConfig(_Section):
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(512, ge=1)
     image_max_side: int = Field(768, ge=16)
-    price: Price = Field(default_factory=Price)  # default for endpoints without their own `price`
+    price: Price | None = None  # for endpoints without their own `price`; None: the model's list price
     batch: bool = False  # use the Batch API (bulk stages; results arrive within 24 h at half price)
     json_schema: bool = True  # endpoint supports response_format json_schema (OpenAI, vLLM, SGLang)
     backoff_base_s: float = Field(0.5, ge=0)  # first retry delay; doubles per attempt
@@ -105,14 +107,28 @@ class LLMConfig(_Section):
     batch_online_fallback: bool = False  # failed batch lines: online now at full price (else next batch)
     extra_body: dict[str, Any] = Field(default_factory=dict)  # passed through, e.g. vLLM's top_k
 
+    @model_validator(mode="after")
+    def _priced(self) -> LLMConfig:
+        if self.price is None and list_price(self.model) is None:
+            public = [ep.base_url for ep in self.endpoints if ep.price is None and not ep.self_hosted]
+            if public:
+                raise ValueError(
+                    f"no list price known for model {self.model!r} at {public[0]}: set price "
+                    "{input_per_1m, output_per_1m} (dollars per 1M tokens) in this llm section")
+        return self
+
     def price_for(self, endpoint: Endpoint) -> Price:
         """The price of a call `endpoint` answers: its own `price`; else this config's `price` when
-        the config sets it; else $0 if the endpoint is self-hosted, list prices (`Price()`) if not."""
+        the config sets it; else $0 if the endpoint is self-hosted, the model's list price if not."""
         if endpoint.price is not None:
             return endpoint.price
-        if "price" in self.model_fields_set or not endpoint.self_hosted:
+        if self.price is not None:
             return self.price
-        return FREE
+        if endpoint.self_hosted:
+            return FREE
+        known = list_price(self.model)
+        assert known is not None  # checked at load (`_priced`)
+        return Price(input_per_1m=known[0], output_per_1m=known[1])
 
     def price_at(self, base_url: str | None) -> Price:
         """`price_for` the endpoint with this `base_url` (None or unknown: the first endpoint's)."""
@@ -123,5 +139,4 @@ class LLMConfig(_Section):
 
     def free_endpoints(self) -> list[str]:
         """Base URLs priced at $0 because they are self-hosted and no price was set (for notes)."""
-        return [ep.base_url for ep in self.endpoints
-                if ep.price is None and "price" not in self.model_fields_set and ep.self_hosted]
+        return [ep.base_url for ep in self.endpoints if ep.price is None and self.price is None and ep.self_hosted]

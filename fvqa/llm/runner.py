@@ -272,7 +272,7 @@ def estimate(task: LLMTask[In, Any], inputs: Mapping[str, In], llm: LLMConfig, c
     `task.completion_tokens`. With `expected`, price that many inputs not built yet at the task's
     typical prompt size instead (`inputs` is ignored). Reads only the cache: no key, no request."""
     if expected is not None:
-        return estimate_cost(expected, task.typical_prompt_tokens(), task.completion_tokens, llm.price,
+        return estimate_cost(expected, task.typical_prompt_tokens(), task.completion_tokens, llm.price_at(None),
                              batch=llm.batch)
     n = chars = images = cached = 0
     if inputs:
@@ -291,4 +291,4 @@ def estimate(task: LLMTask[In, Any], inputs: Mapping[str, In], llm: LLMConfig, c
         finally:
             client.cache.close()
     avg_prompt = (chars / 4 + images * task.image_tokens) / max(1, n)
-    return estimate_cost(n, avg_prompt, task.completion_tokens, llm.price, cached=cached, batch=llm.batch)
+    return estimate_cost(n, avg_prompt, task.completion_tokens, llm.price_at(None), cached=cached, batch=llm.batch)
