@@ -225,10 +225,17 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def mmsearch_f1(
+def mmsearch_f1(prediction: str, gt_answer: str) -> float:
+    """MMSearch's official end-to-end score: token F1 against ``gt_answer`` alone, as MMSearch's own
+    ``eval_end2end.py`` scores it (``alternative_gt_answers`` play no part there)."""
+    return token_f1(prediction, gt_answer)
+
+
+def mmsearch_f1_alternatives(
     prediction: str, gt_answer: str, alternative_gt_answers: Iterable[str] | None = None
 ) -> float:
-    """MMSearch end-to-end score: best token F1 over the gold answer and its alternatives."""
+    """A more lenient variant, reported under its own name: the best token F1 over ``gt_answer`` and
+    its ``alternative_gt_answers`` (never the official number)."""
     golds = [gt_answer, *gold_list(alternative_gt_answers or [])]
     return max(token_f1(prediction, g) for g in golds)
 
