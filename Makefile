@@ -15,6 +15,8 @@ $(PY):
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	@# lmms-eval's own reader of result files, for the conformance test only (its wheel, not installed)
+	$(PIP) download -q --no-deps lmms_eval==0.7.3 -d $(VENV)/wheels
 	touch $(STAMP)
 
 install: $(STAMP)

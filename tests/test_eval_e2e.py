@@ -198,10 +198,12 @@ def test_report_and_lmms_outputs(first_run) -> None:
     assert "greedy decoding (temperature 0)" in md and "58.4" in md and "judge-pinned@t0-p0.1" in md
     assert "| scripted-vlm / rag | 100.0" in md
     lmms = root / "eval" / "e2e" / "lmms" / "scripted-vlm"
-    results = json.loads((lmms / "results.json").read_text())["results"]
+    res_file = sorted(lmms.glob("*_results.json"))[-1]  # lmms-eval's names: <date id>_results.json
+    results = json.loads(res_file.read_text())["results"]
     assert results["fvqa_mmsearch_on_demand"]["accuracy,none"] == 1.0
     assert results["fvqa_fvqa_test_direct"]["exact_match,none"] == pytest.approx(2 / 3)
-    samples = (lmms / "samples_fvqa_livevqa_rag.jsonl").read_text().splitlines()
+    prefix = res_file.name.removesuffix("_results.json")
+    samples = (lmms / f"{prefix}_samples_fvqa_livevqa_rag.jsonl").read_text().splitlines()
     assert len(samples) == N and json.loads(samples[0])["accuracy"] == 1.0
 
 

@@ -146,14 +146,18 @@ def test_failed_calls_are_not_scored_reported_and_retried_next_run(setup) -> Non
     summary = {c["model"]: c for c in json.loads((run_dir / "summary.json").read_text())}
     assert summary["down"]["n"] == 0 and summary["down"]["accuracy"] is None
     assert (summary["down"]["not_scored_model"], summary["flaky"]["not_scored_judge"]) == (N, 1)
-    lmms = json.loads((run_dir / "lmms" / "down" / "results.json").read_text())
+    def latest(model: str) -> tuple[dict, str]:  # lmms-eval's names: <date id>_results.json, newest last
+        path = sorted((run_dir / "lmms" / model).glob("*_results.json"))[-1]
+        return json.loads(path.read_text()), path.name.removesuffix("_results.json")
+
+    lmms, prefix = latest("down")
     task = "fvqa_livevqa_direct"
     assert lmms["results"][task]["accuracy,none"] is None
     assert lmms["n-samples"][task] == {"original": N, "effective": 0, "not_scored_model_call_failed": N,
                                        "not_scored_judge_call_failed": 0, "not_scored_pending": 0}
     assert "3 predictions not scored (3 model call failed)" in lmms["fvqa_not_scored_note"]
-    assert (run_dir / "lmms" / "down" / f"samples_{task}.jsonl").read_text() == ""
-    flaky = json.loads((run_dir / "lmms" / "flaky" / "results.json").read_text())
+    assert (run_dir / "lmms" / "down" / f"{prefix}_samples_{task}.jsonl").read_text() == ""
+    flaky, _ = latest("flaky")
     assert flaky["n-samples"][task]["effective"] == 1 and flaky["n-samples"][task]["original"] == N
 
     # the endpoints recover: the same command asks again exactly the failed calls and nothing else
