@@ -1,8 +1,9 @@
 """Per-cell numbers of a run from the workspace tables (shared by the report and lmms-eval outputs).
 
 A cell is one (model, workflow, benchmark). Its accuracy is the mean primary score with a seeded
-95% bootstrap interval over the *scored* items; its search ratio is the paper's (calls made /
-maximum search steps). Items whose model call failed (stop_reason "error") or whose judge call
+95% bootstrap interval over the *scored* items. Search use has the paper's two definitions: the
+search ratio (calls made / maximum search steps) and the share of items that searched at all;
+`outcomes` splits the items as the paper's Fig. 4b (correct or wrong, with or without search). Items whose model call failed (stop_reason "error") or whose judge call
 failed (no score) are not scored, not wrong: they are counted apart (`unscored`) and asked again
 by the next `fvqa eval run` of the same run.
 """
@@ -20,11 +21,19 @@ MODEL_CALL_FAILED = "error"
 """stop_reason of a prediction whose model call failed: stored, never scored, generated again next run."""
 
 
+NEWER_SCORE_COLUMNS = ("official_variants", "judge_fvqa", "judge_fvqa_id")
+
+
 def scored_rows(ws: Workspace, run: str) -> list[dict[str, Any]]:
     """Scored predictions joined with their scores, one dict per item, in a stable order."""
+    have = {r[0] for r in ws.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'eval_scores'")}
+    # columns newer than a workspace's tables read as null (a read-only report never alters them)
+    newer = ", ".join(f"s.{c}" if c in have else f"NULL AS {c}" for c in NEWER_SCORE_COLUMNS)
     cur = ws.con.execute(
         "SELECT p.*, s.em, s.subem, s.official, s.official_name, s.judge, s.judge_grade, s.judge_reason, "
-        "s.judge_error, s.judge_id, s.score, s.metric FROM eval_predictions p "
+        f"s.judge_error, s.judge_id, s.score, s.metric, {newer} "
+        "FROM eval_predictions p "
         "JOIN eval_scores s USING (run, model, benchmark, workflow, item_id) WHERE p.run = ? "
         "AND p.stop_reason IS DISTINCT FROM ? AND s.score IS NOT NULL "
         "ORDER BY p.model, p.workflow, p.benchmark, p.item_id", [run, MODEL_CALL_FAILED])
@@ -32,6 +41,7 @@ def scored_rows(ws: Workspace, run: str) -> list[dict[str, Any]]:
     rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     for r in rows:
         r["meta"] = json.loads(r["meta"] or "{}")
+        r["official_variants"] = json.loads(r["official_variants"]) if r.get("official_variants") else {}
     return rows
 
 
@@ -78,7 +88,9 @@ def unscored_note(counts: dict[tuple[str, str, str], Unscored]) -> str | None:
 
 
 _METRICS = ("accuracy", "ci_lo", "ci_hi", "em", "subem", "official", "judge", "search_ratio",
-            "items_without_search", "correct_without_search")
+            "items_without_search", "correct_without_search", "search_any_ratio", "judge_fvqa")
+OUTCOMES = ("correct_without_search", "correct_with_search", "wrong_without_search", "wrong_with_search")
+"""The paper's Fig. 4b split of a cell's items (shares summing to 1)."""
 
 
 @dataclass
@@ -109,6 +121,14 @@ class Cell:
     simplevqa: dict[str, float] | None = None
     infoseek_final: float | None = None  # harmonic mean of unseen-question and unseen-entity accuracy
     breakdowns: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
+    judge_fvqa: float | None = None  # fvqa's own judge beside a paper-style one (None: not run)
+    variants: dict[str, float] = field(default_factory=dict)  # lenient variants of the official metric
+    outcomes: dict[str, float] = field(default_factory=dict)  # OUTCOMES -> share of the cell's items
+
+    @property
+    def search_any_ratio(self) -> float:
+        """The paper's other search measure: the share of items that made at least one search call."""
+        return 1.0 - self.items_without_search
 
     @property
     def not_scored(self) -> int:
@@ -116,7 +136,7 @@ class Cell:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON record of the cell; with nothing scored (n=0) its metrics are null, not a misleading 0."""
-        d = dict(self.__dict__, not_scored=self.not_scored)
+        d = dict(self.__dict__, not_scored=self.not_scored, search_any_ratio=self.search_any_ratio)
         if self.n == 0:
             d.update(dict.fromkeys(_METRICS))
         return d
@@ -178,6 +198,17 @@ def cells(rows: list[dict[str, Any]], n_resamples: int = 1000,
                                        if i + t == 0 and r["score"] >= 0.5) / len(rs),
             judge_failures=sum(1 for r in rs if r["judge_error"]),
         )
+        fv = [r.get("judge_fvqa") for r in rs]
+        cell.judge_fvqa = _mean([float(x) for x in fv]) if all(x is not None for x in fv) else None
+        names = {n for r in rs for n in r.get("official_variants") or {}}
+        cell.variants = {n: _mean([float((r.get("official_variants") or {}).get(n, 0.0)) for r in rs])
+                         for n in sorted(names)}
+        searched = [i + t > 0 for i, t in zip(img, txt, strict=True)]
+        correct = [r["score"] >= 0.5 for r in rs]
+        cell.outcomes = {
+            name: sum(1 for c, s in zip(correct, searched, strict=True) if c == want_c and s == want_s) / len(rs)
+            for name, want_c, want_s in zip(OUTCOMES, (True, True, False, False), (False, True, False, True),
+                                            strict=True)}
         if u is not None:
             cell.not_scored_model, cell.not_scored_judge, cell.not_scored_pending = (
                 u.model_failed, u.judge_failed, u.pending)

@@ -10,7 +10,8 @@ import typer
 eval_app = typer.Typer(help="Evaluate models: direct / RAG / on-demand search on five benchmarks.",
                        no_args_is_help=True)
 
-ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Eval YAML (see configs/eval_demo.yaml).")]
+ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Eval YAML (configs/eval_paper.yaml: the paper's "
+                                                                 "protocol; configs/eval_demo.yaml: offline demo).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: key.sub=value (repeatable).")]
 
 
@@ -52,17 +53,17 @@ def run_cmd(
         cs = cells(scored_rows(ws, cfg.run), n_resamples=200, unscored_counts=counts)
         table = Table(title=f"eval run {cfg.run} ({cfg.primary_metric})")
         # the not-scored column only when something is not scored: the usual table stays narrow
-        cols = ["model", "workflow", "benchmark", "n", "accuracy %", "95% CI", "search ratio %"]
+        cols = ["model", "workflow", "benchmark", "n", "accuracy %", "95% CI", "search ratio %", "searched %"]
         for col in cols + (["not scored (model/judge call failed)"] if counts else []):
             table.add_column(col)
         for c in cs:
-            nums = ([f"{100 * c.accuracy:.1f}", f"{100 * c.ci_lo:.1f}-{100 * c.ci_hi:.1f}", f"{100 * c.search_ratio:.1f}"]
-                    if c.n else ["–", "–", "–"])
+            nums = ([f"{100 * c.accuracy:.1f}", f"{100 * c.ci_lo:.1f}-{100 * c.ci_hi:.1f}", f"{100 * c.search_ratio:.1f}",
+                     f"{100 * c.search_any_ratio:.1f}"] if c.n else ["–", "–", "–", "–"])
             extra = [f"{c.not_scored_model}/{c.not_scored_judge}"] if counts else []
             table.add_row(c.model, c.workflow, c.benchmark, str(c.n), *nums, *extra)
         for (model, wf), v in sorted(averages(cs).items()):
             table.add_row(model, wf, "average", "", f"{100 * v['accuracy']:.1f}", "", f"{100 * v['search_ratio']:.1f}",
-                          *([""] if counts else []))
+                          "", *([""] if counts else []))
         out.print(table)
         retried = sum(c.retried for c in summary.cells)
         out.print(f"generated {sum(c.generated for c in summary.cells)} predictions"

@@ -21,6 +21,9 @@ from fvqa.search.config import SearchConfig
 Workflow = Literal["direct", "rag", "on_demand"]
 BenchmarkKind = Literal["fvqa", "infoseek", "mmsearch", "simplevqa", "livevqa"]
 Metric = Literal["judge", "official", "em", "subem"]
+Protocol = Literal["fvqa", "paper"]
+AnswerFormat = Literal["tags", "plain"]
+JudgeStyle = Literal["fvqa", "paper"]
 WORKFLOWS: tuple[str, ...] = ("direct", "rag", "on_demand")
 
 
@@ -36,6 +39,12 @@ class ModelSpec(_Section):
     llm: LLMConfig | None = None  # openai backend
     model_path: Annotated[Path | None, HUB_ID_OR_PATH] = None  # transformers / vllm: folder or hub id
     device: str = "cpu"
+    # how direct and RAG answers are read: `tags` (<answer>...</answer>, fvqa's and upstream's protocol)
+    # or `plain` (the reply is the answer, as the paper's baselines); None: the run's protocol decides
+    # (fvqa: tags; paper: plain). On-demand search always uses the tags: its tools are called with them.
+    answer_format: AnswerFormat | None = None
+    prompts: list[Path] | None = None  # this model's prompt files over the run's (upstream's folder for
+    # MMSearch-R1 checkpoints: their exact on-demand texts)
 
     @model_validator(mode="after")
     def _backend_needs(self) -> ModelSpec:
@@ -55,6 +64,7 @@ class BenchmarkSpec(_Section):
     image_dir: Path | None = None  # where image paths/ids resolve (default: the file's folder)
     qtype: Path | None = None  # InfoSeek question types (default: <file>_qtype.jsonl next to it)
     subset: Path | None = None  # optional list of ids to keep (InfoSeek's 2k test subset): txt/jsonl
+    answers: Path | None = None  # InfoSeek Human split: re-annotated answers by data_id (jsonl/json)
     split: str | None = None  # FVQA native export: keep rows of this split (default test, if a split column)
     language: str | None = None  # SimpleVQA: keep this language (default EN, as the paper)
     image_only: bool = True  # MMSearch: only questions with a query image (the paper's 171)
@@ -62,9 +72,17 @@ class BenchmarkSpec(_Section):
 
 
 class JudgeSpec(_Section):
-    """The pinned LLM judge (paper App. D.6 rules; prompt texts ours, overridable)."""
+    """The pinned LLM judge (paper App. D.6 rules; prompt texts ours, overridable).
+
+    Style `fvqa` grades the extracted answer, text only. Style `paper` grades as the paper's GPT-4o
+    judge (App. F.3): it sees the question's image and the model's whole final response. None: the
+    run's protocol decides. `compare_fvqa` (default: on under the paper style) also runs fvqa's judge
+    on the same predictions, reported beside the paper-style verdict (column `judge (fvqa)`).
+    """
 
     enabled: bool = True
+    style: JudgeStyle | None = None
+    compare_fvqa: bool | None = None
     llm: LLMConfig | None = None  # required when enabled
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(0.1, gt=0, le=1)
@@ -92,6 +110,10 @@ class EvalConfig(_Section):
 
     workspace: Path = DEFAULT_WORKSPACE
     run: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")  # a name; re-running it resumes
+    # `fvqa`: fvqa's tagged prompts and text-only judge; `paper`: the MMSearch-R1 paper's protocol
+    # (plain-answer prompts for base models, the judge sees the image and the whole response)
+    protocol: Protocol = "fvqa"
+    notes: list[str] = Field(default_factory=list)  # printed first in the report (e.g. what a demo stands in for)
     models: list[ModelSpec] = Field(min_length=1)
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
     workflows: list[Workflow] = Field(default_factory=lambda: list(WORKFLOWS), min_length=1)
@@ -125,6 +147,24 @@ class EvalConfig(_Section):
     def _paths(self, info: ValidationInfo) -> EvalConfig:
         resolve_paths(self, info.context)
         return self
+
+
+def answer_format(cfg: EvalConfig, model: ModelSpec, workflow: str) -> AnswerFormat:
+    """How this model's answers are read in this workflow (on-demand search always uses the tags)."""
+    if workflow == "on_demand":
+        return "tags"
+    return model.answer_format or ("plain" if cfg.protocol == "paper" else "tags")
+
+
+def judge_style(cfg: EvalConfig) -> JudgeStyle:
+    return cfg.judge.style or ("paper" if cfg.protocol == "paper" else "fvqa")
+
+
+def compare_fvqa_judge(cfg: EvalConfig) -> bool:
+    """Whether fvqa's own judge runs beside a paper-style judge (never twice the same style)."""
+    if judge_style(cfg) == "fvqa":
+        return False
+    return cfg.judge.compare_fvqa if cfg.judge.compare_fvqa is not None else True
 
 
 def load_eval_config(path: Path | str, overrides: list[str] | None = None) -> EvalConfig:

@@ -6,7 +6,13 @@ each verdict is cached by the LLM layer (the request is the cache key), so re-sc
 predictions costs nothing and gives the same verdicts. The prompt texts are ours and can be
 replaced from a YAML file (`judge`, `simplevqa_grader`) to run the paper's exact wording.
 
-Replies: ``<judge>Yes</judge> <reason>...</reason>`` for the binary judge;
+Two styles. ``fvqa``: the request is text only and grades the extracted answer. ``paper``: as the
+paper's GPT-4o judge (App. F.3), the request carries the question's image and grades the model's
+whole final response. The paper's own prompt text is not shipped here: give it with `prompt_path`
+(the report names the prompt's hash and source either way).
+
+Replies: ``<judge>Yes</judge> <reason>...</reason>`` for the binary judge (style paper also reads a
+reply that only starts with Yes or No, for a prompt that asks for a bare verdict);
 ``<grade>correct|incorrect|not_attempted</grade> <reason>...</reason>`` for SimpleVQA's grader.
 """
 
@@ -16,7 +22,7 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from fvqa.errors import ConfigError
 from fvqa.eval.metrics import Grade, parse_grade
 from fvqa.llm.client import LLMClient
 from fvqa.llm.config import LLMConfig
+from fvqa.llm.images import image_part
 from fvqa.llm.runner import arun_task
 from fvqa.llm.task import REQUEST_FAILED, UNPARSEABLE, LLMTask, Reject, Reply, Request
 
@@ -77,6 +84,7 @@ Reply in exactly this form: <grade>correct</grade>, <grade>incorrect</grade> or 
 <grade>not_attempted</grade>, followed by <reason>one short sentence</reason>."""
 
 _JUDGE = re.compile(r"<judge>\s*(yes|no)\s*</judge>", re.IGNORECASE)
+_BARE = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _GRADE = re.compile(r"<grade>\s*([a-z _-]+?)\s*</grade>", re.IGNORECASE)
 _REASON = re.compile(r"<reason>(.*?)</reason>", re.DOTALL | re.IGNORECASE)
 
@@ -86,8 +94,9 @@ class JudgeRequest:
     question: str
     ground_truth: str
     candidates: tuple[str, ...]
-    prediction: str
+    prediction: str  # the extracted answer (style fvqa) or the whole final response (style paper)
     three_way: bool = False  # SimpleVQA's grader instead of Yes/No
+    image: bytes | None = field(default=None, repr=False)  # style paper: the judge sees the image
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,11 @@ class Verdict:
     cached: bool = False
 
 
-def parse_judge_reply(text: str) -> tuple[float, str]:
-    """(1.0 | 0.0, reason) from ``<judge>Yes/No</judge> <reason>..</reason>``; ValueError if absent."""
-    m = _JUDGE.search(text or "")
+def parse_judge_reply(text: str, *, bare: bool = False) -> tuple[float, str]:
+    """(1.0 | 0.0, reason) from ``<judge>Yes/No</judge> <reason>..</reason>``; ValueError if absent.
+    With `bare` (the paper style, whose prompt may ask for a bare verdict) a reply starting with
+    Yes or No counts too."""
+    m = _JUDGE.search(text or "") or (_BARE.search(text or "") if bare else None)
     if m is None:
         raise ValueError(f"no <judge>Yes/No</judge> in the judge's reply: {(text or '')[:200]!r}")
     reason = _REASON.search(text)
@@ -143,23 +154,27 @@ class JudgeTask(LLMTask[JudgeRequest, Verdict]):
 
     name = "eval-judge"
 
-    def __init__(self, prompts: Mapping[str, str], params: Mapping[str, Any]) -> None:
+    def __init__(self, prompts: Mapping[str, str], params: Mapping[str, Any], *, bare: bool = False) -> None:
         self.prompts = dict(prompts)
         self.params = dict(params)
+        self.bare = bare
 
     def format(self, item: JudgeRequest) -> Request:
         template = self.prompts["simplevqa_grader" if item.three_way else "judge"]
         text = template.format(
             question=item.question, ground_truth=item.ground_truth, prediction=item.prediction,
             candidates="; ".join(item.candidates) if item.candidates else "(none)")
-        return Request([{"role": "user", "content": text}], params=self.params)
+        if item.image is None:
+            return Request([{"role": "user", "content": text}], params=self.params)
+        content = [{"type": "text", "text": text}, image_part(item.image)]
+        return Request([{"role": "user", "content": content}], params=self.params)
 
     def parse(self, item: JudgeRequest, reply: Reply) -> Verdict:
         try:
             if item.three_way:
                 grade, reason = parse_grade_reply(reply.text)
                 return Verdict(float(grade is Grade.CORRECT), grade.value, reason, cached=reply.cached)
-            score, reason = parse_judge_reply(reply.text)
+            score, reason = parse_judge_reply(reply.text, bare=self.bare)
             return Verdict(score, None, reason, cached=reply.cached)
         except ValueError as exc:
             raise Reject(UNPARSEABLE, f"{exc}\nraw reply: {reply.text}", why=str(exc)) from exc
@@ -175,15 +190,16 @@ class Judge:
     """Pinned LLM judge over the cached LLM client; `judge_many` is synchronous for the runner."""
 
     def __init__(self, cfg: LLMConfig, cache_dir: Path, *, temperature: float = 0.0, top_p: float = 0.1,
-                 max_tokens: int = 256, prompt_path: Path | None = None) -> None:
-        self.cfg = cfg
+                 max_tokens: int = 256, prompt_path: Path | None = None, style: str = "fvqa") -> None:
+        self.cfg, self.style = cfg, style
         self.client = LLMClient(cfg, cache_dir, stage=JudgeTask.name)
         self.params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         self.prompts = load_judge_prompts(prompt_path)
-        self.task = JudgeTask(self.prompts, self.params)
+        self.task = JudgeTask(self.prompts, self.params, bare=style == "paper")
         digest = hashlib.sha256("\x00".join(self.prompts[k] for k in sorted(self.prompts)).encode())
         self.prompt_hash = digest.hexdigest()[:12]
-        self.id = f"{cfg.model}@t{temperature:g}-p{top_p:g}-{self.prompt_hash}"
+        self.prompt_source = str(prompt_path) if prompt_path is not None else "fvqa wording"
+        self.id = f"{cfg.model}@t{temperature:g}-p{top_p:g}-{self.prompt_hash}" + ("-paper" if style == "paper" else "")
 
     async def ajudge_many(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         # A verdict depends only on (question, gold, candidates, prediction, grader), not on the model or

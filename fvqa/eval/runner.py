@@ -9,15 +9,17 @@ and searches by the search cache, so even `--rescore` costs nothing for what was
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fvqa.eval.aggregate import MODEL_CALL_FAILED
 from fvqa.eval.benchmarks import EvalItem, LoadResult, load_benchmark
-from fvqa.eval.config import EvalConfig
+from fvqa.eval.config import EvalConfig, ModelSpec, answer_format, compare_fvqa_judge, judge_style
 from fvqa.eval.scoring import JUDGE_OFFICIAL, rule_scores
 from fvqa.eval.workflows import max_search_steps, run_workflow
 from fvqa.store import Workspace, now
@@ -43,6 +45,13 @@ CREATE TABLE IF NOT EXISTS eval_scores (
 RUNS_DDL = """
 CREATE TABLE IF NOT EXISTS eval_runs (run VARCHAR PRIMARY KEY, config VARCHAR, updated_at TIMESTAMP)
 """
+ADDED_COLUMNS = (  # columns newer than the tables above: added to a workspace made before them
+    ("eval_predictions", "answer_format", "VARCHAR"),
+    ("eval_predictions", "protocol", "VARCHAR"),
+    ("eval_scores", "official_variants", "VARCHAR"),  # JSON {name: value}: lenient variants, never official
+    ("eval_scores", "judge_fvqa", "DOUBLE"),  # fvqa's own judge beside a paper-style one
+    ("eval_scores", "judge_fvqa_id", "VARCHAR"),
+)
 KEY = ("run", "model", "benchmark", "workflow", "item_id")
 JUDGE_REQUEST_FAILED = "judge request failed"
 
@@ -50,6 +59,8 @@ JUDGE_REQUEST_FAILED = "judge request failed"
 def ensure_tables(ws: Workspace) -> None:
     for ddl in (PREDICTIONS_DDL, SCORES_DDL, RUNS_DDL):
         ws.ensure_table(ddl)
+    for table, column, kind in ADDED_COLUMNS:
+        ws.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
 
 @dataclass
@@ -103,8 +114,8 @@ def _record_rejects(ws: Workspace, name: str, result: LoadResult) -> None:
 
 
 def _prediction_row(cfg: EvalConfig, model: str, wf: str, it: EvalItem, traj: Any, sampling: Any,
-                    prompts_source: str, max_search: int) -> dict[str, Any]:
-    return dict(
+                    prompts_source: str, max_search: int, fmt: str) -> dict[str, Any]:
+    return dict(answer_format=fmt, protocol=cfg.protocol,
         run=cfg.run, model=model, benchmark=it.benchmark, workflow=wf, item_id=it.item_id, kind=it.kind,
         question=it.question, answer=it.answer, aliases=list(it.aliases),
         answer_eval=json.dumps(it.answer_eval, ensure_ascii=False) if it.answer_eval is not None else None,
@@ -117,6 +128,33 @@ def _prediction_row(cfg: EvalConfig, model: str, wf: str, it: EvalItem, traj: An
     )
 
 
+PLAIN_PROMPTS = "plain"
+"""`fvqa/prompts/plain.yaml`: the plain-answer direct and RAG prompts (fvqa's wording)."""
+
+
+def plain_prompts_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("fvqa").joinpath("prompts", f"{PLAIN_PROMPTS}.yaml")))
+
+
+def prompts_record(prompts: Any) -> str:
+    """What `prompts_source` stores: where each text came from and the sha256 of the texts themselves
+    (the provenance hash uses the texts, so the same prompts hash alike on every machine)."""
+    texts = prompts.model_dump(exclude={"source"})
+    digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:12]
+    plain = str(plain_prompts_path())
+    source = {k: "fvqa-plain" if v == plain else v for k, v in prompts.source.items()}
+    return json.dumps({"source": source, "sha256": digest}, sort_keys=True)
+
+
+def prompt_paths(cfg: EvalConfig, model: ModelSpec, fmt: str) -> list[Any]:
+    """The prompt files of one model in one answer format, in override order: fvqa's plain prompts
+    (plain format), then the run's `prompts`, then the model's own."""
+    base = [plain_prompts_path()] if fmt == "plain" else []
+    return [*base, *(cfg.prompts or []), *(model.prompts or [])]
+
+
 def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summary: RunSummary, *,
              tools: Any = None, generators: dict[str, Any] | None = None,
              log: Callable[[str], None] = lambda _: None) -> Any:
@@ -124,8 +162,6 @@ def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summ
     from fvqa.generators.base import Sampling
     from fvqa.protocol import load_prompts
 
-    prompts = load_prompts(cfg.prompts)
-    prompts_source = json.dumps(prompts.source, sort_keys=True)
     limits = cfg.limits
     s = cfg.sampling
     sampling = Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed)
@@ -135,6 +171,9 @@ def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summ
         for bench in cfg.benchmarks:
             items = loaded[bench.name].items
             for wf in cfg.workflows:
+                fmt = answer_format(cfg, spec, wf)
+                prompts = load_prompts(prompt_paths(cfg, spec, fmt))
+                prompts_source = prompts_record(prompts)
                 stored = dict(ws.execute(
                     "SELECT item_id, stop_reason FROM eval_predictions "
                     "WHERE run=? AND model=? AND benchmark=? AND workflow=?",
@@ -160,9 +199,9 @@ def generate(cfg: EvalConfig, ws: Workspace, loaded: dict[str, LoadResult], summ
                 for start in range(0, len(pending), cfg.batch_size):
                     chunk = pending[start:start + cfg.batch_size]
                     trajs = run_workflow(wf, [_agent_item(it) for it in chunk], gen, tools, prompts, limits,
-                                         sampling)
+                                         sampling, answer_format=fmt)
                     m = max_search_steps(wf, limits)
-                    rows = [_prediction_row(cfg, spec.name, wf, it, tr, sampling, prompts_source, m)
+                    rows = [_prediction_row(cfg, spec.name, wf, it, tr, sampling, prompts_source, m, fmt)
                             for it, tr in zip(chunk, trajs, strict=True)]
                     with ws.transaction():
                         again = [r["item_id"] for r in rows if r["item_id"] in stored]
@@ -193,27 +232,71 @@ def _pending_scores(ws: Workspace, run: str, rescore: bool) -> list[dict[str, An
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
-def score(cfg: EvalConfig, ws: Workspace, summary: RunSummary, *, rescore: bool = False,
-          log: Callable[[str], None] = lambda _: None) -> None:
-    """Score predictions without a score (all with `rescore`); judge verdicts come from the cache when known."""
-    from fvqa.eval.judge import Judge, JudgeRequest
+def _final_response(row: dict[str, Any]) -> str | None:
+    """The model's whole last turn (what a paper-style judge grades), else the stored prediction."""
+    turns = json.loads(row["trajectory"] or "{}").get("turns") or []
+    return turns[-1].get("text") if turns else row["prediction"]
 
+
+def _make_judge(cfg: EvalConfig, ws: Workspace, style: str) -> Any:
+    from fvqa.eval.judge import Judge
+
+    assert cfg.judge.llm is not None
+    j = cfg.judge
+    return Judge(j.llm, ws.cache_dir / "llm", temperature=j.temperature, top_p=j.top_p, max_tokens=j.max_tokens,
+                 prompt_path=j.prompt_path if style == judge_style(cfg) else None, style=style)
+
+
+def _judged_text(style: str, row: dict[str, Any]) -> str | None:
+    """What a judge of `style` grades: the paper's judge the whole final response (so an untagged
+    answer is still graded), fvqa's the extracted answer; None: nothing to grade (scored 0 unasked)."""
+    text = (_final_response(row) or row["prediction"]) if style == "paper" else row["prediction"]
+    return text if text and text.strip() else None
+
+
+def _verdicts(judge: Any, rows: list[dict[str, Any]], images: dict[tuple[str, str], bytes]) -> dict[int, Any]:
+    """Row index -> verdict of `judge` for every row with something to grade (paper style: with its image)."""
+    from fvqa.eval.judge import JudgeRequest
+
+    asked, requests = [], []
+    paper = judge.style == "paper"
+    for i, row in enumerate(rows):
+        text = _judged_text(judge.style, row)
+        if text is None:
+            continue
+        asked.append(i)
+        requests.append(JudgeRequest(
+            row["question"], row["answer"], tuple(row["aliases"] or []), text,
+            three_way=row["kind"] == "simplevqa",
+            image=images[(row["benchmark"], row["item_id"])] if paper else None))
+    return dict(zip(asked, judge.judge_many(requests), strict=True))
+
+
+def score(cfg: EvalConfig, ws: Workspace, summary: RunSummary, *, rescore: bool = False,
+          images: dict[tuple[str, str], bytes] | None = None, log: Callable[[str], None] = lambda _: None) -> None:
+    """Score predictions without a score (all with `rescore`); judge verdicts come from the cache when known.
+
+    A paper-style judge sees each item's image (`images`, by (benchmark, item_id), from the benchmarks
+    loaded in this run); a prediction whose item is not loaded now (another `--limit` sample) waits,
+    unscored, for a run that loads it, rather than being judged without its image."""
+    images = images or {}
     rows = _pending_scores(ws, cfg.run, rescore)
+    judge = extra = None
+    if cfg.judge.enabled:
+        judge = _make_judge(cfg, ws, judge_style(cfg))
+        if judge.style == "paper":
+            waiting = [r for r in rows if (r["benchmark"], r["item_id"]) not in images]
+            if waiting:
+                log(f"{len(waiting)} predictions wait for a run that loads their items (the judge needs the image)")
+            rows = [r for r in rows if (r["benchmark"], r["item_id"]) in images]
+        if compare_fvqa_judge(cfg):
+            extra = _make_judge(cfg, ws, "fvqa")
     if not rows:
         return
-    judge = None
-    if cfg.judge.enabled:
-        assert cfg.judge.llm is not None
-        judge = Judge(cfg.judge.llm, ws.cache_dir / "llm", temperature=cfg.judge.temperature, top_p=cfg.judge.top_p,
-                      max_tokens=cfg.judge.max_tokens, prompt_path=cfg.judge.prompt_path)
-    requests, asked = [], []
-    for i, row in enumerate(rows):
-        if judge is not None and row["prediction"] is not None:
-            asked.append(i)
-            requests.append(JudgeRequest(row["question"], row["answer"], tuple(row["aliases"] or []),
-                                         row["prediction"], three_way=row["kind"] == "simplevqa"))
-    log(f"scoring {len(rows)} predictions ({len(requests)} judge requests)")
-    verdicts = dict(zip(asked, judge.judge_many(requests), strict=True)) if judge else {}
+    asks = [sum(_judged_text(j.style, r) is not None for r in rows) for j in (judge, extra) if j is not None]
+    log(f"scoring {len(rows)} predictions ({' + '.join(map(str, asks)) or 0} judge requests)")
+    verdicts = _verdicts(judge, rows, images) if judge else {}
+    extra_verdicts = _verdicts(extra, rows, images) if extra else {}
     out = []
     for i, row in enumerate(rows):
         answer_eval = json.loads(row["answer_eval"]) if row["answer_eval"] else None
@@ -232,11 +315,15 @@ def score(cfg: EvalConfig, ws: Workspace, summary: RunSummary, *, rescore: bool 
         primary = {"judge": judge_score, "official": official, "em": rs.em, "subem": rs.subem}[metric]
         if no_verdict and primary is None:  # the primary score needs the judge: the item is not scored
             summary.judge_unscored += 1
+        ev = extra_verdicts.get(i)
+        extra_score = None if extra is None or (ev is not None and ev.error) else (ev.score if ev else 0.0)
         out.append(dict(
             **{k: row[k] for k in KEY}, em=rs.em, subem=rs.subem, official=official,
             official_name=rs.official_name if (rs.official is not None or judge) else "exact_match (no judge)",
+            official_variants=json.dumps(rs.variants) if rs.variants else None,
             judge=judge_score, judge_grade=grade, judge_reason=v.reason if v else None,
             judge_error=v.error if v else None, judge_id=judge.id if judge else None,
+            judge_fvqa=extra_score, judge_fvqa_id=extra.id if extra else None,
             score=None if no_verdict and primary is None else float(primary if primary is not None else 0.0),
             metric=metric, created_at=now(),
         ))
@@ -245,11 +332,12 @@ def score(cfg: EvalConfig, ws: Workspace, summary: RunSummary, *, rescore: bool 
     with ws.transaction():
         ws.insert("eval_scores", out, replace=True)
     summary.scored += len(out)
-    if judge is not None:
-        cost = judge.client.ledger.stage("eval-judge")
-        summary.judge_calls += cost.calls + cost.failed
-        summary.judge_cache_hits += cost.cache_hits
-        summary.usd += cost.usd
+    for j in (judge, extra):
+        if j is not None:
+            cost = j.client.ledger.stage("eval-judge")
+            summary.judge_calls += cost.calls + cost.failed
+            summary.judge_cache_hits += cost.cache_hits
+            summary.usd += cost.usd
 
 
 def run_eval(cfg: EvalConfig, *, tools: Any = None, generators: dict[str, Any] | None = None,
@@ -270,7 +358,8 @@ def run_eval(cfg: EvalConfig, *, tools: Any = None, generators: dict[str, Any] |
                 + (f", {res.sampled_out} not sampled (--limit)" if res.sampled_out else ""))
         built = generate(cfg, ws, summary.loaded, summary, tools=tools, generators=generators, log=log)
         try:
-            score(cfg, ws, summary, rescore=rescore, log=log)
+            images = {(name, it.item_id): it.image for name, res in summary.loaded.items() for it in res.items}
+            score(cfg, ws, summary, rescore=rescore, images=images, log=log)
         finally:
             if built is not None and hasattr(built, "close"):
                 built.close()

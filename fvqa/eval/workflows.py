@@ -8,6 +8,11 @@
   itself is searched (recorded in ``stop_detail``), so every item makes exactly two searches and
   the workflow's search ratio is 100% by construction, as in the paper's Table 1.
 
+Answers are read in one of two formats: ``tags`` (the ``<answer>`` span, fvqa's and upstream's
+protocol) or ``plain`` (the paper's baselines: the whole final reply is the answer, an ``<answer>``
+span wins if written anyway; the RAG query is the round-1 reply's first line). On-demand search is
+always tagged: its tools are called with the tags.
+
 Every workflow returns one `fvqa.protocol.Trajectory` per item, so predictions, search counts and
 transcripts are stored the same way whatever produced them; searches and the turns that show
 their results come from the episode core (`fvqa.protocol.episode`), as in the agent and training.
@@ -36,6 +41,25 @@ from fvqa.protocol import episode as ep
 from fvqa.protocol.episode import AgentItem, SearchTools, Trajectory, TurnRecord, sha256
 
 RAG_SEARCHES = 2
+PLAIN_QUERY_MAX_CHARS = 300
+PLAIN_ANSWER = "plain answer (the reply is the answer)"
+
+
+def plain_answer(text: str) -> str | None:
+    """The answer of an untagged reply: its ``<answer>`` span if it wrote one, else the whole reply."""
+    tagged = extract_answer(text)
+    if tagged is not None:
+        return tagged
+    return text.strip() or None
+
+
+def plain_query(text: str) -> str | None:
+    """A RAG query from an untagged round-1 reply: a ``<text_search>`` call if any, else its first line."""
+    turn = parse_turn(text)
+    if turn.kind == "text_search" and turn.query:
+        return turn.query
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line[:PLAIN_QUERY_MAX_CHARS] or None
 
 
 def max_search_steps(workflow: str, limits: Limits) -> int:
@@ -55,8 +79,8 @@ class _Rag:
     """One RAG item's state: messages, trajectory, and its two searches."""
 
     def __init__(self, item: AgentItem, prompts: Prompts, limits: Limits, generator_name: str,
-                 sampling: Sampling) -> None:
-        self.item, self.prompts, self.limits, self.sampling = item, prompts, limits, sampling
+                 sampling: Sampling, plain: bool = False) -> None:
+        self.item, self.prompts, self.limits, self.sampling, self.plain = item, prompts, limits, sampling, plain
         self.traj = Trajectory(item.item_id, "rag", item.question, generator_name,
                                seed=sampling.seed, image_shas=[sha256(item.image)])
         self.messages: list[Message] = []
@@ -90,7 +114,10 @@ class _Rag:
 
     def text_search(self, tools: SearchTools) -> None:
         turn = parse_turn(self.traj.turns[-1].text)
-        query = turn.query if turn.kind == "text_search" and turn.query else None
+        if self.plain:
+            query = plain_query(self.traj.turns[-1].text)
+        else:
+            query = turn.query if turn.kind == "text_search" and turn.query else None
         if query is None:
             query = self.item.question
             self.traj.stop_detail = f"no usable query in round 1 ({turn.problem or turn.kind}): searched the question"
@@ -105,7 +132,7 @@ class _Rag:
 
     def finish(self) -> None:
         last = self.traj.turns[-1].text
-        answer = extract_answer(last)
+        answer = plain_answer(last) if self.plain else extract_answer(last)
         self.traj.answer = answer
         if answer is not None:
             self.traj.stop_reason = "answer"
@@ -116,11 +143,12 @@ class _Rag:
 
 
 def run_rag(items: Sequence[AgentItem], generator: Generator, tools: SearchTools, prompts: Prompts,
-            sampling: Sampling, limits: Limits | None = None, *, tool_workers: int = 8) -> list[Trajectory]:
+            sampling: Sampling, limits: Limits | None = None, *, tool_workers: int = 8,
+            plain: bool = False) -> list[Trajectory]:
     """The fixed RAG workflow for a batch of items (two batched generator calls in all). Only the
     limits' result view (top-k, thumbnail bound) applies: the script always makes its two searches."""
     limits = limits or Limits()
-    states = [_Rag(it, prompts, limits, generator.name, sampling) for it in items]
+    states = [_Rag(it, prompts, limits, generator.name, sampling, plain) for it in items]
     if isinstance(generator, TurnwiseGenerator):
         asyncio.run(_rag_turnwise(states, generator, tools, sampling, tool_workers))
         return [s.traj for s in states]
@@ -155,17 +183,31 @@ async def _rag_turnwise(states: list[_Rag], generator: TurnwiseGenerator, tools:
         await asyncio.gather(*(drive(s) for s in states))
 
 
+def _read_plain(trajs: list[Trajectory]) -> list[Trajectory]:
+    """Direct answers in the plain format: a finished one-turn reply is the answer, tags or not."""
+    for t in trajs:
+        if t.stop_reason != "error" and t.turns:
+            answer = plain_answer(t.turns[-1].text)
+            if answer is not None:
+                t.answer, t.stop_reason, t.stop_detail = answer, "answer", PLAIN_ANSWER
+    return trajs
+
+
 def run_workflow(workflow: str, items: Sequence[AgentItem], generator: Generator, tools: SearchTools | None,
                  prompts: Prompts, limits: Limits, sampling: Sampling,
-                 on_turn: Callable[[int], None] | None = None) -> list[Trajectory]:
+                 on_turn: Callable[[int], None] | None = None, answer_format: str = "tags") -> list[Trajectory]:
     """Run one workflow over a batch of items; trajectories in item order."""
+    if answer_format not in ("tags", "plain"):
+        raise ValueError(f"unknown answer format {answer_format!r} (tags, plain)")
+    plain = answer_format == "plain"
     if workflow == "direct":
-        return run_many([Job(it, "direct", sampling) for it in items], generator, None, limits, prompts,
-                        on_turn=on_turn)
+        trajs = run_many([Job(it, "direct", sampling) for it in items], generator, None, limits, prompts,
+                         on_turn=on_turn)
+        return _read_plain(trajs) if plain else trajs
     if tools is None:
         raise ValueError(f"workflow {workflow} needs search tools")
     if workflow == "rag":
-        return run_rag(items, generator, tools, prompts, sampling, limits)
+        return run_rag(items, generator, tools, prompts, sampling, limits, plain=plain)
     if workflow == "on_demand":
         return run_many([Job(it, "search", sampling) for it in items], generator, tools, limits, prompts,
                         on_turn=on_turn)
