@@ -89,7 +89,7 @@ def test_simplevqa_english_only_and_base64_images(specs: dict, world: Path) -> N
 
 def test_livevqa_and_limit_sampling_is_seeded(specs: dict) -> None:
     res = load_benchmark(BenchmarkSpec(**specs["livevqa"]))
-    assert len(res.items) == 4 and "missing or empty question" in _details(res)["lv_noq"]
+    assert len(res.items) == 4 and "missing or empty query" in _details(res)["Culture_noq"]
     a = load_benchmark(BenchmarkSpec(**specs["livevqa"]), limit=2, seed=1)
     b = load_benchmark(BenchmarkSpec(**specs["livevqa"]), limit=2, seed=1)
     assert [it.item_id for it in a.items] == [it.item_id for it in b.items]

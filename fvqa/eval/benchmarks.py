@@ -12,15 +12,21 @@ Formats:
 * ``fvqa``: the released ``lmms-lab/FVQA`` test parquet (upstream's veRL layout: ``prompt``,
   ``images``, ``reward_model``, ``data_id``, ``image_urls``, ``category``), or fvqa's native export
   (``fvqa_items.parquet``; images by sha256 under ``image_dir``, the workspace's ``images/``).
-* ``infoseek``: the val/test jsonl (``data_id, image_id, question, answer, answer_eval,
-  data_split``) with its ``_qtype`` companion (``data_id, question_type``); images
-  ``<image_dir>/<image_id>.jpg``; an optional subset file of data ids (the paper's 2k test subset).
-* ``mmsearch``: end-to-end fields ``sample_id, query, query_image, gt_answer,
-  alternative_gt_answers, area, subfield`` (json/jsonl/parquet); image questions only by default.
-* ``simplevqa``: ``data_id, image, question, answer, language`` (image as an HF image, base64 or a
-  path); English only by default, as the paper.
-* ``livevqa``: ``id, image, question, answer`` (json/jsonl/parquet; ``img_path``/``image_path``
-  accepted; a list answer gives aliases).
+* ``infoseek``: the official annotation files (``infoseek_val.jsonl`` / ``infoseek_test.jsonl``:
+  ``data_id, image_id, question, answer, answer_eval, data_split``) with the ``_qtype`` companion
+  (``infoseek_val_qtype.jsonl``: ``data_id, question_type``); images ``<image_dir>/<image_id>.jpg``
+  (OVEN's); an optional subset file of data ids (the paper's 2k test subset). The Human split
+  (``infoseek_human.jsonl``) ships the same fields without public answers: give its re-annotated
+  answers with ``answers:`` (jsonl/json of ``data_id, answer`` [``answer_eval``, ``question_type``]),
+  merged over the official lines by ``data_id``; a Human line with no answer is a ``no_answer`` reject.
+* ``mmsearch``: MMSearch's end-to-end set (``end2end.parquet`` / json / jsonl: ``sample_id, query,
+  query_image, gt_answer, alternative_gt_answers, area, subfield``); image questions only by default.
+* ``simplevqa``: SimpleVQA's release (``data_id, image, question, answer, language``; image as an HF
+  image, base64 or a path); English only by default, as the paper.
+* ``livevqa``: LiveVQA Research-Preview's ``qa.json`` (``sample_id, query, query_image, gt_answer``;
+  ``query_image`` is the authors' absolute path, found by its name in ``image/`` beside the file;
+  topics from ``qa_detailed.json`` when it is there), or the older ``id, image, question, answer``
+  records (json/jsonl/parquet; ``img_path``/``image_path`` accepted; a list answer gives aliases).
 """
 
 from __future__ import annotations
@@ -347,6 +353,22 @@ def _qtypes(spec: BenchmarkSpec) -> dict[str, str]:
     return out
 
 
+REANNOTATED_FIELDS = ("answer", "answer_eval", "question_type")
+
+
+def _reannotated(path: Path) -> dict[str, dict[str, Any]]:
+    """data_id -> re-annotated fields (the InfoSeek Human split's answers), from a jsonl/json file."""
+    out: dict[str, dict[str, Any]] = {}
+    for pos, row in read_rows(path):
+        if isinstance(row, RowError):  # a lost answer would silently turn an item into a reject
+            raise ConfigError(f"answers file {path}, {pos}: {row}")
+        key = _key(row)
+        if key is None:
+            raise ConfigError(f"answers file {path}, {pos}: no data_id")
+        out[key] = {k: row[k] for k in REANNOTATED_FIELDS if row.get(k) not in (None, "", [])}
+    return out
+
+
 def _infoseek(spec: BenchmarkSpec, row: dict[str, Any], base: Path, qtypes: dict[str, str]) -> EvalItem:
     checked = validate(MainLine, row)  # the official line's declared shape first
     if isinstance(checked, tuple):
@@ -356,6 +378,9 @@ def _infoseek(spec: BenchmarkSpec, row: dict[str, Any], base: Path, qtypes: dict
     image_id = _text(row, "image_id") or ""
     answers = _str_list(row.get("answer"), "answer")
     if not answers:
+        if "answer" not in row and "answer_eval" not in row:  # the Human split's lines
+            raise RowError("no_answer", "no answer in the line (InfoSeek's Human split ships none: "
+                                        "give its re-annotated answers with `answers:`)")
         raise RowError("field_missing", "missing or empty answer")
     answer_eval = row.get("answer_eval")
     if answer_eval is None or answer_eval == []:
@@ -416,16 +441,52 @@ def _simplevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, filtered: C
     )
 
 
-def _livevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path) -> EvalItem:
-    answers = _str_list(row.get("answer", row.get("answers")), "answer")
+LIVEVQA_IMAGE_DIR = "image"
+LIVEVQA_DETAILS = "qa_detailed.json"
+
+
+def _released_image(value: Any, base: Path) -> Any:
+    """LiveVQA's qa.json names each image by the authors' absolute path (``/mnt/.../image/X.jpg``):
+    when that path is not here, the same name in ``<base>/image/`` or ``<base>/`` is the image."""
+    if not isinstance(value, str) or not value.strip() or len(value) >= 1024:
+        return value
+    path = Path(value.strip())
+    if _is_file(path if path.is_absolute() else base / path):
+        return value
+    for candidate in (base / LIVEVQA_IMAGE_DIR / path.name, base / path.name):
+        if _is_file(candidate):
+            return str(candidate)
+    return value
+
+
+def _livevqa_details(spec: BenchmarkSpec) -> dict[str, str]:
+    """sample_id -> topic from ``qa_detailed.json`` beside the qa.json (descriptive only)."""
+    path = spec.path.parent / LIVEVQA_DETAILS
+    if spec.path.name == LIVEVQA_DETAILS or not path.is_file():
+        return {}
+    topics = {}
+    for pos, row in read_rows(path):
+        if isinstance(row, RowError):
+            raise ConfigError(f"LiveVQA details file {path}, {pos}: {row}")
+        sid, topic = row.get("sample_id"), row.get("topic")
+        if isinstance(sid, str | int) and isinstance(topic, str):
+            topics[str(sid)] = topic[:META_MAX_CHARS]
+    return topics
+
+
+def _livevqa(spec: BenchmarkSpec, row: dict[str, Any], base: Path, topics: dict[str, str]) -> EvalItem:
+    answers = _str_list(next((row[k] for k in ("gt_answer", "answer", "answers") if k in row), None), "answer")
     if not answers:
-        raise RowError("field_missing", "missing or empty answer")
-    image = next((row[k] for k in ("image", "img_path", "image_path", "images") if row.get(k)), None)
+        raise RowError("field_missing", "missing or empty gt_answer / answer")
+    image = next((row[k] for k in ("query_image", "image", "img_path", "image_path", "images") if row.get(k)), None)
+    item_id = _text(row, "sample_id", "id", "data_id", "question_id") or ""
+    meta = _meta(row, topic=("topic", "category"), level=("level",))
+    if not meta.get("topic") and item_id in topics:
+        meta["topic"] = topics[item_id]
     return EvalItem(
-        item_id=_text(row, "id", "sample_id", "data_id", "question_id") or "", benchmark=spec.name, kind="livevqa",
-        question=_text(row, "question", "query") or "", image=image_bytes(image, base), answer=answers[0],
-        aliases=_dedupe(answers + _str_list(row.get("aliases"), "aliases")),
-        meta=_meta(row, topic=("topic", "category"), level=("level",)),
+        item_id=item_id, benchmark=spec.name, kind="livevqa",
+        question=_text(row, "query", "question") or "", image=image_bytes(_released_image(image, base), base),
+        answer=answers[0], aliases=_dedupe(answers + _str_list(row.get("aliases"), "aliases")), meta=meta,
     )
 
 
@@ -447,6 +508,8 @@ def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int =
         raise ConfigError(f"benchmark {spec.name}: image_dir not found: {spec.image_dir}")
     keep = _id_set(spec.subset) if spec.subset else None
     qtypes = _qtypes(spec) if spec.kind == "infoseek" else {}
+    answers = _reannotated(spec.answers) if spec.answers else {}
+    topics = _livevqa_details(spec) if spec.kind == "livevqa" else {}
     items: list[EvalItem] = []
     rejects: list[Reject] = []
     filtered: Counter[str] = Counter()
@@ -466,13 +529,13 @@ def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, seed: int =
             if spec.kind == "fvqa":
                 item = _fvqa(spec, row, base, filtered)
             elif spec.kind == "infoseek":
-                item = _infoseek(spec, row, base, qtypes)
+                item = _infoseek(spec, {**row, **answers.get(_key(row) or "", {})}, base, qtypes)
             elif spec.kind == "mmsearch":
                 item = _mmsearch(spec, row, base, filtered)
             elif spec.kind == "simplevqa":
                 item = _simplevqa(spec, row, base, filtered)
             else:
-                item = _livevqa(spec, row, base)
+                item = _livevqa(spec, row, base, topics)
         except RowError as exc:
             key = _key(row) or pos
             detail = f"{pos}: {exc.detail}" if exc.detail else pos
