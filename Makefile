@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo eval-demo test bench lint install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: $(STAMP)
 	@echo "sft: $$(pwd)/fvqa-work/checkpoints/fvqa_demo_sft/tiny_qwen2_5_vl  (huggingface/ = the GRPO start, metrics/)"
 	@echo "training: $$(pwd)/fvqa-work/checkpoints/fvqa_demo_cpu/tiny_qwen2_5_vl  (global_step_*/, metrics/, rollouts/)"
 	@echo "inspect: $(VENV)/bin/fvqa status -c configs/demo.yaml"
+
+# the demo policy evaluated offline (five benchmarks in official layouts, local search, stand-in judge)
+eval-demo: $(STAMP)
+	@test -f fvqa-work/checkpoints/fvqa_demo_cpu/tiny_qwen2_5_vl/global_step_2/actor/huggingface/config.json || \
+	  $(MAKE) demo
+	$(VENV)/bin/fvqa demo eval --config configs/eval_demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

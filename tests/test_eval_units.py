@@ -149,10 +149,17 @@ def test_rule_scores_per_benchmark() -> None:
 
 
 def test_eval_configs_validate(tmp_path: Path) -> None:
-    cfg = load_eval_config(REPO / "configs" / "eval_demo.yaml")
-    assert [b.kind for b in cfg.benchmarks] == ["fvqa", "infoseek", "mmsearch", "simplevqa", "livevqa"]
-    assert cfg.workflows == ["direct", "rag", "on_demand"] and cfg.sampling.temperature == 0.0
-    assert cfg.judge.top_p == 0.1 and cfg.benchmarks[0].path.is_absolute()
+    for name in ("eval_demo.yaml", "eval_paper.yaml"):
+        cfg = load_eval_config(REPO / "configs" / name)
+        assert [b.kind for b in cfg.benchmarks] == ["fvqa", "infoseek", "mmsearch", "simplevqa", "livevqa"]
+        assert cfg.workflows == ["direct", "rag", "on_demand"] and cfg.protocol == "paper"
+        assert cfg.judge.top_p == 0.1 and cfg.benchmarks[0].path.is_absolute()
+    paper = load_eval_config(REPO / "configs" / "eval_paper.yaml")
+    assert paper.sampling.temperature == 0.0 and paper.judge.llm is not None
+    assert paper.judge.llm.model == "gpt-4o-2024-11-20"
+    demo = load_eval_config(REPO / "configs" / "eval_demo.yaml")  # offline: every endpoint on loopback
+    assert demo.judge.llm is not None and all(ep.self_hosted for ep in demo.judge.llm.endpoints)
+    assert demo.benchmarks[-1].path == REPO / "fvqa-work" / "demo-eval" / "benchmarks" / "livevqa" / "qa.json"
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [{name: m, backend: openai}]\nbenchmarks: [{name: b, kind: nope, path: x}]\n")
     with pytest.raises(ConfigError) as exc:

@@ -235,3 +235,27 @@ def test_agent_loop_errors_are_repeated_as_one_line() -> None:
 
 if __name__ == "__main__":  # pragma: no cover - run the module alone: python tests/test_train_grpo_cpu.py
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_demo_eval_judges_the_trained_policy_offline(setup: dict[str, Any], demo_world: Path) -> None:
+    """`make eval-demo`'s command on this run: five official-layout benchmarks, the GRPO checkpoint,
+    the local index, the loopback stand-in judge; ends with the report's path."""
+    root = setup["root"]
+    hf = setup["ckpt"] / "global_step_2" / "actor" / "huggingface"
+    proc = _cli(["demo", "eval", "--config", str(REPO / "configs" / "eval_demo.yaml"), "--world", str(demo_world),
+                 "--items", "2", "--set", f"workspace={root / 'ws'}", "--set", f"models.0.model_path={hf}",
+                 "--set", f"search.local.index_dir={root / 'search-index'}",
+                 *[a for i, name in enumerate(("fvqa_test.parquet", "infoseek_val.jsonl", "mmsearch_end2end.json",
+                                               "simplevqa.json", "livevqa/qa.json"))
+                   for a in ("--set", f"benchmarks.{i}.path={root / 'ws/demo-eval/benchmarks' / name}")],
+                 "--set", f"benchmarks.1.image_dir={root / 'ws/demo-eval/benchmarks/infoseek_images'}"], root, timeout=600)
+    report = root / "ws" / "eval" / "demo" / "report.md"
+    assert f"report: {report}" in proc.stdout and "DEMO STAND-INS" in proc.stdout
+    assert "model: the GRPO policy `make demo` trained" in proc.stdout
+    md = report.read_text()
+    assert "**Note**: DEMO STAND-INS" in md and "paper: MMSearch-R1-7B / on_demand" in md
+    for bench in ("fvqa_test", "infoseek", "mmsearch", "simplevqa", "livevqa"):
+        assert f"{bench}: 2 items from" in proc.stderr and f"demo-grpo / {bench} / on_demand: 2/2" in proc.stderr
+    assert "scoring 30 predictions (30 + " in proc.stderr  # the paper-style judge graded every response
+    assert re.search(r"\| demo-grpo / on_demand \|( [0-9.]+ \[[0-9., ]+\] \|){5} [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|",
+                     md), md[:3000]
