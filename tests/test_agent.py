@@ -4,14 +4,14 @@ limits, search failures, and a tiny Qwen2.5-VL run locally through transformers.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
-from support.fake_openai import FakeOpenAI, Reply, error_body, last_user_text
+from support.eval_script import search_chain
+from support.fake_openai import FakeOpenAI, Reply, error_body
 from support.pixel_embedder import PixelEmbedder
 
 from fvqa.agent import Job, run, run_many
@@ -95,15 +95,7 @@ def searching_model(body: dict[str, Any]) -> str:
     """Image search, then a text search for the first title found, then the maker from the summary.
 
     Turn 1 comes back *without* `</search>`, as OpenAI-style servers cut the matched stop string."""
-    n_assistant = sum(m["role"] == "assistant" for m in body["messages"])
-    last = last_user_text(body)
-    if n_assistant == 0:
-        return "<reason>I cannot tell what this is.</reason><search><img>"
-    if n_assistant == 1:
-        title = re.search(r"title: (.+)\n", last).group(1)
-        return f"<reason>The image shows {title}.</reason><text_search>{title} maker</text_search>"
-    maker = re.search(r"created by (.+?) in \d{4}", last).group(1)
-    return f"<reason>The page names the maker.</reason><answer>{maker}</answer>"
+    return search_chain(body)
 
 
 def test_image_then_text_search_then_answer_is_recorded_exactly(world: Path, tools: IndexTools, entity: dict):

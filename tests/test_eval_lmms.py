@@ -29,10 +29,9 @@ from typing import Any
 import pytest
 import yaml
 from support.eval_files import write_benchmarks
-from support.fake_openai import FakeOpenAI, last_user_text
-from support.pixel_embedder import PixelEmbedder
+from support.eval_script import first_text, hint, judge, local_tools, n_assistant, search_chain
+from support.fake_openai import FakeOpenAI
 
-from fvqa.answers import normalize_answer
 from fvqa.eval.config import load_eval_config
 from fvqa.eval.lmms import lmms_doc, sample_metrics, write_lmms_outputs
 from fvqa.eval.runner import run_eval
@@ -47,40 +46,13 @@ PACK = Path(__file__).resolve().parents[1] / "fvqa" / "eval" / "lmms_tasks"
 # ------------------------------------------------------------ the scripted model and judge (as e2e)
 
 
-def _text(msg: dict[str, Any]) -> str:
-    c = msg["content"]
-    return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text")
-
-
 def model(body: dict[str, Any]) -> str:
     """Direct: the hint or 'unknown'. On-demand: the hint at once, else image -> text search -> answer."""
-    msgs = body["messages"]
-    first, last = _text(msgs[0]), last_user_text(body)
-    n_assistant = sum(m["role"] == "assistant" for m in msgs)
-    hint = re.search(r"\(hint: (.+?)\)", first)
-    if "from your own knowledge" in first:
-        return f"<reason>I look at it.</reason><answer>{hint.group(1) if hint else 'unknown'}</answer>"
-    if hint and n_assistant == 0:
-        return f"<reason>I know this.</reason><answer>{hint.group(1)}</answer>"
-    if n_assistant == 0:
-        return "<reason>I cannot tell what this is.</reason><search><img>"
-    if n_assistant == 1:
-        title = re.search(r"title: (.+)\n", last).group(1)
-        return f"<reason>The image shows {title}.</reason><text_search>{title} maker</text_search>"
-    maker = re.search(r"created by (.+?) in \d{4}", last).group(1)
-    return f"<reason>The page names the maker.</reason><answer>{maker}</answer>"
-
-
-def judge(body: dict[str, Any]) -> str:
-    text = last_user_text(body)
-    gold = re.search(r"Ground truth: (.*)\n", text).group(1)
-    pred = re.search(r"Model's answer: (.*)\n", text).group(1)
-    if "<grade>" in text:
-        grade = "not_attempted" if pred == "unknown" else (
-            "correct" if normalize_answer(pred) == normalize_answer(gold) else "incorrect")
-        return f"<grade>{grade}</grade> <reason>compared</reason>"
-    verdict = "Yes" if normalize_answer(pred) == normalize_answer(gold) else "No"
-    return f"<judge>{verdict}</judge> <reason>compared with the ground truth</reason>"
+    if "from your own knowledge" in first_text(body):
+        return f"<reason>I look at it.</reason><answer>{hint(body) or 'unknown'}</answer>"
+    if hint(body) and n_assistant(body) == 0:
+        return f"<reason>I know this.</reason><answer>{hint(body)}</answer>"
+    return search_chain(body)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tools(world: Path, tmp_path_factory: pytest.TempPathFactory):
-    from fvqa.search.config import LocalConfig, SearchConfig
-    from fvqa.search.local_index import LocalIndex, build_index
-    from fvqa.search.tools import SearchTools
-
-    out = tmp_path_factory.mktemp("lidx") / "index"
-    embedder = PixelEmbedder()
-    build_index(world / "web/pages.jsonl", world / "web/images.jsonl", out,
-                config=LocalConfig(clip_model="ViT-S-32", clip_pretrained=None), embedder=embedder)
-    tools = SearchTools(SearchConfig(top_k=2), LocalIndex(out, embedder=embedder),
-                        cache_dir=tmp_path_factory.mktemp("lscache"))
-    yield tools
-    tools.close()
+    yield from local_tools(world, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from support.eval_files import write_benchmarks
+from support.eval_script import first_text, hint, local_tools, n_assistant, search_chain
 from support.fake_openai import FakeOpenAI, last_user_text
-from support.pixel_embedder import PixelEmbedder
 
 from fvqa.demo.judge_server import verdict
 from fvqa.errors import ConfigError
@@ -30,34 +30,22 @@ from fvqa.store import Workspace
 N = 4  # items per benchmark; every other one carries its answer as a hint
 
 
-def _first_text(body: dict[str, Any]) -> str:
-    c = body["messages"][0]["content"]
-    return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text")
-
-
 def base_model(body: dict[str, Any]) -> str:
     """A base model: never writes tags in direct or RAG. On demand it knows the hinted answers and
     searches (image, then text) for the others."""
-    first, last = _first_text(body), last_user_text(body)
-    n_assistant = sum(m["role"] == "assistant" for m in body["messages"])
-    hint = re.search(r"\(hint: (.+?)\)", first)
+    first, last = first_text(body), last_user_text(body)
+    answer = hint(body)
     if "already been run" in first:  # RAG
-        if n_assistant == 0:
+        if n_assistant(body) == 0:
             title = re.search(r"title: (.+)\n", first).group(1)
             return f"{title} maker\n(that is the query)"
         maker = re.search(r"created by (.+?) in \d{4}", last)
         return f"The maker is {maker.group(1) if maker else 'unknown'}."
     if "from your own knowledge" in first:  # direct, either wording
-        return hint.group(1) if hint else "I am not sure."
-    if hint and n_assistant == 0:
-        return f"<reason>I know this.</reason><answer>{hint.group(1)}</answer>"
-    if n_assistant == 0:
-        return "<reason>I cannot tell.</reason><search><img></search>"
-    if n_assistant == 1:
-        title = re.search(r"title: (.+)\n", last).group(1)
-        return f"<reason>It is {title}.</reason><text_search>{title} maker</text_search>"
-    maker = re.search(r"created by (.+?) in \d{4}", last).group(1)
-    return f"<reason>Found it.</reason><answer>{maker}</answer>"
+        return answer or "I am not sure."
+    if answer and n_assistant(body) == 0:
+        return f"<reason>I know this.</reason><answer>{answer}</answer>"
+    return search_chain(body, close_search=True)
 
 
 def stand_in_judge(body: dict[str, Any]) -> str:
@@ -73,18 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tools(world: Path, tmp_path_factory: pytest.TempPathFactory):
-    from fvqa.search.config import LocalConfig, SearchConfig
-    from fvqa.search.local_index import LocalIndex, build_index
-    from fvqa.search.tools import SearchTools
-
-    out = tmp_path_factory.mktemp("pidx") / "index"
-    embedder = PixelEmbedder()
-    build_index(world / "web/pages.jsonl", world / "web/images.jsonl", out,
-                config=LocalConfig(clip_model="ViT-S-32", clip_pretrained=None), embedder=embedder)
-    tools = SearchTools(SearchConfig(top_k=2), LocalIndex(out, embedder=embedder),
-                        cache_dir=tmp_path_factory.mktemp("pcache"))
-    yield tools
-    tools.close()
+    yield from local_tools(world, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
