@@ -15,7 +15,8 @@ from support.paths import FVQA, REPO
 from support.web_server import LoopbackServer, Reply, bomb_png, jpeg_bytes
 
 from fvqa.config import CrawlConfig, RunConfig
-from fvqa.net.fetch import Downloader, FetchOptions, parse_retry_after
+from fvqa.net.fetch import Downloader, FetchOptions
+from fvqa.net.retry import parse_retry_after
 from fvqa.net.ssrf import BadURL, BlockedAddress, check_url
 from fvqa.pipelines.base import execute_stage
 from fvqa.pipelines.crawl import CrawlStage

@@ -488,7 +488,7 @@ def test_api_key_only_from_env_and_never_on_disk(tmp_path: Path, monkeypatch: py
         ok, bad, out = run(go())
         assert ok.ok and not bad.ok and "***" in bad.error and secret not in bad.error
         assert out.results["a"].ok
-        assert {r.headers.get("Authorization") for r in srv.requests} == {f"Bearer {secret}"}
+        assert {r.header("Authorization") for r in srv.requests} == {f"Bearer {secret}"}
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert any(p.name.startswith("llm.sqlite") for p in files)
     for p in files:

@@ -124,6 +124,19 @@ def test_downloader_refuses_a_name_that_rebinds_to_loopback(loopback_server: int
     assert _Handler.hits == []
 
 
+def test_rebinding_reaches_loopback_neither_for_robots_nor_for_the_page(loopback_server: int,
+                                                                         rebinding_dns: list[str]) -> None:
+    """With robots.txt on, its request is the first connection: refused at connect time too."""
+    async def go():
+        async with Downloader(FetchOptions(allow_private=False, respect_robots=True, retries=2)) as d:
+            return await d.fetch(f"http://rebind.test:{loopback_server}/admin")
+
+    result = asyncio.run(go())
+    assert not result.ok and result.reason == "private_address" and not result.retryable, result
+    assert rebinding_dns[0] == "93.184.216.34" and "127.0.0.1" in rebinding_dns[1:]
+    assert _Handler.hits == []
+
+
 def test_page_reader_refuses_a_name_that_rebinds_to_loopback(loopback_server: int, rebinding_dns: list[str]) -> None:
     from fvqa.search.reader import PageError, PageReader
 

@@ -24,31 +24,43 @@ Every reply merged is stored with its spend row (stage, tokens, batch-price doll
 transaction, and merging the same batch again after a kill books nothing twice. Lines a batch did
 not answer go into a new batch on the next run, or online in this run with `batch_online_fallback`.
 File upload and download use `batch_transfer_timeout_s`, not the chat `timeout_s`.
+
+The control calls go through the `openai` SDK (`files.create`, `batches.create/retrieve/list/cancel`,
+`files.content`), where throughput does not matter; the chat hot path stays on aiohttp
+(`fvqa.llm.client`). The SDK client is built with `max_retries=0`: its own retries would POST
+`/batches` again after a 500 or a timeout, which is exactly the duplicate this protocol prevents;
+the retries here are fvqa's retry policy, applied per call as described above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
+from pydantic import BaseModel
 
 from fvqa.errors import FvqaError
 from fvqa.formats.jsonl import BadLine, parse_jsonl
 from fvqa.llm.cache import TERMINAL
-from fvqa.llm.client import CACHEABLE_STATUS, LLMClient, LLMResult, Messages, parse_retry_after, valid_body
+from fvqa.llm.client import CACHEABLE_STATUS, LLMClient, LLMResult, Messages, valid_body
 from fvqa.llm.images import BadImageError
+from fvqa.net.retry import parse_retry_after
 
 MAX_LINES = 50_000  # OpenAI's per-batch limit
 MAX_BYTES = 190_000_000  # under the 200 MB file limit
 DONE = ("completed", "failed", "expired", "cancelled")
+_NEVER_CONNECTED = ("ConnectError", "ConnectTimeout")  # the SDK transport's errors before any byte was sent
+
+if TYPE_CHECKING:
+    import openai  # imported where a batch runs: it costs ~0.5 s, every `import fvqa.llm` would pay it
+
+SdkCall = Callable[["openai.AsyncOpenAI", dict[str, Any]], Awaitable[Any]]  # (client, extra_headers) -> reply
 
 
 class BatchError(FvqaError):
@@ -61,6 +73,15 @@ class _Ambiguous(Exception):
 
 class _Refused(Exception):
     """A call that certainly did not take effect but may be tried again (429, connection refused)."""
+
+
+class _CallFailed(Exception):
+    """One failed idempotent Batch API call; `retry` when another attempt may succeed."""
+
+    def __init__(self, message: str, *, retry: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry = retry
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -82,6 +103,8 @@ class BatchRunner:
         self.work_dir = Path(self.cache.dir) / "batches"
         self.price = client.cfg.price_at(self.ep.endpoint.base_url)
         self.line_errors: dict[str, str] = {}  # key -> why its batch line failed (this run)
+        self._sdk: openai.AsyncOpenAI | None = None  # open during `run`
+        self._auth: dict[str, Any] = {}  # extra headers of every control call (set with the SDK client)
 
     async def run(
         self,
@@ -96,6 +119,26 @@ class BatchRunner:
 
         `wait=False` polls once and returns: ids still running are listed in `pending`; run again later."""
         self.client._open()
+        self._sdk = self._new_sdk()
+        try:
+            return await self._run(requests, wait, poll_s, max_wait_s, params)
+        finally:
+            await self._sdk.close()
+            self._sdk = None
+
+    def _new_sdk(self) -> openai.AsyncOpenAI:
+        """The SDK client for the control calls: no SDK retries (module doc), the chat `timeout_s`."""
+        import openai
+
+        cfg = self.client.cfg
+        # a keyless (self-hosted) endpoint gets no Authorization header, as on the chat path
+        self._auth = {} if self.ep.key else {"Authorization": openai.Omit()}
+        return openai.AsyncOpenAI(
+            base_url=self.ep.endpoint.base_url, api_key=self.ep.key or "unused", max_retries=0,
+            timeout=openai.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)))
+
+    async def _run(self, requests: Mapping[str, Messages], wait: bool, poll_s: float | None,
+                   max_wait_s: float | None, params: dict[str, Any]) -> BatchOutcome:
         poll_s = poll_s if poll_s is not None else self.client.cfg.batch_poll_s
         keys = {rid: self.client.key_for(msgs, **params) for rid, msgs in requests.items()}
         messages_by_key = {keys[rid]: msgs for rid, msgs in requests.items()}
@@ -173,14 +216,9 @@ class BatchRunner:
         path = self.work_dir / f"{job}.jsonl"
         self.cache.add_job(job, self.ep.endpoint.base_url, keys)
         content = path.read_bytes()
-
-        def form() -> aiohttp.FormData:  # a FormData is consumed by one send: build one per attempt
-            fd = aiohttp.FormData()
-            fd.add_field("purpose", "batch")
-            fd.add_field("file", content, filename=path.name, content_type="application/jsonl")
-            return fd
-
-        data = await self._call("POST", "/files", data=form, timeout=self._transfer_timeout())
+        data = await self._call("POST", "/files", lambda sdk, auth: sdk.files.create(
+            file=(path.name, content, "application/jsonl"), purpose="batch", timeout=self._transfer_timeout(),
+            extra_headers=auth), transfer=True)
         self.cache.update_job(job, input_file_id=data["id"], status="uploaded")
         path.unlink(missing_ok=True)
         return keys
@@ -193,55 +231,61 @@ class BatchRunner:
             return
         file_id = info.input_file_id
         batch_id = await self._adopt(job, file_id)  # created before a crash, id not yet recorded?
-        cfg = self.client.cfg
         ambiguous = False
-        last = ""
-        attempt = 0
-        while batch_id is None:
+
+        async def create_once() -> str:
+            """Adopt what an ambiguous earlier POST may have created, else POST once (never blindly twice)."""
+            nonlocal ambiguous
+            if ambiguous and (found := await self._adopt(job, file_id)) is not None:
+                return found
             self.cache.update_job(job, status="creating")
             try:
-                batch_id = await self._create(job, file_id)
-            except _Ambiguous as exc:
-                ambiguous, last = True, str(exc)
-            except _Refused as exc:
-                last = str(exc)
-            else:
-                if ambiguous:  # an earlier attempt may have created one after all: keep this one
-                    await self._adopt(job, file_id, keep=batch_id)
-                break
-            if attempt >= cfg.max_retries:
+                created = await self._create(job, file_id)
+            except _Ambiguous:
+                ambiguous = True
+                raise
+            if ambiguous:  # an earlier attempt may have created one after all: keep this one
+                await self._adopt(job, file_id, keep=created)
+            return created
+
+        if batch_id is None:
+            try:  # only a create that certainly or maybe did nothing is tried again (module doc, step 3)
+                batch_id = await self.client.retry_policy().retrying(
+                    transient=lambda exc: isinstance(exc, _Ambiguous | _Refused))(create_once)
+            except (_Ambiguous, _Refused) as exc:
                 raise BatchError(
-                    f"could not create a batch for job {job} on {self.ep.endpoint.base_url}: {last}; "
+                    f"could not create a batch for job {job} on {self.ep.endpoint.base_url}: {exc}; "
                     "re-running looks for it again before creating one"
-                )
-            await asyncio.sleep(self._backoff(attempt))
-            attempt += 1
-            if ambiguous:
-                batch_id = await self._adopt(job, file_id)
+                ) from None
         self.cache.update_job(job, batch_id=batch_id, status="submitted")
 
     async def _create(self, job: str, file_id: str) -> str:
         """One POST /batches, classified: the batch id, `_Ambiguous`, `_Refused` or `BatchError`."""
-        http = self.ep.http
-        assert http is not None
-        body = {
-            "input_file_id": file_id,
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-            "metadata": {"fvqa_job": job},
-        }
+        import openai
+
+        assert self._sdk is not None
         try:
-            async with http.post(self.ep.endpoint.base_url + "/batches", json=body) as resp:
-                status, text = resp.status, await resp.text(errors="replace")
-        except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
-            raise _Refused(type(exc).__name__) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _Ambiguous(f"{type(exc).__name__} after sending (timeout_s={self.client.cfg.timeout_s:g})") from exc
-        if status == 200:
-            try:
-                return str(json.loads(text)["id"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise _Ambiguous(f"unreadable reply {text[:100]!r}") from exc
+            batch = await self._sdk.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+                metadata={"fvqa_job": job}, extra_headers=self._auth)
+        except openai.APITimeoutError as exc:
+            if _never_connected(exc):
+                raise _Refused(_cause(exc)) from exc
+            raise _Ambiguous(f"{_cause(exc)} after sending (timeout_s={self.client.cfg.timeout_s:g})") from exc
+        except openai.APIConnectionError as exc:
+            if _never_connected(exc):  # nothing was sent
+                raise _Refused(_cause(exc)) from exc
+            raise _Ambiguous(f"{_cause(exc)} after sending") from exc
+        except openai.APIStatusError as exc:
+            status, text = exc.status_code, exc.response.text
+        except openai.APIResponseValidationError as exc:
+            raise _Ambiguous(f"unreadable reply {exc.response.text[:100]!r}") from exc
+        except ValueError as exc:  # a 200 whose JSON does not parse: the batch may exist
+            raise _Ambiguous(f"unreadable reply ({exc})") from exc
+        else:
+            if isinstance(batch, BaseModel) and getattr(batch, "id", None):
+                return str(batch.id)
+            raise _Ambiguous(f"unreadable reply {str(batch)[:100]!r}")
         detail = self._redact(f"HTTP {status}: {text[:300]}")
         if status == 429:
             raise _Refused(detail)
@@ -269,8 +313,8 @@ class BatchRunner:
         out: list[dict[str, Any]] = []
         after = None
         for _ in range(pages):
-            query = {"limit": 100, **({"after": after} if after else {})}
-            data = await self._call("GET", "/batches", params=query)
+            data = await self._call("GET", "/batches", lambda sdk, auth, after=after: sdk.batches.list(
+                limit=100, **({"after": after} if after else {}), extra_headers=auth))
             out += [b for b in data.get("data", []) if isinstance(b, dict) and "id" in b]
             if not data.get("has_more") or not data.get("data"):
                 break
@@ -283,7 +327,8 @@ class BatchRunner:
         status = str(batch.get("status"))
         if status not in DONE:
             try:
-                data = await self._call("POST", f"/batches/{batch['id']}/cancel")
+                data = await self._call("POST", f"/batches/{batch['id']}/cancel", lambda sdk, auth: sdk.batches.cancel(
+                    str(batch["id"]), extra_headers=auth))
                 status = str(data.get("status") or "cancelling")
             except BatchError:
                 status = "uncancelled"
@@ -292,19 +337,18 @@ class BatchRunner:
     async def _settle_extras(self) -> None:
         """Poll duplicate batches; book the lines of those that ended (replies stored only if missing)."""
         for batch_id in self.cache.extra_batches():
-            batch = await self._call("GET", f"/batches/{batch_id}")
+            batch = await self._retrieve(batch_id)
             status = str(batch.get("status"))
             if status in ("in_progress", "validating", "finalizing"):
                 try:  # not cancelled yet (the cancel failed earlier): try again
-                    await self._call("POST", f"/batches/{batch_id}/cancel")
+                    await self._call("POST", f"/batches/{batch_id}/cancel", lambda sdk, auth, b=batch_id:
+                                     sdk.batches.cancel(b, extra_headers=auth))
                 except BatchError:
                     pass
             if status not in DONE:
                 continue
             if batch.get("output_file_id"):
-                text = await self._call(
-                    "GET", f"/files/{batch['output_file_id']}/content", raw=True, timeout=self._transfer_timeout()
-                )
+                text = await self._content(str(batch["output_file_id"]))
                 for key, code, body in self._lines(text):
                     if code != 200 or not valid_body(body):
                         continue
@@ -333,7 +377,7 @@ class BatchRunner:
             for job in list(active):
                 info = self.cache.job(job)
                 assert info is not None and info.batch_id is not None
-                batch = await self._call("GET", f"/batches/{info.batch_id}")
+                batch = await self._retrieve(info.batch_id)
                 if batch.get("status") in DONE:
                     fresh |= await self._merge(job, batch)
                     if self.cache.extra_batches(job):
@@ -354,7 +398,7 @@ class BatchRunner:
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
             if not file_id:
                 continue
-            text = await self._call("GET", f"/files/{file_id}/content", raw=True, timeout=self._transfer_timeout())
+            text = await self._content(str(file_id))
             for key, code, body in self._lines(text):
                 if key not in job_keys:
                     continue
@@ -429,51 +473,74 @@ class BatchRunner:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
-    def _transfer_timeout(self) -> aiohttp.ClientTimeout:
-        total = self.client.cfg.batch_transfer_timeout_s
-        return aiohttp.ClientTimeout(total=total, connect=min(30.0, total))
+    def _transfer_timeout(self) -> openai.Timeout:
+        import openai
 
-    def _backoff(self, attempt: int) -> float:
-        cfg = self.client.cfg
-        return min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
+        total = self.client.cfg.batch_transfer_timeout_s
+        return openai.Timeout(total, connect=min(30.0, total))
+
+    async def _retrieve(self, batch_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/batches/{batch_id}", lambda sdk, auth: sdk.batches.retrieve(
+            batch_id, extra_headers=auth))
+
+    async def _content(self, file_id: str) -> str:
+        """A batch output or error file as text (a torn multi-byte tail decodes as U+FFFD, not an error)."""
+        return await self._call("GET", f"/files/{file_id}/content", lambda sdk, auth: sdk.files.content(
+            file_id, timeout=self._transfer_timeout(), extra_headers=auth), raw=True, transfer=True)
 
     def _redact(self, text: str) -> str:
         return self.cache.scrub(text) or ""
 
-    async def _call(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
-        """An idempotent call (or a file upload, where a duplicate is harmless) with the client's
-        retry policy; BatchError when it keeps failing. Never used to create a batch."""
-        http = self.ep.http
-        assert http is not None
+    async def _call(self, method: str, path: str, request: SdkCall, *, raw: bool = False,
+                    transfer: bool = False) -> Any:
+        """An idempotent SDK call (or a file upload, where a duplicate is harmless) with the client's
+        retry policy: the reply as a dict (`raw`: the body as text); BatchError when it keeps failing.
+        `method` and `path` only name the call in messages. Never used to create a batch."""
+        sdk = self._sdk
+        assert sdk is not None, "BatchRunner calls the Batch API only inside run()"
+        import openai
+
         cfg = self.client.cfg
-        last = ""
-        url = self.ep.endpoint.base_url + path
-        for attempt in range(cfg.max_retries + 1):
-            wait = 0.0
-            args = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
+
+        async def once() -> Any:
             try:
-                async with http.request(method, url, **args) as resp:
-                    status, headers, text = resp.status, resp.headers, await resp.text(errors="replace")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                last = f"{type(exc).__name__}"
-                if isinstance(exc, TimeoutError) and "timeout" in kwargs:
-                    last += f" (batch_transfer_timeout_s={cfg.batch_transfer_timeout_s:g})"
-                elif isinstance(exc, TimeoutError):
-                    last += f" (timeout_s={cfg.timeout_s:g})"
-            else:
-                if status == 200:
-                    if raw:
-                        return text
-                    try:
-                        return json.loads(text)
-                    except ValueError:
-                        last = f"non-JSON reply {text[:100]!r}"
-                else:
-                    last = f"HTTP {status}: {text[:300]}"
-                    if status < 500 and status not in (408, 409, 429):
-                        break
-                    wait = parse_retry_after(headers) or 0.0
-            if attempt < cfg.max_retries:
-                await asyncio.sleep(max(wait, self._backoff(attempt)))
-        last = self._redact(last)
+                reply = await request(sdk, self._auth)
+            except openai.APITimeoutError as exc:
+                limit = (f"batch_transfer_timeout_s={cfg.batch_transfer_timeout_s:g}" if transfer
+                         else f"timeout_s={cfg.timeout_s:g}")
+                raise _CallFailed(f"TimeoutError ({limit})", retry=True) from exc
+            except openai.APIConnectionError as exc:
+                raise _CallFailed(_cause(exc), retry=True) from exc
+            except openai.APIStatusError as exc:
+                status, text = exc.status_code, exc.response.text
+                transient = status >= 500 or status in (408, 409, 429)
+                raise _CallFailed(f"HTTP {status}: {text[:300]}", retry=transient,
+                                  retry_after=parse_retry_after(exc.response.headers) if transient else None) from exc
+            except openai.APIResponseValidationError as exc:
+                raise _CallFailed(f"non-JSON reply {exc.response.text[:100]!r}", retry=True) from exc
+            except ValueError as exc:  # the SDK lets a JSON-typed body that does not parse through as is
+                raise _CallFailed(f"non-JSON reply ({exc})", retry=True) from exc
+            if raw:
+                return reply.content.decode("utf-8", errors="replace")
+            if not isinstance(reply, BaseModel):  # a 200 whose body is not the API's JSON object
+                raise _CallFailed(f"non-JSON reply {str(reply)[:100]!r}", retry=True)
+            return reply.model_dump()
+
+        try:
+            return await self.client.retry_policy().retrying(
+                transient=lambda exc: isinstance(exc, _CallFailed) and exc.retry,
+                retry_after=lambda exc: exc.retry_after if isinstance(exc, _CallFailed) else None,
+            )(once)
+        except _CallFailed as exc:
+            last = self._redact(str(exc))
         raise BatchError(f"Batch API call {method} {path} on {self.ep.endpoint.base_url} failed: {last}")
+
+
+def _cause(exc: openai.APIConnectionError) -> str:
+    """The transport error under an SDK connection error, by name (as the messages always said)."""
+    return type(exc.__cause__ or exc).__name__
+
+
+def _never_connected(exc: openai.APIConnectionError) -> bool:
+    """The request never reached the server (refused, or the connect timed out): nothing was sent."""
+    return any(c.__name__ in _NEVER_CONNECTED for c in type(exc.__cause__).__mro__) if exc.__cause__ else False

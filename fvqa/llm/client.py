@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import itertools
 import json
-import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from fvqa.llm.cache import ResponseCache, request_key
 from fvqa.llm.config import Endpoint, LLMConfig
 from fvqa.llm.images import BadImageError, DataUrlEncoder, has_images, messages_for_key
 from fvqa.llm.ledger import CostLedger
+from fvqa.net.retry import RetryPolicy, parse_retry_after
 
 KIND = "openai-chat"
 CACHEABLE_STATUS = frozenset({400, 413, 422})  # the same request will fail the same way
@@ -141,26 +140,6 @@ def valid_body(body: Any) -> bool:
         return isinstance(body["choices"][0]["message"], dict)
     except (KeyError, IndexError, TypeError):
         return False
-
-
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or HTTP date)."""
-    if ms := headers.get("retry-after-ms"):
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - time.time())
 
 
 class LLMClient:
@@ -402,58 +381,65 @@ class LLMClient:
         ep = min(order, key=lambda e: e.not_before)
         return ep, ep.not_before - now
 
+    def retry_policy(self) -> RetryPolicy:
+        """The shared retry policy with this client's settings (also used by the Batch API runner)."""
+        return RetryPolicy.from_max_retries(
+            self.cfg.max_retries, base_s=self.cfg.backoff_base_s, cap_s=self.cfg.backoff_max_s,
+            jitter=(0.5, 1.0), max_retry_after_s=MAX_RETRY_AFTER_S)
+
     async def _send(self, key: str, payload: dict[str, Any]) -> LLMResult:
+        """Send with retries. Only failures `_attempt` marks `retry` are sent again (no usable reply:
+        timeout, connection lost, 408/409/425/429, 5xx, an unusable body); a reply once received is
+        never asked for again, and a 4xx refusal is final. Retry-After
+        is not waited here but recorded per endpoint (`_note_failure`), so `_pick` can send the retry
+        to another endpoint at once, or wait until the asking one is ready (that wait is no attempt)."""
         self._open()
         body = json.dumps(payload, ensure_ascii=False).encode()
         attempts = 0
-        failure: _Failure | None = None
-        attempt = 0
-        while attempt <= self.cfg.max_retries:
-            reply: dict[str, Any] | None = None
-            async with self._sem:  # pick inside, so the pick sees the outcome of earlier attempts
-                ep, wait = self._pick()
-                if wait <= 0:
-                    first = await self._first_contact(ep)
-                    try:
-                        self._raise_if_misconfigured()
-                        attempts += 1
+
+        async def send_once() -> tuple[_EndpointState, dict[str, Any]]:
+            nonlocal attempts
+            while True:
+                async with self._sem:  # pick inside, so the pick sees the outcome of earlier attempts
+                    ep, wait = self._pick()
+                    if wait <= 0:
+                        first = await self._first_contact(ep)
                         try:
-                            reply = await self._attempt(ep, body)
-                        except _Failure as exc:
-                            failure = exc
-                            if exc.config is not None:
-                                self._config_error = exc.config
-                                raise exc.config from None
-                        ep.verified = True
-                    finally:
-                        if first and ep.probe is not None:
-                            ep.probe.set()
-                            ep.probe = None
-            if wait > 0:  # every endpoint asked us to wait (Retry-After)
-                await asyncio.sleep(wait)
-                continue
-            if reply is None:
-                assert failure is not None
-                self._note_failure(ep, failure)
-                if not failure.retry or attempt == self.cfg.max_retries:
-                    break
-                delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                attempt += 1
-                continue
-            ep.failures = 0
-            ep.down_until = 0.0
-            reply = self.cache.scrubber.value(reply)  # an echoed key reaches neither the cache nor a stage
-            self.cache.put_ok(key, reply, self.cfg.model, stage=self.stage, price=self.cfg.price_for(ep.endpoint))
-            return dataclasses.replace(LLMResult.from_body(key, reply, cached=False, attempts=attempts),
-                                       endpoint=ep.endpoint.base_url)
-        assert failure is not None
-        message = str(failure)
-        if failure.retry:
-            message += f" (gave up after {attempts} attempts)"
-        elif failure.error_class.startswith("http_") and int(failure.error_class[5:]) in CACHEABLE_STATUS:
-            self.cache.put_error(key, failure.error_class, message, self.cfg.model)
-        return LLMResult(ok=False, key=key, error_class=failure.error_class, error=message, attempts=attempts)
+                            self._raise_if_misconfigured()
+                            attempts += 1
+                            try:
+                                reply = await self._attempt(ep, body)
+                            except _Failure as exc:
+                                if exc.config is not None:
+                                    self._config_error = exc.config
+                                    raise exc.config from None
+                                ep.verified = True
+                                self._note_failure(ep, exc)
+                                raise
+                            ep.verified = True
+                            return ep, reply
+                        finally:
+                            if first and ep.probe is not None:
+                                ep.probe.set()
+                                ep.probe = None
+                await asyncio.sleep(wait)  # every endpoint asked us to wait (Retry-After)
+
+        try:
+            ep, reply = await self.retry_policy().retrying(
+                transient=lambda exc: isinstance(exc, _Failure) and exc.retry)(send_once)
+        except _Failure as failure:
+            message = str(failure)
+            if failure.retry:
+                message += f" (gave up after {attempts} attempts)"
+            elif failure.error_class.startswith("http_") and int(failure.error_class[5:]) in CACHEABLE_STATUS:
+                self.cache.put_error(key, failure.error_class, message, self.cfg.model)
+            return LLMResult(ok=False, key=key, error_class=failure.error_class, error=message, attempts=attempts)
+        ep.failures = 0
+        ep.down_until = 0.0
+        reply = self.cache.scrubber.value(reply)  # an echoed key reaches neither the cache nor a stage
+        self.cache.put_ok(key, reply, self.cfg.model, stage=self.stage, price=self.cfg.price_for(ep.endpoint))
+        return dataclasses.replace(LLMResult.from_body(key, reply, cached=False, attempts=attempts),
+                                   endpoint=ep.endpoint.base_url)
 
     async def _first_contact(self, ep: _EndpointState) -> bool:
         """Until `ep` has answered once, one request at a time goes there (True: the caller is it);

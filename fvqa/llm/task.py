@@ -24,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -62,7 +62,7 @@ class Reply:
 
     text: str
     value: Any = None  # an instance of the request's reply_model; None for free-text tasks
-    repaired: bool = False  # the first reply was invalid, the repair request's reply is this one
+    repaired: Literal[False, "local", "reask"] = False  # invalid first reply: mended locally / re-asked
     cached: bool = False  # served from the response cache (nothing paid now)
 
 

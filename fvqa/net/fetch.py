@@ -15,9 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import random
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +22,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from fvqa.net.retry import RetryPolicy, parse_retry_after
 from fvqa.net.robots import RobotsCache
 from fvqa.net.ssrf import (
     BadURL,
@@ -81,20 +79,6 @@ class FetchResult:
     retry_after: float | None = None
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class Downloader:
     """`async with Downloader(opts) as d: await d.fetch(url)` or `await d.fetch_many(urls)`."""
 
@@ -106,6 +90,11 @@ class Downloader:
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._next_start: dict[str, float] = {}
         self._robots = RobotsCache(self._fetch_robots, opts.user_agent) if opts.respect_robots else None
+        # backoff_s doubling per retry plus up to 10% jitter; Retry-After is waited as given (a longer
+        # one than max_retry_after_s ends the retries instead, see `fetch`)
+        self._policy = RetryPolicy.from_max_retries(
+            opts.retries, base_s=opts.backoff_s, cap_s=max(opts.max_retry_after_s, opts.backoff_s),
+            jitter=(1.0, 1.1), max_retry_after_s=opts.max_retry_after_s)
 
     async def __aenter__(self) -> Downloader:
         n_clients = -(-self.opts.concurrency // CONNECTIONS_PER_CLIENT)
@@ -138,26 +127,34 @@ class Downloader:
         return list(await asyncio.gather(*(self.fetch(u, max_bytes=max_bytes) for u in urls)))
 
     async def fetch(self, url: str, *, max_bytes: int | None = None) -> FetchResult:
-        """GET with retries; never raises for network or HTTP problems."""
+        """GET with retries (the shared `fvqa.net.retry` policy); never raises for network or HTTP problems."""
         attempts = 0
-        while True:
+
+        async def attempt() -> FetchResult:
+            nonlocal attempts
             attempts += 1
             result = await self._attempt(url, max_bytes or self.opts.max_bytes)
             result.attempts = attempts
-            if result.ok or not result.retryable or attempts > self.opts.retries:
-                if not result.ok and result.retryable and attempts > 1:
-                    result.detail = f"{result.detail} (gave up after {attempts} attempts)".strip()
-                return result
-            if result.retry_after is not None:
-                if result.retry_after > self.opts.max_retry_after_s:
-                    result.detail = (f"{result.detail} (Retry-After {result.retry_after:.0f}s exceeds "
-                                     f"max_retry_after_s {self.opts.max_retry_after_s:.0f})").strip()
-                    return result
-                delay = result.retry_after
-            else:
-                delay = self.opts.backoff_s * (2 ** (attempts - 1))
-                delay += random.uniform(0, delay * 0.1)
-            await asyncio.sleep(delay)
+            return result
+
+        def too_long(result: FetchResult) -> bool:  # the site asks for a longer pause than we wait
+            return result.retry_after is not None and result.retry_after > self.opts.max_retry_after_s
+
+        result: FetchResult = await self._policy.retrying(
+            transient_result=lambda r: not r.ok and r.retryable,
+            retry_after=lambda r: r.retry_after,
+            give_up=too_long,
+        )(attempt)
+        if result.ok or not result.retryable:
+            return result
+        if attempts > self.opts.retries:
+            if attempts > 1:
+                result.detail = f"{result.detail} (gave up after {attempts} attempts)".strip()
+        elif too_long(result):
+            assert result.retry_after is not None
+            result.detail = (f"{result.detail} (Retry-After {result.retry_after:.0f}s exceeds "
+                             f"max_retry_after_s {self.opts.max_retry_after_s:.0f})").strip()
+        return result
 
     # -- one attempt -------------------------------------------------------------------------
     async def _attempt(self, url: str, max_bytes: int) -> FetchResult:
@@ -228,7 +225,7 @@ class Downloader:
                     url, False, status=resp.status_code, final_url=current, content_type=ctype,
                     reason="http_error", detail=f"HTTP {resp.status_code} {resp.reason_phrase or ''}".strip(),
                     retryable=resp.status_code in RETRY_STATUS,
-                    retry_after=parse_retry_after(resp.headers.get("retry-after")))
+                    retry_after=parse_retry_after(resp.headers))
             declared = resp.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 return FetchResult(url, False, status=resp.status_code, final_url=current, content_type=ctype,

@@ -1,4 +1,8 @@
-"""robots.txt, fetched once per origin and cached for the run (RFC 9309 semantics, simplified).
+"""robots.txt, fetched once per origin and cached for the run (RFC 9309 semantics, via `protego`).
+
+`urllib.robotparser` takes the first matching rule and knows neither `*` nor `$`, so `Disallow: /*.jpg$`
+was ignored and `Allow: /a/b` after `Disallow: /a/` lost; protego implements RFC 9309's longest
+match (an Allow wins a tie) with both wildcards.
 
 4xx or a redirect: no rules (allowed). 5xx: the site asks crawlers to stay away for now (disallowed).
 Unreachable: allowed here, because the real request will fail with its own, clearer reason.
@@ -9,7 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
-from urllib.robotparser import RobotFileParser
+
+from protego import Protego
 
 # fetch(url) -> (status or None when unreachable, body text)
 RobotsFetch = Callable[[str], Awaitable[tuple[int | None, str]]]
@@ -21,7 +26,7 @@ class RobotsCache:
     def __init__(self, fetch: RobotsFetch, user_agent: str) -> None:
         self._fetch = fetch
         self._agent = user_agent.split("/", 1)[0]
-        self._rules: dict[str, RobotFileParser | str | None] = {}
+        self._rules: dict[str, Protego | str | None] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def allowed(self, url: str) -> tuple[bool, str]:
@@ -36,16 +41,14 @@ class RobotsCache:
             return True, ""
         if isinstance(rules, str):
             return False, rules
-        if rules.can_fetch(self._agent, url):
+        if rules.can_fetch(url, self._agent):
             return True, ""
         return False, f"{origin}/robots.txt disallows {parts.path or '/'} for {self._agent}"
 
-    async def _load(self, origin: str) -> RobotFileParser | str | None:
+    async def _load(self, origin: str) -> Protego | str | None:
         status, text = await self._fetch(f"{origin}/robots.txt")
         if status is None or 300 <= status < 500:
             return None
         if status >= 500:
             return f"{origin}/robots.txt answered HTTP {status}: crawling paused by the site"
-        parser = RobotFileParser()
-        parser.parse(text.splitlines())
-        return parser
+        return Protego.parse(text)

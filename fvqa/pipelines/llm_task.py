@@ -6,6 +6,7 @@ The generate and tag stages only say which inputs to send and what row an output
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -29,17 +30,26 @@ def run_stage_task(ctx: StageContext, task: LLMTask[In, Out], inputs: Mapping[st
     tagged"; those inputs are neither emitted nor rejected, so the next run retries them. An endpoint
     refusing the key or model (401/403/404) stops the stage with `LLMConfigError` after committing
     the outputs already made; nothing is rejected for it. A self-hosted endpoint without a price is
-    billed $0, and the note says so."""
+    billed $0, and the note says so. `stats.extra["repaired"]` counts the outputs whose first reply
+    was invalid, by how it became valid: "local" (mended by json_repair, free) or "reask" (one paid
+    repair request)."""
     if task.name != ctx.stage.name:
         raise ValueError(f"task {task.name!r} would reject rows of stage {ctx.stage.name!r}")
 
     def on_reject(key: str, rej: Reject) -> None:
         ctx.reject(key, rej.reason, rej.detail)
 
+    repaired: Counter[str] = Counter()
+
+    def counted(key: str, out: Out, reply: Reply) -> None:
+        if reply.repaired:
+            repaired[reply.repaired] += 1
+        on_output(key, out, reply)
+
     bar = ctx.progress(range(len(inputs)), description=f"{task.name} (llm)")
     next(bar, None)  # opens the bar; each settled input advances it
     try:
-        run = run_task(task, inputs, llm, ctx.ws.cache_dir, on_output=on_output, on_reject=on_reject,
+        run = run_task(task, inputs, llm, ctx.ws.cache_dir, on_output=counted, on_reject=on_reject,
                        batch_wait_s=batch_wait_s, progress=lambda: next(bar, None), section=f"{task.name}.llm")
     except LLMConfigError:
         ctx.commit()  # keep what was answered before the refusal; the stage records no run
@@ -49,6 +59,7 @@ def run_stage_task(ctx: StageContext, task: LLMTask[In, Out], inputs: Mapping[st
     ctx.stats.paid_calls += run.paid_calls
     ctx.stats.cache_hits += run.cache_hits
     ctx.stats.cost_usd += run.usd
+    ctx.stats.extra["repaired"] = {"local": repaired["local"], "reask": repaired["reask"]}
     for url in llm.free_endpoints():
         ctx.stats.notes.append(f"endpoint {url} priced at $0 (self-hosted); set its price to bill it")
     if run.transient:

@@ -141,6 +141,10 @@ class Recorded:
     t: float
     status: int = 0  # filled in when the reply is sent (0: never answered)
 
+    def header(self, name: str) -> str | None:
+        """A request header by name, case-insensitively (the openai SDK's httpx sends lowercase names)."""
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
     @property
     def json(self) -> Any:
         try:
