@@ -1,5 +1,6 @@
-"""Exports: native Parquet, upstream's veRL layout (as `lmms-lab/FVQA`), a Hugging Face folder, and
-the distilled SFT trajectories (`sft`, veRL's multi-turn SFT format).
+"""Exports: native Parquet, upstream's veRL layout (as `lmms-lab/FVQA`), a Hugging Face dataset in the
+Hub's layout (`hf`: Parquet shards under `data/` and a card, `fvqa.pipelines.export_hf`), and the
+distilled SFT trajectories (`sft`, veRL's multi-turn SFT format).
 
 Every image the export references is checked to be in the store first (a missing one is an
 `ExportError` naming it, before anything is written). The formats are then written into a fresh
@@ -14,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from fvqa.errors import FvqaError
 from fvqa.formats.verl import candidate_answers, data_source, verl_row
 from fvqa.pipelines.base import Stage, StageContext
+from fvqa.pipelines.export_hf import CardOptions, export_hf
 from fvqa.schema import ITEM_ARROW_SCHEMA, SearchLabel
 from fvqa.store import Workspace
 
@@ -122,64 +123,6 @@ def export_upstream(ws: Workspace, rows: list[dict[str, Any]], root: Path | None
     return out
 
 
-def _card(rows: list[dict[str, Any]]) -> str:
-    splits = Counter(r["split"] for r in rows)
-    labels = Counter(r.get("search_label") or "unlabelled" for r in rows)
-    types = Counter(r.get("knowledge_type") or "untagged" for r in rows)
-    sources = Counter(r["source"] for r in rows)
-
-    def table(title: str, counts: Counter[str]) -> str:
-        lines = [f"### {title}", "", "| value | items |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(counts.items())]
-        return "\n".join(lines)
-
-    header = "\n".join(
-        ["---", "license: cc-by-4.0", "task_categories:", "- visual-question-answering",
-         "language:", "- en", "pretty_name: FVQA (fvqa build)", "configs:", "- config_name: default",
-         "  data_files:"]
-        + [f"  - split: {s}\n    path: {s}/*" for s in sorted(splits)]
-        + ["---"]
-    )
-    body = [
-        "# FVQA — search-balanced visual question answering",
-        "",
-        "Built with `fvqa build`. Each item carries its lineage (source, concept and MetaCLIP tier, "
-        "entity, knowledge type, probe statistics, the 4-way search label, split, annotation status).",
-        "",
-        f"Items: {len(rows)}",
-        "",
-        table("Items per split", splits),
-        "",
-        table("Items per search label", labels),
-        "",
-        table("Items per knowledge type", types),
-        "",
-        table("Items per source", sources),
-    ]
-    return header + "\n\n" + "\n".join(body) + "\n"
-
-
-def export_hf(ws: Workspace, rows: list[dict[str, Any]], root: Path | None = None) -> Path:
-    """A `datasets.DatasetDict` folder (`save_to_disk`) with images embedded and a dataset card, at
-    `root`/hf (default: the workspace's exports folder)."""
-    import datasets
-
-    features = datasets.Features.from_arrow_schema(ITEM_ARROW_SCHEMA)
-    features["image"] = datasets.Image()
-    by_split: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        image = {"bytes": ws.find_image(row["image_sha256"]).read_bytes(), "path": None} if row.get(
-            "image_sha256") else None
-        by_split.setdefault(row["split"], []).append({**row, "image": image})
-    dd = datasets.DatasetDict(
-        {s: datasets.Dataset.from_list(r, features=features) for s, r in sorted(by_split.items())}
-    )
-    final = (root or ws.exports_dir) / "hf"
-    dd.save_to_disk(str(final))
-    (final / "README.md").write_text(_card(rows), encoding="utf-8")
-    return final
-
-
 def _export_sft(ws: Workspace, root: Path, val_fraction: float) -> list[Path]:
     from fvqa.pipelines.distill_sft import SFTExportError, export_sft
 
@@ -201,8 +144,11 @@ FORMATS = ("native", "upstream", "hf", "sft")
 
 
 def export_all(ws: Workspace, formats: list[str], include_unassigned: bool = True, *,
-               sft_val_fraction: float = 0.0) -> dict[str, list[Path]]:
+               sft_val_fraction: float = 0.0, card: CardOptions | None = None) -> dict[str, list[Path]]:
     """Write the requested formats; returns the paths written per format.
+
+    `card`: what the `hf` dataset card says beyond the rows (license, name, demo world; default:
+    `CardOptions()`, cc-by-4.0).
 
     `sft`: the distill stage's kept trajectories in veRL's multi-turn SFT format
     (`fvqa.formats.sft`, written by `fvqa.pipelines.distill_sft`), staged and renamed like the others.
@@ -220,7 +166,7 @@ def export_all(ws: Workspace, formats: list[str], include_unassigned: bool = Tru
     staging.mkdir()
     writers = {"native": lambda: [export_native(ws, rows, staging)],
                "upstream": lambda: export_upstream(ws, rows, staging),
-               "hf": lambda: [export_hf(ws, rows, staging)],
+               "hf": lambda: [export_hf(ws, rows, staging, card)],
                "sft": lambda: _export_sft(ws, staging, sft_val_fraction)}
     try:
         staged = {fmt: writers[fmt]() for fmt in FORMATS if fmt in formats}
@@ -243,7 +189,7 @@ class ExportStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         written = export_all(ctx.ws, list(ctx.cfg.formats), ctx.cfg.include_unassigned,
-                             sft_val_fraction=ctx.cfg.sft_val_fraction)
+                             sft_val_fraction=ctx.cfg.sft_val_fraction, card=CardOptions.from_config(ctx.config))
         ctx.stats.n_in = ctx.ws.count("dataset")
         ctx.stats.n_out = ctx.stats.n_in
         for fmt, paths in written.items():
