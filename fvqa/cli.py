@@ -27,7 +27,7 @@ app = typer.Typer(
     help="Build search-balanced VQA datasets (FVQA), annotate them, train and evaluate on-demand search VLMs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 
 
@@ -39,10 +39,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_verbose = {"on": False}  # `fvqa -v CMD` (root option) or `CMD -v`: library logs on the terminal too
+
+
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+                                                help="Print the version and exit.")] = False,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                                help="Also show library logs on the terminal.")] = False) -> None:
     """Options before the command (the app's help text is set on `app`)."""
+    _verbose["on"] = verbose
+    if verbose:
+        _logging(None, "fvqa")
 
 
 config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
@@ -60,14 +68,29 @@ WorkspaceOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).")
 ]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also show library logs on the terminal (they always go to WORKSPACE/logs/).")]
+
+
+def _logging(workspace: Path | None, command: str, verbose: bool = False) -> Path | None:
+    """Library logs and warnings -> `<workspace>/logs/<command>-<time>.log` (and the terminal with -v);
+    fvqa's own config notes keep reaching the terminal. Returns the log file."""
+    from fvqa.logs import setup_logging
+
+    global _show_warning
+    path = setup_logging(workspace, command, verbose=verbose or _verbose["on"], console=err)
+    _show_warning = warnings.showwarning  # now the logging module's: other warnings go to the log
+    warnings.showwarning = _note_deprecations
+    return path
 
 
 def _config(config: Path | None, workspace: Path | None, overrides: list[str] | None = None):
-    from fvqa.config import load_config
+    """The run config; `-w` moves the workspace and every path under it (world, index, caches)."""
+    from fvqa.config import load_config, move_workspace
 
     cfg = load_config(config, overrides)
     if workspace is not None:
-        cfg.workspace = workspace
+        move_workspace(cfg, workspace)
     return cfg
 
 
@@ -128,33 +151,52 @@ def build(
         "--retry-rejects", help="Try these rejects again: STAGE or STAGE:CODE, comma-separated "
         "(codes as `fvqa status` lists them, e.g. crawl:http_error); the stage's outputs stay.")] = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Run the build stages in order (match, concepts, crawl, generate, infoseek, tag, index, probe, split, export).
+    """Run the build stages in order (match, concepts, crawl, generate, infoseek, tag, index, probe, split, distill, export).
 
     Re-running the same command continues where a previous (even killed) run stopped: each stage
     processes only keys missing from its output table, so no committed paid call is repeated.
     """
-    from fvqa.pipelines.runner import check_selection, estimate_build, run_build
+    from fvqa.pipelines import load_stage
+    from fvqa.pipelines.runner import check_selection, check_stages, estimate_build, run_build
+    from fvqa.store import check_writable
 
     cfg = _config(config, workspace, set_)
     only = _split_csv(stages) or None
-    check_selection(cfg, only, until, _split_csv(force), _split_csv(retry_rejects))  # before any disk
-    if estimate:
+    names, _ = check_selection(cfg, only, until, _split_csv(force), _split_csv(retry_rejects))  # before any disk
+    if estimate:  # reads an existing workspace, else an empty temporary one: creates nothing here
         _print_estimate(estimate_build(cfg, console=err, only=only, until=until))
         return
+    check_stages(cfg, [load_stage(n) for n in names], err)
+    check_writable(cfg.workspace)
+    log = _logging(cfg.workspace, "build", verbose)
     run_build(cfg, only=only, until=until, force=_split_csv(force), retry_rejects=_split_csv(retry_rejects),
               console=err)
-    exports = cfg.workspace / "exports"
-    out.print(f"[green]build finished[/] — workspace: {cfg.workspace.resolve()}  exports: {exports.resolve()}")
+    root = cfg.workspace.resolve()
+    out.print("[green]build finished[/]")
+    for label, path in (("workspace", root), ("exports", root / "exports"), ("log", log and log.resolve())):
+        out.print(f"{label}: {path}", soft_wrap=True, highlight=False)  # one line each: copyable
 
 
 @app.command()
 def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
-    """Per-stage counts, last run, paid LLM calls and dollars per stage, and rejects by reason code."""
-    from fvqa.llm.cache import read_spend
-    from fvqa.store import Workspace
+    """Per-stage counts, last run, paid LLM calls and dollars per stage, and rejects by reason code.
 
-    with Workspace(_workspace_path(config, workspace), read_only=True) as ws:
+    While a build runs (DuckDB's lock keeps other processes out), it shows the build's published
+    progress snapshot instead, with its age."""
+    from fvqa.llm.cache import read_spend
+    from fvqa.store import Workspace, WorkspaceLocked
+
+    root = _workspace_path(config, workspace)
+    try:
+        ws = Workspace(root, read_only=True)
+    except WorkspaceLocked as exc:
+        if not _print_snapshot(root):
+            raise
+        err.print(f"[dim]({exc}; the full tables show once it is released)[/]", highlight=False, soft_wrap=True)
+        return
+    with ws:
         tables = Table(title=f"workspace {ws.root}")
         tables.add_column("table")
         tables.add_column("rows", justify="right")
@@ -217,6 +259,58 @@ def status(config: ConfigOpt = None, workspace: WorkspaceOpt = None) -> None:
                 out.print(dt)
 
 
+def _age(iso: str | None) -> str:
+    """`12 s ago` for an ISO-8601 UTC time (`?` when unreadable)."""
+    from datetime import UTC, datetime
+
+    try:
+        then = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return "?"
+    seconds = max(0.0, (datetime.now(UTC) - then).total_seconds())
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+def _print_snapshot(root: Path) -> bool:
+    """Print a live build's progress snapshot (`fvqa.store.read_progress`); False when there is none."""
+    from fvqa.store import read_progress
+
+    snap = read_progress(root)
+    if snap is None:
+        return False
+    state, pid = snap.get("status", "?"), snap.get("pid")
+    if state == "running" and not _alive(pid):
+        state = "stopped (its process is gone: killed?)"
+    lead = "live build snapshot" if state == "running" else f"last build snapshot ({state})"
+    out.print(f"workspace {root.resolve()} is locked by another process; {lead}: build PID {pid}, "
+              f"started {_age(snap.get('started_at'))}, updated {_age(snap.get('updated_at'))}"
+              + (f", now in stage {snap['stage']}" if state == "running" and snap.get("stage") else ""),
+              soft_wrap=True, highlight=False)
+    table = Table()
+    for col in ("stage", "status", "new rows", "in", "out", "rejected", "seconds"):
+        table.add_column(col, justify="left" if col in ("stage", "status") else "right")
+    for entry in snap.get("stages", []):
+        table.add_row(*(str(entry.get(k, "-")) for k in ("name", "status", "new_rows", "n_in", "n_out",
+                                                          "n_rejected", "seconds")))
+    out.print(table)
+    return True
+
+
+def _alive(pid: object) -> bool:
+    """Whether a process with this id runs (on this machine)."""
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 @app.command()
 def sql(
     query: Annotated[str, typer.Argument(help='e.g. "SELECT split, count(*) FROM dataset GROUP BY 1"')],
@@ -257,20 +351,42 @@ def export_cmd(
     format_: Annotated[
         list[str] | None, typer.Option("--format", "-f", help="native | upstream | hf | sft (repeatable; default: native, upstream, hf)")
     ] = None,
+    push_to_hub: Annotated[str | None, typer.Option(
+        "--push-to-hub", metavar="REPO",
+        help="Upload the hf export to this Hub dataset repo (owner/name; token from HF_TOKEN, endpoint from HF_ENDPOINT).")
+    ] = None,
+    private: Annotated[bool, typer.Option(
+        "--private", help="With --push-to-hub: create the repo private (an existing repo keeps its visibility).")
+    ] = False,
 ) -> None:
-    """Write the dataset as native Parquet, upstream's veRL parquet and/or a Hugging Face folder, or the
-    distilled SFT trajectories (`sft`: veRL's multi-turn SFT parquet, after the distill stage)."""
+    """Write the dataset as native Parquet, upstream's veRL parquet and/or a Hugging Face dataset in the
+    Hub's layout (Parquet shards under data/ + card), or the distilled SFT trajectories (`sft`: veRL's
+    multi-turn SFT parquet, after the distill stage); `--push-to-hub` then uploads the hf folder."""
     from fvqa.pipelines.export import FORMATS, export_all
+    from fvqa.pipelines.export_hf import CardOptions, check_push, hub_token, push_hf
     from fvqa.store import Workspace
 
     formats = format_ or ["native", "upstream", "hf"]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise FvqaError(f"unknown export format(s): {', '.join(bad)} (choose {', '.join(FORMATS)})")
-    with Workspace(_workspace_path(config, workspace)) as ws:
-        for fmt, paths in export_all(ws, formats).items():
+    if private and not push_to_hub:
+        raise FvqaError("--private only applies with --push-to-hub REPO")
+    token = None
+    if push_to_hub:  # every reason the upload cannot work stops here, before anything is written
+        if "hf" not in formats:
+            raise FvqaError("--push-to-hub uploads the hf export: add --format hf (or leave --format out)")
+        token = hub_token()
+        check_push(push_to_hub)
+    cfg = _config(config, workspace)
+    with Workspace(cfg.workspace) as ws:
+        written = export_all(ws, formats, card=CardOptions.from_config(cfg))
+        for fmt, paths in written.items():
             for p in paths:
                 out.print(f"{fmt}: {p}")
+    if push_to_hub and token:
+        url = push_hf(written["hf"][0], push_to_hub, token=token, private=private)
+        out.print(f"pushed: {url}" + (" (private)" if private else ""), highlight=False)
 
 
 @app.command("import-upstream")
@@ -278,15 +394,31 @@ def import_upstream_cmd(
     file: Annotated[Path, typer.Argument(help="A parquet in upstream's layout (lmms-lab/FVQA, mini_data).")],
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
-    split: Annotated[str | None, typer.Option(help="train | test (default: from the file name)")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train | test (default: from the file name, else unassigned); moves rows already present too")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Load the released FVQA (or any upstream-layout parquet) into a workspace."""
-    from fvqa.pipelines.import_upstream import import_upstream
-    from fvqa.store import Workspace
+    from fvqa.pipelines.import_upstream import choose_split, import_upstream, read_upstream
+    from fvqa.store import Workspace, check_writable
 
-    with Workspace(_workspace_path(config, workspace)) as ws:
-        counts = import_upstream(ws, file, split)
+    chosen, split_from = choose_split(file, split)  # every argument checked before the workspace is touched
+    table = read_upstream(file)
+    root = _workspace_path(config, workspace)
+    check_writable(root)
+    _logging(root, "import-upstream", verbose)
+    with Workspace(root) as ws:
+        counts = import_upstream(ws, file, split, table=table)
     out.print(f"imported {counts['imported']}, already present {counts['skipped']}, rejected {counts['rejected']}")
+    why = {"--split": "from --split", "file name": f"from the file name {file.name}",
+           "default": f"default: {file.name} names neither train nor test; pass --split train|test"}
+    out.print(f"split: {chosen} ({why[split_from]})", soft_wrap=True, highlight=False)
+    if counts["moved"]:
+        out.print(f"moved {counts['moved']} already present to {chosen}", highlight=False)
+    elif counts["skipped"] and split_from == "--split":
+        out.print(f"the {counts['skipped']} already present are in {chosen} already", highlight=False)
+    elif counts["skipped"]:
+        out.print("rows already present keep their split (--split train|test moves them)", highlight=False)
 
 
 @config_app.command("show")

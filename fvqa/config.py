@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -33,9 +34,11 @@ class Section(BaseModel):
 
 
 class WorldConfig(Section):
-    """The bundled offline demo world; generated on first use when `generate` is true."""
+    """The bundled offline demo world; generated on first use when `generate` is true.
 
-    path: Path = Path("fvqa-work/demo-world")
+    `path` left unset is `<workspace>/demo-world` (filled by `RunConfig`), so it follows `-w`."""
+
+    path: Path = DEFAULT_WORKSPACE / "demo-world"
     generate: bool = True
     seed: int = 0
     n_entities: int = 240
@@ -301,6 +304,19 @@ class ExportConfig(Section):
     )
     include_unassigned: bool = True
     sft_val_fraction: float = Field(0.0, ge=0, lt=1)  # sft: share of items (seeded) written to val.parquet
+    # hf: the dataset card's `license` (a Hub license id: cc-by-4.0, cc-by-sa-4.0, apache-2.0, other...)
+    # and `pretty_name`; set the license your sources allow before publishing
+    license: str = Field("cc-by-4.0", min_length=1, pattern=r"^\S+$")
+    pretty_name: str = Field("FVQA (fvqa build)", min_length=1)
+
+
+class AnnotateConfig(Section):
+    """`fvqa annotate` review rounds."""
+
+    # pre-fill review tasks with the pipeline's labels (knowledge type, search need, question, aliases)
+    # as Label Studio predictions. Off by default: pre-filled values anchor annotators and inflate
+    # agreement; each round records the mode it was pushed with.
+    prefill: bool = False
 
 
 class IndexConfig(Section):
@@ -329,11 +345,14 @@ class RunConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)  # search tools of probe/eval/train (fvqa.search)
 
     @model_validator(mode="after")
     def _paths(self, info: ValidationInfo) -> RunConfig:
         resolve_paths(self, info.context)  # relative to the config file first, then the world's defaults
+        if self.world is not None and "path" not in self.world.model_fields_set:
+            self.world.path = self.workspace / "demo-world"
         _world_defaults(self)
         return self
 
@@ -383,6 +402,45 @@ def _world_defaults(config: RunConfig) -> None:
 def _get(config: RunConfig, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(config, section), name)
+
+
+def _under(path: Path, root: Path) -> Path | None:
+    """`path` relative to `root` when it lies inside it (compared as absolute, normalised paths)."""
+    try:
+        return Path(os.path.normpath(path.absolute())).relative_to(os.path.normpath(root.absolute()))
+    except ValueError:
+        return None
+
+
+def _rebased(node: Any, old: Path, new: Path) -> Any:
+    """`node` with every Path inside `old` moved to the same place inside `new` (models in place)."""
+    if isinstance(node, PurePath):
+        rel = _under(Path(node), old)
+        return node if rel is None else new / rel
+    if isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            value = getattr(node, name)
+            moved = _rebased(value, old, new)
+            if moved is not value:
+                object.__setattr__(node, name, moved)  # no re-validation, fields_set unchanged
+        return node
+    if isinstance(node, list):
+        moved_list = [_rebased(v, old, new) for v in node]
+        return moved_list if any(a is not b for a, b in zip(moved_list, node, strict=True)) else node
+    if isinstance(node, dict):
+        moved_dict = {k: _rebased(v, old, new) for k, v in node.items()}
+        return moved_dict if any(moved_dict[k] is not v for k, v in node.items()) else node
+    return node
+
+
+def move_workspace(config: RunConfig, workspace: Path) -> RunConfig:
+    """Point `config` at another workspace (`-w`): every path inside the old workspace (the demo
+    world, the search index, caches, whether defaulted or written as `../fvqa-work/...`) moves to
+    the same place inside the new one; paths outside it stay as configured."""
+    old = config.workspace
+    _rebased(config, old, Path(workspace))
+    config.workspace = Path(workspace)
+    return config
 
 
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> RunConfig:

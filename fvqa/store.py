@@ -57,7 +57,9 @@ CREATE TABLE IF NOT EXISTS labels (
 CREATE TABLE IF NOT EXISTS splits (item_id VARCHAR PRIMARY KEY, split VARCHAR, provenance VARCHAR);
 CREATE TABLE IF NOT EXISTS gold (
     item_id VARCHAR PRIMARY KEY, status VARCHAR, answer VARCHAR, aliases VARCHAR[],
-    knowledge_type VARCHAR, search_label VARCHAR, round VARCHAR, provenance VARCHAR);
+    knowledge_type VARCHAR, search_label VARCHAR, round VARCHAR, provenance VARCHAR, question VARCHAR);
+-- a reviewed question (annotation edits); workspaces made before it get the column here
+ALTER TABLE gold ADD COLUMN IF NOT EXISTS question VARCHAR;
 CREATE TABLE IF NOT EXISTS rejects (
     stage VARCHAR, key VARCHAR, reason VARCHAR, detail VARCHAR, time TIMESTAMP);
 CREATE TABLE IF NOT EXISTS runs (
@@ -70,7 +72,7 @@ CREATE TABLE IF NOT EXISTS runs (
 DATASET_VIEW = """
 CREATE OR REPLACE VIEW dataset AS
 SELECT
-    i.item_id, i.source, i.data_id, i.question,
+    i.item_id, i.source, i.data_id, COALESCE(g.question, i.question) AS question,
     COALESCE(g.answer, i.answer) AS answer,
     COALESCE(g.aliases, i.aliases) AS aliases,
     CASE WHEN g.status = 'fixed' THEN NULL ELSE i.answer_eval END AS answer_eval,  -- stale once fixed
@@ -167,6 +169,33 @@ def now() -> datetime:
 
 
 _SUBFOLDERS = ("images", "cache", "exports")
+PROGRESS_FILE = "build-progress.json"  # a running build's snapshot, readable while DuckDB is locked
+
+
+def write_progress(root: Path | str, snapshot: dict[str, Any]) -> None:
+    """Publish a build's progress as `<root>/build-progress.json`, atomically (temp file + rename),
+    so `fvqa status` never reads half a file. A failed write is ignored: it must not stop a build."""
+    root = Path(root)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".build-progress-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(snapshot, fh, default=str)
+        os.replace(tmp, root / PROGRESS_FILE)
+    except OSError:
+        pass
+
+
+def read_progress(root: Path | str) -> dict[str, Any] | None:
+    """The last published build snapshot of the workspace at `root` (None: none or unreadable)."""
+    try:
+        data = json.loads((Path(root) / PROGRESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class WorkspaceLocked(WorkspaceError):
+    """Another process holds the workspace's DuckDB lock (a running build, usually)."""
 
 
 def _check_readable(root: Path, db: Path) -> None:
@@ -183,10 +212,17 @@ def _check_readable(root: Path, db: Path) -> None:
         raise WorkspaceError(f"workspace {root}: cannot read {db.name} (permission denied)")
 
 
-def _prepare_folders(root: Path, db: Path) -> None:
-    """Check the workspace folder, its sub-folders and database file, creating only the folder
-    itself (the sub-folders follow once DuckDB has opened the database), or say in one line why
-    they cannot be used."""
+def check_writable(root: Path | str) -> None:
+    """Why a workspace could not be opened for writing, as one `WorkspaceError` line; creates nothing.
+
+    The build calls it before writing anything else (the demo world, the search index), so a bad
+    `--workspace` fails before minutes of work instead of after them."""
+    root = Path(root).resolve()
+    _check_folders(root, root / "fvqa.duckdb")
+
+
+def _check_folders(root: Path, db: Path) -> None:
+    """The checks of `_prepare_folders`, without creating anything."""
     if root.exists() and not root.is_dir():
         raise WorkspaceError(f"workspace {root} is a file, not a folder: pass a folder (or a new path)")
     if not root.exists():
@@ -195,7 +231,7 @@ def _prepare_folders(root: Path, db: Path) -> None:
             raise WorkspaceError(f"cannot create workspace {root}: {parent} is a file, not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise WorkspaceError(f"cannot create workspace {root}: permission denied in {parent}")
-    _mkdir(root)
+        return
     if not os.access(root, os.W_OK | os.X_OK):
         raise WorkspaceError(f"workspace {root} is not writable (permission denied)")
     for sub in _SUBFOLDERS:
@@ -209,6 +245,15 @@ def _prepare_folders(root: Path, db: Path) -> None:
     if db.exists() and not os.access(db, os.R_OK | os.W_OK):
         raise WorkspaceError(f"workspace {root}: {db.name} is read-only (permission denied); "
                              "`fvqa status` and `fvqa sql` can still read it")
+
+
+def _prepare_folders(root: Path, db: Path) -> None:
+    """Check the workspace folder, its sub-folders and database file, creating only the folder
+    itself (the sub-folders follow once DuckDB has opened the database), or say in one line why
+    they cannot be used."""
+    _check_folders(root, db)
+    _mkdir(root)
+    _check_folders(root, db)  # the new folder itself (a read-only mount lets mkdir succeed elsewhere)
 
 
 def _mkdir(path: Path) -> None:
@@ -263,7 +308,9 @@ class Workspace:
         try:
             self.con = duckdb.connect(str(db), read_only=read_only)
         except duckdb.Error as exc:
-            raise WorkspaceError(_open_failure(self.root, db, exc)) from exc
+            message = _open_failure(self.root, db, exc)
+            kind = WorkspaceLocked if " is in use by another process" in message else WorkspaceError
+            raise kind(message) from exc
         try:
             for sub in () if read_only else _SUBFOLDERS:
                 _mkdir(self.root / sub)
@@ -272,6 +319,7 @@ class Workspace:
             raise
         self._in_tx = False
         self._keyed: dict[str, bool] = {}
+        self.on_commit: list[Callable[[], None]] = []  # called after each committed transaction
         try:
             if not read_only:
                 self.execute(CORE_DDL)
@@ -401,6 +449,8 @@ class Workspace:
             self.execute("COMMIT")
         finally:
             self._in_tx = False
+        for hook in self.on_commit:  # e.g. the build's progress snapshot
+            hook()
 
     def ensure_table(self, ddl: str) -> None:
         """Create a stage-private table (`CREATE TABLE IF NOT EXISTS ...`)."""

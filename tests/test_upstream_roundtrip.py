@@ -85,7 +85,7 @@ def test_bad_rows_become_rejects(tmp_path: Path):
         from fvqa.pipelines.import_upstream import import_upstream
 
         counts = import_upstream(ws, src)
-        assert counts == {"imported": 1, "skipped": 0, "rejected": 2}
+        assert counts == {"imported": 1, "skipped": 0, "moved": 0, "rejected": 2}
         reasons = {r[0] for r in ws.execute("SELECT reason FROM rejects WHERE stage = 'import'")}
         assert reasons == {"image_undecodable", "malformed_json"}
         assert ws.execute("SELECT split FROM splits") == [("test",)]

@@ -11,6 +11,10 @@ lost the 4-way label, so no `labels` row is invented for it). `data_id` goes int
 `items.data_id`; the candidate answers become the item's aliases under the one candidate rule
 (`fvqa.formats.verl.candidate_answers`: an empty list stays empty); the original prompt, data_source
 and image_urls are kept in provenance, so `fvqa export --format upstream` reproduces the file.
+
+The split: `--split`, else `train` / `test` when the file name says so, else `unassigned`; the
+result says which and why. An explicit split also moves rows already present to it (a re-run with
+`--split train` after a first import that defaulted to `unassigned`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fvqa.errors import FvqaError
@@ -29,6 +35,7 @@ from fvqa.vision.gate import ImageReject, check_image
 
 REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "data_source")
 STAGE = "import"
+SPLITS = ("train", "test")  # what --split accepts; a file naming neither imports as `unassigned`
 
 
 def _user_text(prompt: list[Message] | None) -> str | None:
@@ -44,14 +51,24 @@ def _as_text(value: str | int | float) -> str:
 
 def _split_from_name(path: Path) -> str:
     name = path.name.lower()
-    for split in ("train", "test"):
+    for split in SPLITS:
         if split in name:
             return split
     return "unassigned"
 
 
-def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict[str, int]:
-    """Import rows; bad rows become `rejects`. Returns counts (imported, skipped, rejected)."""
+def choose_split(path: Path, split: str | None) -> tuple[str, str]:
+    """(split, where it came from: `--split`, `file name` or `default`); an unknown split is an error."""
+    if split is not None:
+        if split not in SPLITS:
+            raise FvqaError(f"--split {split!r}: choose {' or '.join(SPLITS)}")
+        return split, "--split"
+    named = _split_from_name(Path(path))
+    return named, "file name" if named != "unassigned" else "default"
+
+
+def read_upstream(path: Path) -> pa.Table:
+    """The parquet at `path`, checked to be in upstream's layout (one-line `FvqaError` if not)."""
     path = Path(path)
     if not path.is_file():
         raise FvqaError(f"file not found: {path}")
@@ -62,9 +79,24 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise FvqaError(f"{path}: missing column(s) {', '.join(missing)} required by the upstream layout")
-    split = split or _split_from_name(path)
+    return table
+
+
+def import_upstream(ws: Workspace, path: Path, split: str | None = None, *,
+                    table: pa.Table | None = None) -> dict[str, int]:
+    """Import rows; bad rows become `rejects`. Returns counts: imported, skipped (already present),
+    moved (already present and moved to the explicit `split`; `choose_split` says which), rejected.
+
+    `table`: the file as `read_upstream` already read it (the CLI checks the file before opening
+    the workspace)."""
+    path = Path(path)
+    if table is None:
+        table = read_upstream(path)
+    split, split_from = choose_split(path, split)
     existing = ws.keys("items", "item_id")
-    counts = {"imported": 0, "skipped": 0, "rejected": 0}
+    current = dict(ws.execute("SELECT item_id, split FROM splits WHERE item_id LIKE 'import-%'"))
+    counts = {"imported": 0, "skipped": 0, "moved": 0, "rejected": 0}
+    moves: list[dict[str, Any]] = []
     items, splits, images, rejects = [], [], [], []
     for index, row in enumerate(table.to_pylist()):
         checked = validate(UpstreamRow, row)  # the declared shape first: a wrong type names its field
@@ -82,6 +114,10 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
             f"{row.get('data_source')}|{question}|{reward.ground_truth}".encode()).hexdigest()[:16])
         if item_id in existing:
             counts["skipped"] += 1
+            if split_from == "--split" and current.get(item_id) != split and item_id.startswith("import-"):
+                moves.append(dict(item_id=item_id, split=split, provenance=json.dumps(
+                    {"stage": STAGE, "moved_from": current.get(item_id), "by": "--split"})))
+                current[item_id] = split
             continue
         if not question:
             rejects.append((STAGE, key, "no_question", "no user message in prompt"))
@@ -125,11 +161,13 @@ def import_upstream(ws: Workspace, path: Path, split: str | None = None) -> dict
         splits.append(dict(item_id=item_id, split=split, provenance=json.dumps({"stage": STAGE})))
         images.extend(row_images)
         existing.add(item_id)
-    with ws.transaction():  # image rows, items, splits and rejects: all or nothing
+    with ws.transaction():  # image rows, items, splits, moves and rejects: all or nothing
         ws.insert("images", images)
         ws.insert("items", items)
         ws.insert("splits", splits)
+        ws.insert("splits", moves, replace=True)
         ws.add_rejects(rejects)
     counts["imported"] = len(items)
+    counts["moved"] = len(moves)
     counts["rejected"] = len(rejects)
     return counts

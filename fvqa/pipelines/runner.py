@@ -1,9 +1,18 @@
-"""Run the selected build stages in order, each followed by its summary table."""
+"""Run the selected build stages in order, each followed by its summary table.
+
+While it runs, a build publishes a small snapshot (`fvqa.store.write_progress`: stage, rows done,
+updated_at) after each committed batch and each stage, so `fvqa status` can show it although
+DuckDB's lock keeps every other process out of the database.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -11,9 +20,9 @@ from rich.table import Table
 from fvqa.config import RunConfig
 from fvqa.errors import ConfigError
 from fvqa.pipelines import STAGES, load_stage
-from fvqa.pipelines.base import Estimate, StageContext, StageStats, execute_stage
+from fvqa.pipelines.base import Estimate, Stage, StageContext, StageStats, execute_stage
 from fvqa.reasons import codes_of, legacy_code
-from fvqa.store import Workspace
+from fvqa.store import Workspace, check_writable, write_progress
 
 
 def select_stages(
@@ -42,9 +51,82 @@ def summary_table(name: str, stats: StageStats) -> Table:
         str(stats.n_in), str(stats.n_out), reasons, f"{stats.extra.get('seconds', 0.0):.1f}",
         f"{stats.cost_usd:.4f}", str(stats.cache_hits),
     )
-    for note in stats.notes:
-        table.caption = (table.caption + "\n" if table.caption else "") + note
     return table
+
+
+def print_summary(console: Console, name: str, stats: StageStats) -> None:
+    """The stage's table, then its notes as plain lines below it: never wrapped inside a table
+    cell, so a path in a note (the export's files) stays whole and can be copied."""
+    console.print(summary_table(name, stats))
+    for note in stats.notes:
+        console.print(f"  {note}", soft_wrap=True, highlight=False, markup=False)
+
+
+class BuildProgress:
+    """The snapshot a running build publishes for `fvqa status` (see the module docstring)."""
+
+    min_interval_s = 0.5  # batch commits closer together than this publish once
+
+    def __init__(self, root: Path, names: Sequence[str]) -> None:
+        self.root = root
+        self.data: dict[str, Any] = {
+            "pid": os.getpid(), "status": "running", "started_at": _utc(), "updated_at": _utc(),
+            "stage": None, "stages": [{"name": n, "status": "pending"} for n in names]}
+        self._last = 0.0
+        self._ws: Workspace | None = None
+        self._output: str | None = None
+        self._base = 0  # rows the current stage's output table held when it started
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        return next(e for e in self.data["stages"] if e["name"] == name)
+
+    def publish(self) -> None:
+        """Write the snapshot now."""
+        self.data["updated_at"] = _utc()
+        self._last = time.monotonic()
+        write_progress(self.root, self.data)
+
+    def start(self, ws: Workspace, name: str, output: str | None) -> None:
+        """Stage `name` begins; its rows so far are counted in `output` after every commit."""
+        self._ws, self._output = ws, output
+        self._base = ws.count(output) if output else 0
+        self.data["stage"] = name
+        self._entry(name).update(status="running", started_at=_utc(), output=output)
+        self._count()
+        self.publish()
+
+    def _count(self) -> None:
+        name = self.data["stage"]
+        if self._ws is not None and self._output and name:
+            self._entry(name)["new_rows"] = self._ws.count(self._output) - self._base
+
+    def batch(self) -> None:
+        """Workspace commit hook: refresh the current stage's row count (throttled)."""
+        if self.data["stage"] and time.monotonic() - self._last >= self.min_interval_s:
+            self._count()
+            self.publish()
+
+    def finish_stage(self, name: str, status: str, stats: StageStats | None = None) -> None:
+        """Stage `name` ended (`done`, `skipped`, `failed`)."""
+        entry = self._entry(name)
+        entry["status"] = status
+        if stats is not None:
+            entry.update(n_in=stats.n_in, n_out=stats.n_out, n_rejected=stats.n_rejected,
+                         seconds=round(float(stats.extra.get("seconds", 0.0)), 1))
+        self._count()
+        self.data["stage"] = None
+        self.publish()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """The build ended: `finished` or `failed` (with the error's first line)."""
+        self.data["status"] = status
+        if error:
+            self.data["error"] = error.splitlines()[0]
+        self.publish()
+
+
+def _utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def ensure_world(config: RunConfig, console: Console) -> None:
@@ -135,24 +217,50 @@ def run_build(
     """
     console = console or Console(stderr=True)
     names, retries = check_selection(config, only, until, force, retry_rejects)
+    stages = {name: load_stage(name) for name in names}
+    check_stages(config, stages.values(), console)
+    check_writable(config.workspace)  # a bad --workspace fails before the demo world is written
     ensure_world(config, console)
     results: dict[str, StageStats] = {}
     with Workspace(config.workspace) as ws:
-        stages = {name: load_stage(name) for name in names}
-        for stage in stages.values():  # before anything runs or is deleted
-            stage.check(StageContext(ws, config, stage, console=console))
-        for name, stage in stages.items():
-            missing = [t for t in stage.inputs if ws.count(t) == 0]
-            if missing:
-                kept = " (--force not applied: its previous outputs are kept)" if name in force else ""
-                console.print(f"[yellow]stage {name}: skipped, no input in {', '.join(missing)}{kept}[/]")
-                continue
-            if name in retries:
-                requeue_rejects(ws, name, retries[name], console)
-            stats = execute_stage(stage, ws, config, console, reset=name in force)
-            console.print(summary_table(name, stats))
-            results[name] = stats
+        progress = BuildProgress(ws.root, names)
+        ws.on_commit.append(progress.batch)
+        progress.publish()
+        try:
+            for i, (name, stage) in enumerate(stages.items(), 1):
+                missing = [t for t in stage.inputs if ws.count(t) == 0]
+                if missing:
+                    kept = " (--force not applied: its previous outputs are kept)" if name in force else ""
+                    console.print(f"[yellow]stage {name}: skipped, no input in {', '.join(missing)}{kept}[/]")
+                    progress.finish_stage(name, "skipped")
+                    continue
+                progress.start(ws, name, stage.outputs[0] if stage.outputs else None)
+                with console.status(f"[bold]stage {name}[/] ({i}/{len(stages)})"):
+                    if name in retries:
+                        requeue_rejects(ws, name, retries[name], console)
+                    try:
+                        stats = execute_stage(stage, ws, config, console, reset=name in force)
+                    except BaseException:
+                        progress.finish_stage(name, "failed")
+                        raise
+                progress.finish_stage(name, "done", stats)
+                print_summary(console, name, stats)
+                results[name] = stats
+        except BaseException as exc:
+            progress.finish("failed", str(exc) or type(exc).__name__)
+            raise
+        finally:
+            ws.on_commit.remove(progress.batch)
+        progress.finish("finished")
     return results
+
+
+def check_stages(config: RunConfig, stages: Iterable[Stage], console: Console) -> None:
+    """Every selected stage's `check` (config, API keys in the environment), before anything is
+    written or deleted. The checks read the config and the environment only, so they run before
+    the workspace exists (a failing check leaves no folder behind)."""
+    for stage in stages:
+        stage.check(StageContext(None, config, stage, console=console))  # type: ignore[arg-type]
 
 
 def estimate_build(config: RunConfig, console: Console | None = None, *, only: Sequence[str] | None = None,

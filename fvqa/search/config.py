@@ -11,6 +11,7 @@ read a config file's `search` and `workspace` through `SearchFile` instead.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -249,7 +250,7 @@ class SearchFile(BaseModel):
 def load_search_file(path: Path | str | None, overrides: list[str] | None = None) -> SearchFile:
     """`search` and `workspace` of a config file (None: defaults), with `--set search.*|workspace=` overrides."""
     for assignment in overrides or []:
-        top = assignment.split("=", 1)[0].strip().split(".", 1)[0]
+        top = re.split(r"[.\[]", assignment.split("=", 1)[0].strip(), maxsplit=1)[0]  # a.b or a[0]
         if "=" in assignment and top not in SearchFile.model_fields:
             raise ConfigError(f"--set {assignment.split('=', 1)[0].strip()}: the search commands read only "
                               "search.* and workspace")
