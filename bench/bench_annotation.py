@@ -61,7 +61,8 @@ def _tasks(ws: Workspace, root: Path, annotated: bool) -> list[dict]:
     out = []
     for item_id, sha, answer in ws.execute("SELECT item_id, image_sha256, answer FROM items ORDER BY item_id"):
         task = {"data": {"item_id": item_id, "image": f"/data/local-files/?d={ws.image_path(sha, 'png').relative_to(root)}",
-                         "question": "q", "answer": answer, "answer_text": answer, "context": ""}}
+                         "question": "q", "answer": answer, "answer_text": answer, "context": "",
+                         "aliases_text": "", "source_html": "", "passage": ""}}
         if annotated:
             task["annotations"] = [{"result": [{"from_name": "verdict", "to_name": "image", "type": "choices",
                                                 "value": {"choices": ["keep"]}}], "lead_time": 1.0}]

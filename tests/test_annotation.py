@@ -97,7 +97,7 @@ def test_two_annotator_round_trip(ls_server: LiveServer, tmp_path_factory: pytes
     assert first["data"]["image"].startswith("/data/local-files/?d=")
     image = client.http.get(first["data"]["image"])  # local-file serving of the workspace image store
     assert image.status_code == 200 and image.content == _png(0)
-    assert first["predictions"], "pipeline values arrive as pre-annotations"
+    assert first["predictions"] == [], "no pre-annotations unless the round pre-fills"
 
     a1, a2 = _user(client, "ann1"), _user(client, "ann2")
     keep, fix, rej = _choice("verdict", "keep"), _choice("verdict", "fix"), _choice("verdict", "reject")
@@ -227,8 +227,11 @@ def test_server_down_or_wrong_key_is_one_clear_error(ls_server: LiveServer, tmp_
     assert pat.startswith("eyJ")
     personal = LabelStudioClient(Connection(ls_server.url, pat, None))
     assert personal.sdk.users.whoami().email == server.ADMIN_USER
+    # our one raw call (file downloads) carries the SDK's refreshed access token, not the refresh token
+    assert json.loads(personal.download("/api/current-user/whoami"))["email"] == server.ADMIN_USER
     pid = admin.create_project("pat check", review_config(), "", 1)
-    admin.import_tasks(pid, [{"data": {"image": "/x.png", "question": "q", "answer_text": "a", "context": ""}}])
+    admin.import_tasks(pid, [{"data": {"image": "/x.png", "question": "q", "answer_text": "a", "context": "",
+                                       "aliases_text": "", "source_html": "", "passage": ""}}])
     assert len(personal.export_tasks(pid)) == 1
     with pytest.raises(FvqaError, match="refused the personal access token"):
         LabelStudioClient(Connection(ls_server.url, pat[:-4] + "AAAA", None))

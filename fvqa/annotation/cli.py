@@ -114,6 +114,9 @@ def push(
     split: Annotated[str, typer.Option(help="Which split to review.")] = "test",
     sample: Annotated[int | None, typer.Option(help="Review a stable random sample of N items.")] = None,
     annotators: Annotated[int, typer.Option(help="Annotators per task.")] = 2,
+    prefill: Annotated[bool | None, typer.Option(
+        "--prefill/--no-prefill", help="Pre-fill tasks with the pipeline's labels, question and aliases "
+        "(default: annotate.prefill of --config, else off; a round keeps the mode it was first pushed with).")] = None,
     workspace: WorkspaceOpt = None, config: ConfigOpt = None, url: UrlOpt = None,
     api_key_env: KeyEnvOpt = "FVQA_LS_API_KEY", data_dir: DataDirOpt = None, document_root: RootOpt = None,
 ) -> None:
@@ -121,12 +124,17 @@ def push(
     from fvqa.annotation.rounds import push as do_push
     from fvqa.store import Workspace
 
+    if prefill is None and config is not None:
+        from fvqa.config import load_config
+
+        prefill = load_config(config).annotate.prefill
     client = _client(url, api_key_env, data_dir, document_root)
     with Workspace(_ws_path(config, workspace)) as ws:
         with err.status(f"pushing round {round_} to {client.conn.url}..."):
-            res = do_push(ws, client, round_, split=split, sample=sample, annotators=annotators)
+            res = do_push(ws, client, round_, split=split, sample=sample, annotators=annotators, prefill=prefill)
     out.print(f"round {round_}: project {res['project_id']} at {client.conn.url}; pushed {res['pushed']}, "
-              f"already there {res['already']}, rejected {res['rejected']}")
+              f"already there {res['already']}, rejected {res['rejected']}; "
+              f"prefill {'on' if res['prefill'] else 'off'}")
 
 
 @annotate_app.command()
@@ -201,7 +209,9 @@ def status(
             if tables.round_row(ws, name) is None:
                 raise FvqaError(f"unknown round {name}")
             s = summarize(ws, name)
-            t = Table(title=f"round {s.round} ({s.kind})")
+            mode = {True: "prefill on: agreement inflated by pre-filled values", False: "prefill off",
+                    None: "prefill unknown (pushed before it was recorded)"}[s.prefill]
+            t = Table(title=f"round {s.round} ({s.kind}" + ("" if s.kind == "manual" else f"; {mode}") + ")")
             for col in ("tasks", "annotated", "pending", "by annotator"):
                 t.add_column(col)
             t.add_row(str(s.tasks), str(s.annotated), str(s.pending),

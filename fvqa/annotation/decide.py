@@ -21,7 +21,7 @@ from fvqa.errors import FvqaError
 from fvqa.store import Workspace, now
 
 STAGE = "annotate"
-FIELDS = ("verdict", "answer", "knowledge_type", "search_label")
+FIELDS = ("verdict", "answer", "knowledge_type", "search_label", "question", "aliases")
 
 
 def _rows(ws: Workspace, round_name: str) -> list[dict[str, Any]]:
@@ -38,8 +38,29 @@ def final_answer(row: dict[str, Any]) -> str:
     return normalize_answer(text or "")
 
 
+def question_key(row: dict[str, Any]) -> str | None:
+    """A question edit, whitespace-normalised (None: no edit, a missing value like an empty type)."""
+    q = row.get("question")
+    return " ".join(q.split()) if q else None
+
+
+def aliases_key(row: dict[str, Any]) -> tuple[str, ...] | None:
+    """An aliases edit as the set of normalised answers (order and spelling variants of one answer
+    agree), or None for no edit. A rejected item's edits do not count."""
+    a = row.get("aliases")
+    if not a or row["verdict"] == "reject":
+        return None
+    return tuple(sorted({normalize_answer(x) for x in a}))
+
+
 def _field(row: dict[str, Any], name: str) -> Any:
-    return final_answer(row) if name == "answer" else row[name]
+    if name == "answer":
+        return final_answer(row)
+    if name == "question":
+        return None if row["verdict"] == "reject" else question_key(row)
+    if name == "aliases":
+        return aliases_key(row)
+    return row[name]
 
 
 def _time(value: Any) -> datetime | None:
@@ -85,6 +106,7 @@ class RoundSummary:
     annotated: int
     pending: int
     by_annotator: dict[str, int]
+    prefill: bool | None = None  # tasks pre-filled with pipeline values (agreement then runs high); None: unknown
     agreement: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     disagreements: list[dict[str, Any]] = field(default_factory=list)
 
@@ -117,7 +139,7 @@ def summarize(ws: Workspace, round_name: str) -> RoundSummary:
     done_items = sum(1 for per in per_item.values() if len(per) >= target)
     summary = RoundSummary(round=round_name, kind=rnd["kind"], tasks=int(tasks), annotated=len(per_item),
                            pending=max(int(tasks) - done_items, 0),
-                           by_annotator=dict(Counter(r["annotator"] for r in rows)))
+                           by_annotator=dict(Counter(r["annotator"] for r in rows)), prefill=rnd.get("prefill"))
     if rnd["kind"] != "manual":
         for f in FIELDS:
             # optional fields left empty are missing values (not a label of their own), as in apply()
@@ -140,6 +162,7 @@ def apply(ws: Workspace, round_name: str) -> dict[str, int]:
     rnd = tables.round_row(ws, round_name)
     if rnd is None:
         raise FvqaError(f"unknown round {round_name}")
+    tables.ensure(ws)  # gold.question, and annotation columns newer than the workspace
     rows = _rows(ws, round_name)
     if not rows:
         raise FvqaError(f"round {round_name} has no pulled annotations: run `fvqa annotate pull --round {round_name}`")
@@ -159,21 +182,34 @@ def apply(ws: Workspace, round_name: str) -> dict[str, int]:
         agree_a, _ = _consensus([final_answer(r) for r in anns])
         agree_k, kt = _consensus([r["knowledge_type"] for r in anns])
         agree_s, sl = _consensus([r["search_label"] for r in anns])
-        if not (agree_v and agree_a and agree_k and agree_s):
+        agree_q, q_key = _consensus([_field(r, "question") for r in anns])
+        agree_l, l_key = _consensus([_field(r, "aliases") for r in anns])
+        if not (agree_v and agree_a and agree_k and agree_s and agree_q and agree_l):
             counts["disagreement"] += 1
             continue
         first = anns[0]
         answer = None if verdict == "reject" else (first["answer"] if verdict == "fix" else first["proposed_answer"])
+        edits = _edits(anns, q_key, l_key)
+        aliases = [answer] if verdict == "fix" else None
+        if "aliases" in edits and answer is not None:  # the reviewed list, the answer first (as generated)
+            aliases = list(dict.fromkeys([answer, *edits["aliases"]["value"]]))
+        # an aliases edit changes what counts as correct, like a fixed answer (answer_eval goes stale)
         status = {"keep": "kept", "fix": "fixed", "reject": "rejected"}[verdict]
+        if status == "kept" and "aliases" in edits:
+            status = "fixed"
         counts[status] += 1
+        for name in edits:
+            counts[f"{name}_edited"] += 1
         gold.append(dict(
-            item_id=item, status=status, answer=answer, aliases=[answer] if verdict == "fix" else None,
+            item_id=item, status=status, answer=answer, aliases=aliases,
+            question=edits["question"]["value"] if "question" in edits else None,
             knowledge_type=kt, search_label=sl, round=round_name,
             provenance=json.dumps({"stage": "annotate", "round": round_name, "kind": rnd["kind"],
+                                   "prefill": rnd.get("prefill"),
                                    "annotators": sorted(per), "annotation_ids": [r["annotation_id"] for r in anns],
                                    "task_id": first["task_id"], "project_id": first["project_id"],
                                    "server": rnd["server_url"], "comments": [r["comment"] for r in anns if r["comment"]],
-                                   "time": now().isoformat()})))
+                                   "edits": edits, "time": now().isoformat()}, ensure_ascii=False)))
     missing = ws.keys("items", "item_id")
     rejects = [(STAGE, f"{round_name}/{g['item_id']}", "item_gone", "not applied")
                for g in gold if g["item_id"] not in missing]
@@ -182,6 +218,28 @@ def apply(ws: Workspace, round_name: str) -> dict[str, int]:
         ws.insert("gold", gold, replace=True)
         ws.add_rejects(rejects)
     return dict(counts) | {"applied": len(gold)}
+
+
+def _edits(anns: list[dict[str, Any]], q_key: str | None, l_key: tuple[str, ...] | None) -> dict[str, Any]:
+    """The agreed question / aliases edits with who made them and the value they replace."""
+    out: dict[str, Any] = {}
+    if anns[0]["verdict"] == "reject":
+        return out
+    if q_key is not None:
+        by = [r for r in anns if _field(r, "question") == q_key]
+        out["question"] = {"value": by[0]["question"].strip(), "original": by[0].get("proposed_question"),
+                           "annotators": sorted(r["annotator"] for r in by),
+                           "annotation_ids": [r["annotation_id"] for r in by]}
+    if l_key is not None:
+        by = [r for r in anns if _field(r, "aliases") == l_key]
+        out["aliases"] = {"value": list(by[0]["aliases"]), "original": _list(by[0].get("proposed_aliases")),
+                          "annotators": sorted(r["annotator"] for r in by),
+                          "annotation_ids": [r["annotation_id"] for r in by]}
+    return out
+
+
+def _list(value: Any) -> list[str] | None:
+    return None if value is None else [str(v) for v in value]
 
 
 def _apply_manual(ws: Workspace, round_name: str, rows: list[dict[str, Any]]) -> dict[str, int]:

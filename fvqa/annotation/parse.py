@@ -208,17 +208,39 @@ def _text(values: dict[str, list[Any]], name: str) -> str | None:
     return text or None
 
 
-def parse_review(result: list[Any], proposed: str | None) -> dict[str, Any]:
-    """Fields of one review annotation; raises AnnotationProblem for anything unusable."""
+def _same_text(a: str, b: str | None) -> bool:
+    return b is not None and " ".join(a.split()) == " ".join(b.split())
+
+
+def _lines(text: str | None) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def parse_review(result: list[Any], proposed: str | None, *, question: str | None = None,
+                 aliases: list[str] | None = None) -> dict[str, Any]:
+    """Fields of one review annotation; raises AnnotationProblem for anything unusable.
+
+    `question` and `aliases` are the values the task showed: an edit equal to them (a pre-filled
+    field left as it was) is no edit, so both pre-fill modes read the same way. An aliases edit is
+    the whole new list, one per line.
+    """
     v = _values(result)
     verdict = _one_choice(v, "verdict", configs.VERDICTS, True)
     corrected = _text(v, "answer")
     if verdict == "fix" and not corrected:
         raise AnnotationProblem("fix_without_answer", "verdict fix without a corrected answer")
+    new_q = _text(v, "question")
+    if new_q is not None and _same_text(new_q, question):
+        new_q = None
+    new_a: list[str] | None = list(dict.fromkeys(_lines(_text(v, "aliases")))) or None
+    if new_a is not None and aliases is not None and [" ".join(a.split()) for a in new_a] == [
+            " ".join(a.split()) for a in aliases]:
+        new_a = None
     return {"verdict": verdict, "answer": corrected if verdict == "fix" else None,
             "knowledge_type": _one_choice(v, "knowledge_type", configs.KNOWLEDGE_TYPES, False),
             "search_label": _one_choice(v, "search", configs.SEARCH_NEEDS, False),
-            "comment": _text(v, "comment"), "proposed_answer": proposed}
+            "comment": _text(v, "comment"), "proposed_answer": proposed,
+            "question": new_q, "aliases": new_a, "proposed_question": question, "proposed_aliases": aliases}
 
 
 def parse_manual(result: list[Any]) -> dict[str, Any]:

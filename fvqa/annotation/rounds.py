@@ -10,12 +10,15 @@ Decisions and `gold` live in `decide`.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from fvqa.annotation import configs, tables
 from fvqa.annotation.client import LabelStudioClient
@@ -35,6 +38,7 @@ from fvqa.annotation.parse import (
 )
 from fvqa.errors import FvqaError
 from fvqa.store import ImageError, Workspace, now
+from fvqa.textgen import qa
 
 
 def _title(round_name: str) -> str:
@@ -62,12 +66,16 @@ def _document_root(client: LabelStudioClient, ws: Workspace) -> Path:
 
 
 def _ensure_round(ws: Workspace, client: LabelStudioClient, name: str, kind: str, label_config: str,
-                  annotators: int, split: str | None, parent: str | None = None) -> tuple[int, bool]:
+                  annotators: int, split: str | None, parent: str | None = None,
+                  prefill: bool | None = None) -> tuple[int, bool]:
     """The round's project id (recorded, found on the server by title, or newly created) and if new."""
     row = tables.round_row(ws, name)
     if row is not None:
         if row["kind"] != kind:
             raise FvqaError(f"round {name} is a {row['kind']} round, not {kind}: pick another round name")
+        if prefill is not None and row.get("prefill") is not None and bool(row["prefill"]) != prefill:
+            raise FvqaError(f"round {name} was pushed with prefill {'on' if row['prefill'] else 'off'}: push it "
+                            "the same way (mixed modes would blur its agreement), or use a new round name")
         if client.project_exists(int(row["project_id"])):
             return int(row["project_id"]), False
         raise FvqaError(f"the Label Studio project of round {name} (id {row['project_id']}) is gone from "
@@ -79,7 +87,7 @@ def _ensure_round(ws: Workspace, client: LabelStudioClient, name: str, kind: str
         pid = client.create_project(_title(name), label_config, desc, annotators)
     ws.insert("annotation_rounds", [dict(round=name, kind=kind, project_id=pid, server_url=client.conn.url,
                                          split=split, annotators=annotators, parent_round=parent,
-                                         created_at=now(), pulled_at=None)])
+                                         created_at=now(), pulled_at=None, prefill=prefill)])
     return pid, created
 
 
@@ -95,6 +103,7 @@ def _server_item_ids(client: LabelStudioClient, pid: int) -> dict[str, int]:
 
 
 def _predictions(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pipeline's values as a pre-annotation (only when the round pre-fills)."""
     result = []
     if row.get("knowledge_type") in configs.KNOWLEDGE_TYPES:
         result.append({"from_name": "knowledge_type", "to_name": "image", "type": "choices",
@@ -102,20 +111,76 @@ def _predictions(row: dict[str, Any]) -> list[dict[str, Any]]:
     if row.get("search_label") in configs.SEARCH_NEEDS:
         result.append({"from_name": "search", "to_name": "image", "type": "choices",
                        "value": {"choices": [row["search_label"]]}})
+    if row.get("question"):
+        result.append({"from_name": "question", "to_name": "image", "type": "textarea",
+                       "value": {"text": [row["question"]]}})
+    if row.get("aliases"):
+        result.append({"from_name": "aliases", "to_name": "image", "type": "textarea",
+                       "value": {"text": list(row["aliases"])}})
     return [{"model_version": "fvqa-pipeline", "result": result}] if result else []
+
+
+_PUSH_SQL = f"""
+SELECT d.item_id, d.source, d.question, d.answer, d.aliases, d.image_sha256, d.image_ext, d.knowledge_type,
+       d.search_label, d.entity_text, COALESCE(d.page_url, k1.page_url, k2.page_url) AS page_url,
+       COALESCE(d.page_title, k1.page_title, k2.page_title) AS page_title,
+       left(COALESCE(k1.page_text, k2.page_text), {qa.MAX_PAGE_CHARS}) AS passage
+FROM dataset d
+LEFT JOIN crawled k1 ON d.source = 'metaclip' AND starts_with(k1.concept_id, 'metaclip-')
+                        AND k1.concept_id = d.item_id
+LEFT JOIN crawled k2 ON d.source = 'metaclip' AND NOT starts_with(k2.concept_id, 'metaclip-')
+                        AND 'metaclip-' || k2.concept_id = d.item_id
+"""
+"""Items with their evidence. A generated item's passage is its crawled page text cut where
+generation cut it (`qa.MAX_PAGE_CHARS`); its id is `metaclip-<concept id>` (`generate.item_id`)."""
+
+
+def _source_html(url: str | None, title: str | None) -> str:
+    """A link to the source page (http(s) only: a task is HTML in the annotator's browser)."""
+    if url and httpx.URL(url).scheme in ("http", "https"):
+        return (f'<a href="{html.escape(url, quote=True)}" target="_blank" rel="noopener noreferrer">'
+                f"{html.escape(title or url)}</a> <small>({html.escape(url)})</small>")
+    shown = html.escape(title) if title else "no source page recorded"
+    return f"<span>{shown}</span>" + (f" <small>(not a web link: {html.escape(url)})</small>" if url else "")
+
+
+def task_data(r: dict[str, Any], image: str, round_name: str, *, prefill: bool, note: str = "") -> dict[str, Any]:
+    """One review task's data: what the annotator sees (see `configs.review_config`).
+
+    Without pre-fill the pipeline's knowledge type and search label are not shown at all (not
+    even as text), so the annotator's labels are their own.
+    """
+    aliases = [a for a in (r.get("aliases") or []) if isinstance(a, str)]
+    context = f"source {r['source']}"
+    if prefill:
+        context += (f" | pipeline knowledge type {r['knowledge_type'] or '-'} | "
+                    f"pipeline search label {r['search_label'] or '-'}")
+    passage = r.get("passage") or (f"InfoSeek entity: {r['entity_text']}" if r.get("entity_text") else "")
+    return {"item_id": r["item_id"], "fvqa_round": round_name, "image": image,
+            "question": r["question"], "answer": r["answer"], "answer_text": f"Proposed answer: {r['answer']}",
+            "aliases": aliases, "aliases_text": "Accepted answers: " + (" | ".join(aliases) or "-"),
+            "context": context + (f"\n{note}" if note else ""),
+            "page_url": r.get("page_url") or "", "page_title": r.get("page_title") or "",
+            "source_html": _source_html(r.get("page_url"), r.get("page_title")),
+            "passage": passage or "(no passage recorded for this item)"}
 
 
 def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: str | None = "test",
          sample: int | None = None, annotators: int = 2, item_ids: list[str] | None = None,
          kind: str = "review", parent: str | None = None, notes: dict[str, str] | None = None,
-         seed: int = 0) -> dict[str, int]:
-    """Push dataset items (a split, optionally a stable sample of it) as review tasks; only new ones."""
+         seed: int = 0, prefill: bool | None = None) -> dict[str, int]:
+    """Push dataset items (a split, optionally a stable sample of it) as review tasks; only new ones.
+
+    `prefill` pre-fills each task with the pipeline's labels, question and aliases (predictions);
+    None: the round's recorded mode, off for a new round. The mode is recorded on the round.
+    """
     tables.ensure(ws)
     root = _document_root(client, ws)
-    where, params = ("WHERE split = ?", [split]) if split and item_ids is None else ("", [])
-    cur = ws.con.execute(
-        "SELECT item_id, source, question, answer, aliases, image_sha256, image_ext, knowledge_type, "
-        f"search_label FROM dataset {where}", params)
+    existing = tables.round_row(ws, round_name)
+    if prefill is None:  # a round from before the switch (NULL) was always pre-filled
+        prefill = bool(existing and existing.get("prefill") in (None, True))
+    where, params = ("WHERE d.split = ?", [split]) if split and item_ids is None else ("", [])
+    cur = ws.con.execute(_PUSH_SQL + where, params)
     cols = [d[0] for d in cur.description]
     rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     if item_ids is not None:
@@ -126,7 +191,8 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
     rows.sort(key=lambda r: _sample_key(seed, r["item_id"]))
     if sample is not None:
         rows = rows[:sample]
-    pid, created = _ensure_round(ws, client, round_name, kind, configs.review_config(), annotators, split, parent)
+    pid, created = _ensure_round(ws, client, round_name, kind, configs.review_config(prefill), annotators, split,
+                                 parent, prefill)
     client.attach_local_storage(pid, ws.root / "images")
     on_server = {} if created else _server_item_ids(client, pid)
     known = {r[0] for r in ws.execute("SELECT item_id FROM annotation_tasks WHERE round = ?", [round_name])}
@@ -141,16 +207,9 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
         if not r["image_sha256"] or not r["image_ext"]:
             rejects.append((STAGE, f"{round_name}/{r['item_id']}", "no_image", "item has no image to review"))
             continue
-        note = (notes or {}).get(r["item_id"], "")
-        context = (f"source {r['source']} | pipeline knowledge type {r['knowledge_type'] or '-'} | "
-                   f"pipeline search label {r['search_label'] or '-'} | aliases {', '.join(r['aliases'] or [])}")
-        tasks.append({
-            "data": {"item_id": r["item_id"], "fvqa_round": round_name,
-                     "image": _image_url(root, ws, r["image_sha256"], r["image_ext"]),
-                     "question": r["question"], "answer": r["answer"],
-                     "answer_text": f"Proposed answer: {r['answer']}",
-                     "context": context + (f"\n{note}" if note else "")},
-            "predictions": _predictions(r)})
+        data = task_data(r, _image_url(root, ws, r["image_sha256"], r["image_ext"]), round_name, prefill=prefill,
+                         note=(notes or {}).get(r["item_id"], ""))
+        tasks.append({"data": data, "predictions": _predictions(r) if prefill else []})
         todo.append(r["item_id"])
     ids = client.import_tasks(pid, tasks) if tasks else []
     if len(ids) != len(todo):  # fall back to the server's own mapping
@@ -160,7 +219,8 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
         ws.insert("annotation_tasks", [dict(round=round_name, item_id=i, task_id=t, project_id=pid, pushed_at=now())
                                        for i, t in zip(todo, ids, strict=True)])
         ws.add_rejects(rejects)
-    return {"project_id": pid, "pushed": len(todo), "already": len(on_server), "rejected": len(rejects)}
+    return {"project_id": pid, "pushed": len(todo), "already": len(on_server), "rejected": len(rejects),
+            "prefill": prefill}
 
 
 def create_manual(ws: Workspace, client: LabelStudioClient, round_name: str, *, annotators: int = 1) -> int:
@@ -288,7 +348,12 @@ class _PullContext:
             proposed = data.get("answer")
             if proposed is not None and not isinstance(proposed, str):
                 raise AnnotationProblem("wrong_type", f"task answer is not a string: {show(proposed)}")
-            fields = parse_review(ann.result, proposed)
+            question, aliases = data.get("question"), data.get("aliases")
+            if question is not None and not isinstance(question, str):
+                raise AnnotationProblem("wrong_type", f"task question is not a string: {show(question)}")
+            if aliases is not None and not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+                raise AnnotationProblem("wrong_type", f"task aliases is not a list of strings: {show(aliases)}")
+            fields = parse_review(ann.result, proposed, question=question, aliases=aliases)
         if ann.user_id is None:
             annotator = f"anonymous:{ann.id}"  # never merged with another anonymous annotation
         else:
@@ -299,7 +364,7 @@ class _PullContext:
 
 
 _COLUMNS = ("verdict", "answer", "proposed_answer", "knowledge_type", "search_label", "comment", "question",
-            "aliases", "image_sha256")
+            "aliases", "image_sha256", "proposed_question", "proposed_aliases")
 
 
 def _complete(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -327,9 +392,14 @@ def adjudicate(ws: Workspace, client: LabelStudioClient, round_name: str, new_ro
     new_round = new_round or f"{round_name}-adj"
     if not items:
         return {"round": new_round, "pushed": 0, "already": 0, "rejected": 0, "disagreements": 0}
+    def edits(v: dict[str, Any]) -> str:
+        out = (f" / question: {v['question']}" if v.get("question") else "") + (
+            f" / aliases: {' | '.join(v['aliases'])}" if v.get("aliases") else "")
+        return out
+
     notes = {d["item_id"]: "Annotators disagreed on " + ", ".join(d["fields"]) + ": " + "; ".join(
-        f"{a}: {v['verdict']} / {v['answer']} / {v['knowledge_type']} / {v['search_label']}"
+        f"{a}: {v['verdict']} / {v['answer']} / {v['knowledge_type']} / {v['search_label']}{edits(v)}"
         for a, v in sorted(d["values"].items())) for d in items}
     res = push(ws, client, new_round, split=None, item_ids=list(notes), annotators=1, kind="adjudication",
-               parent=round_name, notes=notes)
+               parent=round_name, notes=notes, prefill=bool(rnd.get("prefill")))
     return {"round": new_round, **res, "disagreements": len(items)}

@@ -7,7 +7,7 @@ from fvqa.store import Workspace
 DDL = """
 CREATE TABLE IF NOT EXISTS annotation_rounds (
     round VARCHAR PRIMARY KEY, kind VARCHAR, project_id BIGINT, server_url VARCHAR, split VARCHAR,
-    annotators INTEGER, parent_round VARCHAR, created_at TIMESTAMP, pulled_at TIMESTAMP);
+    annotators INTEGER, parent_round VARCHAR, created_at TIMESTAMP, pulled_at TIMESTAMP, prefill BOOLEAN);
 CREATE TABLE IF NOT EXISTS annotation_tasks (
     round VARCHAR, item_id VARCHAR, task_id BIGINT, project_id BIGINT, pushed_at TIMESTAMP,
     PRIMARY KEY (round, item_id));
@@ -16,13 +16,27 @@ CREATE TABLE IF NOT EXISTS annotations (
     annotator VARCHAR, annotator_id BIGINT, verdict VARCHAR, answer VARCHAR, proposed_answer VARCHAR,
     knowledge_type VARCHAR, search_label VARCHAR, comment VARCHAR, question VARCHAR, aliases VARCHAR[],
     image_sha256 VARCHAR, lead_time DOUBLE, created_at VARCHAR, updated_at VARCHAR, pulled_at TIMESTAMP,
-    PRIMARY KEY (round, annotation_id));
+    proposed_question VARCHAR, proposed_aliases VARCHAR[], PRIMARY KEY (round, annotation_id));
+"""
+
+
+# columns added after the first release, for workspaces made before them. `prefill` says whether
+# a round's tasks came pre-filled with pipeline values (read its agreement with that in mind; NULL:
+# pushed before the switch existed, when they always were). `gold.question` holds a reviewed
+# question edit (the dataset view reads it once `fvqa.store` COALESCEs it like the answer).
+MIGRATIONS = """
+ALTER TABLE annotation_rounds ADD COLUMN IF NOT EXISTS prefill BOOLEAN;
+ALTER TABLE annotations ADD COLUMN IF NOT EXISTS proposed_question VARCHAR;
+ALTER TABLE annotations ADD COLUMN IF NOT EXISTS proposed_aliases VARCHAR[];
+ALTER TABLE gold ADD COLUMN IF NOT EXISTS question VARCHAR;
 """
 
 
 def ensure(ws: Workspace) -> None:
-    """Create the annotation tables if missing."""
+    """Create the annotation tables if missing, and add columns newer than the workspace."""
     ws.ensure_table(DDL)
+    for stmt in filter(None, (s.strip() for s in MIGRATIONS.split(";"))):
+        ws.execute(stmt)
 
 
 def round_row(ws: Workspace, name: str) -> dict | None:
