@@ -26,12 +26,15 @@ nested aliases ("billion laughs") would otherwise expand to billions of values d
 from __future__ import annotations
 
 import os
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
 from fvqa.errors import ConfigError
@@ -49,6 +52,8 @@ MAX_EXPANDED_NODES = 200_000
 """Values a config document may hold once its aliases are expanded (real configs hold a few hundred)."""
 
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_INDEX = re.compile(r"\[\d+\]")  # `a[0].b`: OmegaConf's bracket index
+_STRAY_BRACKET = re.compile(r"[\[\]]")
 
 
 class _ConfigLoader(_BaseLoader):  # type: ignore[misc, valid-type]
@@ -166,24 +171,57 @@ def read_yaml(path: Path | str, what: str = "config file") -> dict[str, Any]:
     return loaded
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> Key:
-    """Apply one `--set dotted.key=value` (value parsed as YAML) to `data`; return the key path set.
+def _dotlist_parts(dotted: str) -> list[str]:
+    """The key's parts by OmegaConf's dotlist grammar: `a.0.b` and `a[0].b` are both `a`, `0`, `b`."""
+    if _STRAY_BRACKET.search(_INDEX.sub("", dotted)):
+        raise ConfigError(f"--set {dotted}: a list index is written [number] or .number")
+    try:
+        node: Any = OmegaConf.to_container(OmegaConf.from_dotlist([dotted]), resolve=False)
+    except OmegaConfBaseException as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"--set {dotted}: not a dotted key ({first})") from exc
+    parts: list[str] = []
+    while isinstance(node, dict) and len(node) == 1:  # `a.b` with no value parses to {'a': {'b': None}}
+        (part, node), = node.items()
+        parts.append(str(part))
+    return parts
 
-    A numeric part indexes a list (`benchmarks.0.limit=5`, `models.1.name=x`); an index out of range,
-    an index into something that is not a list, or a key under a scalar is a ConfigError naming the key.
-    Missing sections along the way are created.
+
+def _dotlist_value(dotted: str, raw: str, parts: list[str]) -> Any:
+    """`raw` parsed as OmegaConf's dotlist parses it (YAML 1.2-style floats such as 1e-3, dates stay text).
+
+    The bounded loader reads it first, so an undecodable argv byte or an alias bomb is refused the
+    same way as in a config file."""
+    try:
+        load_yaml_text(raw)
+        tree: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"{dotted}={raw}"]), resolve=False)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted}: the value is not valid YAML{_yaml_problem(exc)}") from exc
+    except OmegaConfBaseException as exc:  # e.g. an unclosed `${`: OmegaConf reads it as interpolation
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"--set {dotted}: not a valid OmegaConf value ({first}; `${{` opens an interpolation)") from exc
+    for part in parts:
+        tree = tree[part]
+    return tree
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> Key:
+    """Apply one `--set dotted.key=value` to `data`; return the key path set (as `PathContext.cli_keys`).
+
+    Key and value follow OmegaConf's dotlist (`OmegaConf.from_dotlist`): a numeric part indexes a
+    list (`benchmarks.0.limit=5`, also `benchmarks[0].limit=5`), the value is YAML. The walk stays
+    here because OmegaConf would silently turn a scalar into a section and cannot say which part
+    of a key is wrong: an index out of range, an index into something that is not a list, or a key
+    under a scalar is a ConfigError naming the key. Missing sections along the way are created.
     """
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got '{assignment}'")
     dotted, raw = assignment.split("=", 1)
     dotted = dotted.strip()
-    parts = dotted.split(".")
-    if not all(parts):
+    parts = _dotlist_parts(dotted)
+    if not parts or not all(parts):
         raise ConfigError(f"--set {dotted}: empty key part")
-    try:
-        value = load_yaml_text(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {dotted}: the value is not valid YAML{_yaml_problem(exc)}") from exc
+    value = _dotlist_value(dotted, raw, parts)
     node: Any = data
     key: Key = ()
     for i, part in enumerate(parts):

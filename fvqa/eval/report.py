@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from markdown_it import MarkdownIt
+
 from fvqa.errors import FvqaError
 from fvqa.eval.aggregate import (
     OUTCOMES,
@@ -124,8 +126,8 @@ def _plots(cs: list[Cell]) -> dict[str, bytes]:
     ax.set_ylabel("accuracy (%) with 95% bootstrap CI")
     ax.set_ylim(0, 105)
     ax.set_title("accuracy per benchmark")
-    if series:
-        ax.legend(fontsize=7)
+    if series:  # outside the axes, right of them: inside it would cover bars and their error bars
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     out["accuracy_per_benchmark"] = _png(fig)
     plt.close(fig)
     return out
@@ -333,6 +335,31 @@ def _protocol(config: dict[str, Any], judge_ids: list[str], rejects: list[tuple[
     return lines
 
 
+_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+          "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}")
+
+
+def render_html(title: str, markdown: str, pngs: dict[str, bytes]) -> str:
+    """The Markdown report as one self-contained page: the same text, tables and plots, rendered by
+    markdown-it (CommonMark + tables) so the two files cannot drift apart.
+
+    Raw HTML in the Markdown is escaped, not passed through (notes and names come from configs and
+    model outputs). The `plots/<name>.png` links become ``data:image/png;base64`` URIs on the parsed
+    image tokens, so the page can be mailed as one file and the large base64 never goes through the
+    Markdown parser."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(markdown)
+    uris = {md.normalizeLink(f"plots/{name}.png"): "data:image/png;base64," + base64.b64encode(data).decode()
+            for name, data in pngs.items()}
+    for token in tokens:
+        for child in token.children or []:
+            if child.type == "image" and str(child.attrGet("src")) in uris:
+                child.attrSet("src", uris[str(child.attrGet("src"))])
+    body = md.renderer.render(tokens, md.options, {})
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title.replace('`', ''))}</title>"
+            f"<style>{_STYLE}</style></head><body>\n{body}</body></html>\n")
+
+
 def build_report(ws: Workspace, run: str, out_dir: Path | None = None) -> ReportFiles:
     """Write `report.md`, `report.html` and `plots/*.png` for a run; returns their paths."""
     from fvqa.eval.runner import load_run_config
@@ -368,23 +395,8 @@ def build_report(ws: Workspace, run: str, out_dir: Path | None = None) -> Report
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
 
-    esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
-             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}</style></head><body>",
-             f"<h1>{esc(title)}</h1><h2>Protocol</h2><ul>"]
-    parts += [f"<li>{esc(line.removeprefix('- ')).replace('**', '')}</li>" for line in protocol]
-    parts.append("</ul>")
-    for name, data in pngs.items():
-        parts.append(f"<figure><img alt='{esc(name)}' src='data:image/png;base64,"
-                     f"{base64.b64encode(data).decode()}'/><figcaption>{esc(name)}</figcaption></figure>")
-    for t, header, trs in tables:
-        parts.append(f"<h2>{esc(t)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in r) + "</tr>" for r in trs]
-        parts.append("</table>")
-    parts.append("</body></html>")
     html_path = out_dir / "report.html"
-    html_path.write_text("".join(parts), encoding="utf-8")
+    html_path.write_text(render_html(title, "\n".join(md), pngs), encoding="utf-8")
     (out_dir / "summary.json").write_text(json.dumps(
         [c.to_dict() for c in cs], indent=1, default=str), encoding="utf-8")
     return ReportFiles(md_path, html_path, plot_paths)
