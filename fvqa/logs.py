@@ -33,6 +33,9 @@ _QUIET_ENV = {
 }
 
 
+_asked = {"verbose": False}  # once a command line asked for -v, later setups in the process keep it
+
+
 def log_path(workspace: Path, command: str, when: datetime | None = None) -> Path:
     """`<workspace>/logs/<command>-<UTC timestamp>.log` (one file per invocation)."""
     stamp = (when or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
@@ -75,6 +78,7 @@ def setup_logging(workspace: Path | None, command: str, *, verbose: bool = False
     """Route every log record and Python warning: to a new log file under `workspace` (None: no
     file), and to `console` (stderr) when `verbose` — else only errors reach the terminal, and only
     when there is no file to hold them. Returns the log file's path. Safe to call twice."""
+    verbose = _asked["verbose"] = verbose or _asked["verbose"]
     root = logging.getLogger()
     _installed(root)
     root.setLevel(logging.DEBUG)

@@ -36,12 +36,14 @@ def run_cmd(
     from fvqa.eval.aggregate import averages, cells, scored_rows, unscored, unscored_note
     from fvqa.eval.config import load_eval_config
     from fvqa.eval.runner import run_eval
+    from fvqa.logs import setup_logging
     from fvqa.store import Workspace
 
     err = Console(stderr=True)
     cfg = load_eval_config(config, set_)
     if workspace is not None:
         cfg.workspace = workspace
+    setup_logging(cfg.workspace, "eval", console=err)  # library chatter to <workspace>/logs (-v: here too)
     if limit is not None:
         cfg.limit = limit
     if seed is not None:
