@@ -257,5 +257,7 @@ def test_demo_eval_judges_the_trained_policy_offline(setup: dict[str, Any], demo
     for bench in ("fvqa_test", "infoseek", "mmsearch", "simplevqa", "livevqa"):
         assert f"{bench}: 2 items from" in proc.stderr and f"demo-grpo / {bench} / on_demand: 2/2" in proc.stderr
     assert "scoring 30 predictions (30 + " in proc.stderr  # the paper-style judge graded every response
+    logs = sorted((root / "ws" / "logs").glob("demo-eval-*.log"))
+    assert "WARNING:root" not in proc.stderr and "No pretrained weights" in logs[-1].read_text()  # quiet terminal
     assert re.search(r"\| demo-grpo / on_demand \|( [0-9.]+ \[[0-9., ]+\] \|){5} [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|",
                      md), md[:3000]
