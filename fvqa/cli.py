@@ -555,8 +555,9 @@ def demo_eval(
     from fvqa.demo.eval_demo import STANDIN_NOTE, run_eval_demo
     from fvqa.eval.config import load_eval_config
 
-    _logging(load_eval_config(config, set_).workspace, "demo-eval")
-    res = run_eval_demo(config, overrides=set_, world=world, n_items=n_items,
+    cfg = load_eval_config(config, set_)
+    _logging(cfg.workspace, "demo-eval")
+    res = run_eval_demo(cfg, world=world, n_items=n_items,
                         log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
     out.print(f"[bold yellow]{STANDIN_NOTE}[/]", soft_wrap=True)
     out.print(f"model: {res.model_label}", soft_wrap=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.eval_files import entities, image_of, write_benchmarks
 
+from fvqa.demo.benchmarks import entities, image_of, write_demo_benchmarks
 from fvqa.errors import ConfigError
 from fvqa.eval.benchmarks import load_benchmark
 from fvqa.eval.config import BenchmarkSpec
@@ -23,7 +23,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def specs(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return write_benchmarks(world, tmp_path_factory.mktemp("bench"), n=4, bad_rows=True)
+    return write_demo_benchmarks(world, tmp_path_factory.mktemp("bench"), n=4, bad_rows=True)
 
 
 def _reasons(res) -> dict[str, str]:

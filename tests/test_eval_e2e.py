@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import yaml
-from support.eval_files import write_benchmarks
 from support.eval_script import (
     first_text,
     hint,
@@ -29,6 +28,7 @@ from support.eval_script import (
 )
 from support.fake_openai import FakeOpenAI
 
+from fvqa.demo.benchmarks import write_demo_benchmarks
 from fvqa.eval.aggregate import cells, scored_rows
 from fvqa.eval.config import load_eval_config
 from fvqa.eval.report import build_report
@@ -73,7 +73,7 @@ def servers():
 
 
 def _config(tmp: Path, world: Path, servers: tuple[FakeOpenAI, FakeOpenAI]) -> Path:
-    specs = write_benchmarks(world, tmp / "bench", n=N, bad_rows=True)
+    specs = write_demo_benchmarks(world, tmp / "bench", n=N, bad_rows=True)
     m, j = servers
     data = {
         "workspace": str(tmp / "ws"), "run": "e2e",
@@ -214,7 +214,7 @@ def test_tiny_qwen_through_transformers_runs_direct_and_rag(world: Path, tools, 
     from fvqa.demo.tiny_model import build_tiny_qwen
     from fvqa.eval.config import EvalConfig
 
-    specs = write_benchmarks(world, tmp_path / "bench", n=2)
+    specs = write_demo_benchmarks(world, tmp_path / "bench", n=2)
     model_path = build_tiny_qwen(tmp_path / "qwen")
     cfg = EvalConfig.model_validate({
         "workspace": str(tmp_path / "ws"), "run": "tiny",

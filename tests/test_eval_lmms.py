@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 import yaml
-from support.eval_files import write_benchmarks
 from support.eval_script import first_text, hint, judge, local_tools, n_assistant, search_chain
 from support.fake_openai import FakeOpenAI
 
+from fvqa.demo.benchmarks import write_demo_benchmarks
 from fvqa.eval.config import load_eval_config
 from fvqa.eval.lmms import lmms_doc, sample_metrics, write_lmms_outputs
 from fvqa.eval.runner import run_eval
@@ -71,7 +71,7 @@ def tools(world: Path, tmp_path_factory: pytest.TempPathFactory):
 def runs(world: Path, tools, tmp_path_factory: pytest.TempPathFactory):
     """Two runs of the same config (the second has nothing to do but writes its files again)."""
     tmp = tmp_path_factory.mktemp("lrun")
-    specs = write_benchmarks(world, tmp / "bench", n=N)
+    specs = write_demo_benchmarks(world, tmp / "bench", n=N)
     with FakeOpenAI(model) as m, FakeOpenAI(judge) as j:
         data = {
             "workspace": str(tmp / "ws"), "run": "lm",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support.eval_files import entities, image_of, write_benchmarks
 
+from fvqa.demo.benchmarks import entities, image_of, write_demo_benchmarks
 from fvqa.errors import ConfigError
 from fvqa.eval.benchmarks import load_benchmark
 from fvqa.eval.config import BenchmarkSpec, load_eval_config
@@ -99,7 +99,7 @@ def test_relative_and_absolute_config_give_the_same_items(world: Path, tmp_path:
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Every relative path in an eval config resolves against the config's folder, exactly once."""
     bench = tmp_path / "data" / "bench"
-    specs = write_benchmarks(world, bench, n=3)
+    specs = write_demo_benchmarks(world, bench, n=3)
     conf_dir = tmp_path / "configs"
     conf_dir.mkdir()
     rel = {k: {key: (os.path.relpath(v, conf_dir) if key in ("path", "image_dir") else v) for key, v in s.items()}

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
-from support.eval_files import write_benchmarks
 from support.eval_script import first_text, hint, local_tools, n_assistant, search_chain
 from support.fake_openai import FakeOpenAI, last_user_text
 
+from fvqa.demo.benchmarks import write_demo_benchmarks
 from fvqa.demo.judge_server import verdict
 from fvqa.errors import ConfigError
 from fvqa.eval.aggregate import cells, scored_rows
@@ -72,7 +72,7 @@ def servers():
 
 def _config(tmp: Path, world: Path, servers: tuple[FakeOpenAI, FakeOpenAI], protocol: str,
             extra: dict[str, Any] | None = None) -> Path:
-    specs = write_benchmarks(world, tmp / "bench", n=N)
+    specs = write_demo_benchmarks(world, tmp / "bench", n=N)
     m, j = servers
     data = {
         "workspace": str(tmp / "ws"), "run": f"p-{protocol}", "protocol": protocol,

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import yaml
-from support.eval_files import entities, write_benchmarks
 from support.fake_openai import FakeOpenAI, Reply, last_user_text, server_error
 from typer.testing import CliRunner
 
 from fvqa.answers import normalize_answer
 from fvqa.cli import app
+from fvqa.demo.benchmarks import entities, write_demo_benchmarks
 from fvqa.eval.aggregate import cells, scored_rows, unscored
 from fvqa.store import Workspace
 
@@ -68,7 +68,7 @@ def setup(tmp_path: Path):
     world = make_world(tmp_path / "w", seed=3, n_entities=4)
     makers = [e["maker"] for e in entities(world)[:N]]
     assert len(set(makers)) == N  # the hint tells the items apart on the wire
-    spec = write_benchmarks(world, tmp_path / "bench", n=N, hint_every=1)["livevqa"]
+    spec = write_demo_benchmarks(world, tmp_path / "bench", n=N, hint_every=1)["livevqa"]
     script = Script()
     with FakeOpenAI(script.model) as m, FakeOpenAI(script.judge) as j:
         def llm(srv: FakeOpenAI, model: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ the field, nothing raises, and the numbers add up (in == out + rejects).
 
 Doors: the ``infoseek`` build stage (jsonl + companions), ``import_upstream`` (what ``fvqa
 import-upstream`` calls; parquet), and ``load_benchmark`` (what ``fvqa eval`` calls; the five
-benchmarks' files as ``tests/support/eval_files.py`` writes them). In a parquet file a column has one
+benchmarks' files as ``fvqa/demo/benchmarks.py`` writes them). In a parquet file a column has one
 type, so a wrong-typed ``prompt`` or ``reward_model`` is wrong for every row of its file: those cases
 hold two hostile rows and no good one (``both``).
 """
@@ -201,7 +201,7 @@ def test_import_upstream(tmp_path: Path, bad: dict[str, Any], good: dict[str, An
 
 def _bench(tmp_path: Path, kind: str, bad: dict[str, Any] | str, *, good: dict[str, Any] | None = None,
            both: bool = False) -> BenchmarkSpec:
-    """One good row and one hostile row in `kind`'s official format (as tests/support/eval_files.py)."""
+    """One good row and one hostile row in `kind`'s official format (as fvqa/demo/benchmarks.py)."""
     root = tmp_path / "bench"
     (root / "img").mkdir(parents=True)
     (root / "img" / "0.jpg").write_bytes(_jpeg(2))

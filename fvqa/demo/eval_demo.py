@@ -15,8 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fvqa.errors import FvqaError
+
+if TYPE_CHECKING:
+    from fvqa.eval.config import EvalConfig
 
 BENCH_DIR = "demo-eval/benchmarks"
 STANDIN_NOTE = ("DEMO STAND-INS: fictional world, a tiny 2-layer demo policy, and a substring-match "
@@ -29,7 +33,6 @@ class EvalDemoResult:
     report_html: Path
     model_path: Path
     model_label: str
-    config_path: Path
 
 
 def pick_model(workspace: Path, configured: Path | None) -> tuple[Path, str]:
@@ -46,20 +49,18 @@ def pick_model(workspace: Path, configured: Path | None) -> tuple[Path, str]:
     raise FvqaError(f"no demo model under {workspace}: run `make demo` first (it trains the policy this evaluates)")
 
 
-def run_eval_demo(config_path: Path, *, overrides: list[str] | None = None, world: Path | None = None,
-                  n_items: int | None = None, log: Callable[[str], None] = lambda _: None) -> EvalDemoResult:
-    """Write the benchmark files, start the stand-in judge, run the eval of `config_path`, report.
+def run_eval_demo(cfg: EvalConfig, *, world: Path | None = None, n_items: int | None = None,
+                  log: Callable[[str], None] = lambda _: None) -> EvalDemoResult:
+    """Write the benchmark files, start the stand-in judge, run the eval `cfg` describes, report.
 
     `world` is the demo world the build read (default: `<workspace>/demo-world`, where `make demo`
     writes it)."""
     from fvqa.demo.benchmarks import write_demo_benchmarks
     from fvqa.demo.judge_server import StandInJudge
-    from fvqa.eval.config import load_eval_config
     from fvqa.eval.report import build_report
     from fvqa.eval.runner import run_eval
     from fvqa.store import Workspace
 
-    cfg = load_eval_config(config_path, overrides)
     ws_root = cfg.workspace
     world = world or ws_root / "demo-world"
     fvqa_test = ws_root / "exports" / "upstream" / "fvqa_test.parquet"
@@ -79,4 +80,4 @@ def run_eval_demo(config_path: Path, *, overrides: list[str] | None = None, worl
         run_eval(cfg, log=log)
     with Workspace(cfg.workspace, read_only=True) as ws:
         files = build_report(ws, cfg.run)
-    return EvalDemoResult(files.markdown, files.html, path, label, config_path)
+    return EvalDemoResult(files.markdown, files.html, path, label)
