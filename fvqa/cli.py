@@ -440,11 +440,17 @@ def demo_world(
     directory: Annotated[Path, typer.Argument(help="Where to write the world.")],
     seed: int = 0,
     n_entities: Annotated[int, typer.Option(help="Number of fictional entities.")] = 240,
+    vocab_size: Annotated[int | None, typer.Option(
+        help="Grow the MetaCLIP vocabulary to this many entries (uncounted filler; paper: 500,000).")] = None,
+    captions: Annotated[int | None, typer.Option(help="Grow the caption pool to this many captions.")] = None,
+    infoseek_rows: Annotated[int | None, typer.Option(
+        help="Write exactly this many InfoSeek train rows (paper's file: ~1M).")] = None,
 ) -> None:
     """Write the offline demo world (MetaCLIP vocab, local web, InfoSeek files), deterministic per seed."""
     from fvqa.demo.world import make_world
 
-    path = make_world(directory, seed=seed, n_entities=n_entities)
+    path = make_world(directory, seed=seed, n_entities=n_entities, vocab_size=vocab_size, captions=captions,
+                      infoseek_rows=infoseek_rows)
     out.print(json.loads((path / "world.json").read_text()))
 
 

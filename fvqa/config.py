@@ -42,6 +42,10 @@ class WorldConfig(Section):
     generate: bool = True
     seed: int = 0
     n_entities: int = 240
+    # scale runs (bench/bench_paper_scale.py): grow the vocabulary, caption pool and InfoSeek file
+    vocab_size: int | None = None
+    captions: int | None = None
+    infoseek_rows: int | None = None
 
 
 class ConceptsConfig(Section):

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,11 +68,15 @@ class Entity:
 
 
 def _name(rng: random.Random, used: set[str]) -> str:
+    """A fresh name of 2-3 syllables; 4 once those run short (only paper-scale worlds get there)."""
+    misses = 0
     while True:
-        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        longest = 3 if misses < 20 else 4
+        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, longest))).capitalize()
         if word not in used:
             used.add(word)
             return word
+        misses += 1
 
 
 def _entities(rng: random.Random, n: int) -> list[Entity]:
@@ -200,8 +205,96 @@ def _infoseek_rows(entities: list[Entity], rng: random.Random) -> list[dict]:
     return rows
 
 
-def make_world(root: Path | str, *, seed: int = 0, n_entities: int = 240) -> Path:
-    """Write the demo world into `root` (deterministic for a seed) and return its path."""
+def _filler_vocab(rng: random.Random, n: int, taken: set[str]) -> list[str]:
+    """`n` distinct lowercase words and 2-3 word phrases: MetaCLIP-sized vocabularies for scale runs."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = sorted({"".join(rng.choices(letters, k=rng.randint(3, 9))) for _ in range(max(1, n // 3))} - taken)
+    out: list[str] = []
+    seen = set(taken)
+    for word in words[: n // 3]:
+        seen.add(word)
+        out.append(word)
+    while len(out) < n:
+        phrase = " ".join(rng.choices(words, k=rng.choice((2, 2, 3))))
+        if phrase not in seen:
+            seen.add(phrase)
+            out.append(phrase)
+    return out
+
+
+def _filler_captions(rng: random.Random, vocab: list[str], n: int) -> list[dict]:
+    """Alt-text-like captions over the filler vocabulary (punctuation included: matching normalises it)."""
+    rows = []
+    for i in range(n):
+        words = rng.choices(vocab, k=rng.randint(4, 14))
+        caption = " ".join(words) + rng.choice((".", "", "!", ", photo."))
+        rows.append(dict(url=f"http://demo.fvqa.local/img/{i}.jpg", caption=caption,
+                         page_url=f"http://demo.fvqa.local/p/{i}"))
+    return rows
+
+
+def _infoseek_rows_scaled(entities: list[Entity], n: int) -> Iterator[dict]:
+    """Exactly `n` InfoSeek rows cycling over entities and question kinds (images shared per kind),
+    for paper-scale runs (InfoSeek's train file has ~1M rows over far fewer images)."""
+    phrasings = ("", " Answer briefly.", " Give the answer only.", " Please answer.")
+    for k in range(n):
+        e = entities[k % len(entities)]
+        j = (k // len(entities)) % 3
+        tail = phrasings[(k // (3 * len(entities))) % len(phrasings)]
+        question, answer, answer_eval, qtype = (
+            (f"Which country is this {e.noun} from?{tail}", [e.country], [e.country], "String"),
+            (f"In which year did this {e.noun} first appear?{tail}", [str(e.year)], [str(e.year)], "Time"),
+            (f"What is the {e.measure_name} of this {e.noun} in {e.unit}?{tail}", [f"{e.measure_value:g}"],
+             {"wikidata": e.measure_value,
+              "range": [round(e.measure_value * 0.9, 2), round(e.measure_value * 1.1, 2)]}, "Numerical"),
+        )[j]
+        yield dict(data_id=f"infoseek_train_{k:07d}", image_id=f"oven_{e.entity_id}_{j}", question=question,
+                   answer=answer, answer_eval=answer_eval, data_split="train", entity_id=e.entity_id,
+                   entity_text=e.name, question_type=qtype, variant=2 + j)
+
+
+def _write_infoseek(root: Path, entities: list[Entity], rng: random.Random, n_rows: int | None) -> int:
+    """The train file and its withkb/qtype companions, streamed (a 1M-row file never sits in memory),
+    with one malformed line halfway and the last row's image missing, to show those rejects."""
+    if n_rows is None:
+        rows: Iterable[dict] = _infoseek_rows(entities, rng)
+        n_rows = len(rows)  # type: ignore[arg-type]
+    else:
+        rows = _infoseek_rows_scaled(entities, n_rows)
+    by_id = {e.entity_id: e for e in entities}
+    base_keys = ("data_id", "image_id", "question", "answer", "answer_eval", "data_split")
+    drawn: set[str] = set()
+    last_image = None
+    d = root / "infoseek"
+    with (d / "infoseek_train.jsonl").open("w", encoding="utf-8") as main, \
+            (d / "infoseek_train_withkb.jsonl").open("w", encoding="utf-8") as withkb, \
+            (d / "infoseek_train_qtype.jsonl").open("w", encoding="utf-8") as qtype:
+        for k, r in enumerate(rows):
+            if k == n_rows // 2:
+                main.write('{"data_id": "infoseek_train_broken", "question": \n')  # malformed line
+            base = {key: r[key] for key in base_keys}
+            main.write(json.dumps(base, ensure_ascii=False) + "\n")
+            withkb.write(json.dumps({**base, "entity_id": r["entity_id"], "entity_text": r["entity_text"]},
+                                    ensure_ascii=False) + "\n")
+            qtype.write(json.dumps({"data_id": r["data_id"], "question_type": r["question_type"]}) + "\n")
+            if r["image_id"] not in drawn:
+                drawn.add(r["image_id"])
+                (d / f"images/{r['image_id']}.jpg").write_bytes(render_image(by_id[r["entity_id"]], r["variant"]))
+            last_image = r["image_id"]
+        if n_rows == 0:
+            main.write('{"data_id": "infoseek_train_broken", "question": \n')
+    if last_image is not None:  # one row whose image is missing, to show the reject
+        (d / f"images/{last_image}.jpg").unlink()
+    return n_rows
+
+
+def make_world(root: Path | str, *, seed: int = 0, n_entities: int = 240, vocab_size: int | None = None,
+               captions: int | None = None, infoseek_rows: int | None = None) -> Path:
+    """Write the demo world into `root` (deterministic for a seed) and return its path.
+
+    `vocab_size`, `captions` and `infoseek_rows` grow the MetaCLIP vocabulary (filler entries, never
+    counted, so concepts still come from the entities), the caption pool and the InfoSeek train file
+    to those sizes, for scale benchmarks; left unset, the world is the small demo one."""
     root = Path(root)
     rng = random.Random(seed)
     entities = _entities(rng, n_entities)
@@ -212,6 +305,12 @@ def make_world(root: Path | str, *, seed: int = 0, n_entities: int = 240) -> Pat
     entries = [e.name for e in entities] + FILLER_ENTRIES
     counts = {e.name: e.count for e in entities}
     counts.update({f: rng.randint(0, 50_000) for f in FILLER_ENTRIES})
+    scale_rng = random.Random(f"{seed}-scale")  # separate stream: the small world stays as it was
+    filler: list[str] = []
+    if vocab_size is not None and vocab_size > len(entries):
+        filler = _filler_vocab(scale_rng, vocab_size - len(entries), set(entries))
+        entries += filler
+        counts.update(dict.fromkeys(filler, 0))
     (root / "metaclip/metadata.json").write_text(json.dumps(entries, ensure_ascii=False))
     (root / "metaclip/entry_counts.json").write_text(json.dumps(counts, ensure_ascii=False))
 
@@ -242,29 +341,19 @@ def make_world(root: Path | str, *, seed: int = 0, n_entities: int = 240) -> Pat
                              url=f"{e.url}/{bad}", page_url=e.url))
     _write_jsonl(root / "web/pages.jsonl", pages)
     _write_jsonl(root / "web/images.jsonl", manifest)
+    if captions is not None and captions > len(pool):
+        pool += _filler_captions(scale_rng, filler or FILLER_ENTRIES, captions - len(pool))
     pq.write_table(pa.Table.from_pylist(pool), root / "web/caption_pool.parquet")
 
     # InfoSeek-format files
-    rows = _infoseek_rows(entities, rng)
-    by_id = {e.entity_id: e for e in entities}
-    for r in rows:
-        (root / f"infoseek/images/{r['image_id']}.jpg").write_bytes(render_image(by_id[r["entity_id"]], r["variant"]))
-    if rows:  # one row whose image is missing, to show the reject
-        (root / f"infoseek/images/{rows[-1]['image_id']}.jpg").unlink()
-    base_keys = ("data_id", "image_id", "question", "answer", "answer_eval", "data_split")
-    main = [json.dumps({k: r[k] for k in base_keys}, ensure_ascii=False) for r in rows]
-    main.insert(len(main) // 2, '{"data_id": "infoseek_train_broken", "question": ')  # malformed line
-    _write_jsonl(root / "infoseek/infoseek_train.jsonl", main)
-    _write_jsonl(root / "infoseek/infoseek_train_withkb.jsonl",
-                 [{**{k: r[k] for k in base_keys}, "entity_id": r["entity_id"], "entity_text": r["entity_text"]}
-                  for r in rows])
-    _write_jsonl(root / "infoseek/infoseek_train_qtype.jsonl",
-                 [{"data_id": r["data_id"], "question_type": r["question_type"]} for r in rows])
+    n_rows = _write_infoseek(root, entities, rng, infoseek_rows)
 
     (root / "entities.jsonl").write_text(
         "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in entities), encoding="utf-8"
     )
-    info = dict(seed=seed, n_entities=n_entities, n_infoseek=len(rows), n_pages=len(pages),
+    info = dict(seed=seed, n_entities=n_entities, n_infoseek=n_rows, n_pages=len(pages),
                 n_images=len(manifest), head_threshold=HEAD_THRESHOLD)
+    if vocab_size is not None or captions is not None or infoseek_rows is not None:
+        info.update(n_vocab=len(entries), n_captions=len(pool))
     (root / "world.json").write_text(json.dumps(info, indent=2))
     return root

@@ -139,7 +139,8 @@ def ensure_world(config: RunConfig, console: Console) -> None:
     from fvqa.demo.world import make_world
 
     console.print(f"generating demo world in {world.path} ...")
-    make_world(world.path, seed=world.seed, n_entities=world.n_entities)
+    make_world(world.path, seed=world.seed, n_entities=world.n_entities, vocab_size=world.vocab_size,
+               captions=world.captions, infoseek_rows=world.infoseek_rows)
 
 
 def _check_in_build(flag: str, name: str, names: Sequence[str]) -> None:
