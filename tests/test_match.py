@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import pickle
 import random
 import time
 from pathlib import Path
@@ -32,7 +34,8 @@ def reference(entries: list[str], text: str) -> list[int]:
 
 
 # Small alphabets so that generated entries actually occur in generated captions.
-ALPHABET = st.sampled_from(list("ab ,.;:?!`\t\n\r-'é日😀") + ["\x00", "\u00a0"])
+# "\x00" is the separator chunks are joined with; "\ud800" is a lone surrogate (valid in a str).
+ALPHABET = st.sampled_from(list("ab ,.;:?!`\t\n\r-'é日😀") + ["\x00", "\u00a0", "\ud800"])
 WORD = st.text(ALPHABET, min_size=0, max_size=6)
 ENTRIES = st.lists(WORD, min_size=0, max_size=25)
 TEXTS = st.lists(st.text(ALPHABET, max_size=40), min_size=0, max_size=15)
@@ -85,6 +88,12 @@ def test_spacing_matches_metaclip_normalisation() -> None:
         ([" x", "x "], "a, x", [0]),
         # unicode, including astral characters
         (["東京", "😀 party", "café"], "東京 😀 party at the café!", [0, 1, 2]),
+        # an entry that is a suffix of another ending at the same place is reported too
+        (["b c", "c", "a b c"], "a b c.", [0, 1, 2]),
+        # overlapping occurrences of one entry count once; a duplicate still gets both indices
+        (["a a", "a", "a a"], "a a a", [0, 1, 2]),
+        # lone surrogates (json.loads can produce them) match like any other character
+        (["\ud800", "x \udfff"], "x \udfff, \ud800", [0, 1]),
     ],
 )
 def test_hand_cases(entries: list[str], text: str, expected: list[int]) -> None:
@@ -95,6 +104,39 @@ def test_hand_cases(entries: list[str], text: str, expected: list[int]) -> None:
 def test_empty_inputs() -> None:
     assert match_texts([], ["anything"]) == [[]]
     assert match_texts(["a"], []) == []
+    assert match_texts([], ["a", ""] * 50, processes=2) == [[]] * 100
+    assert match_texts(["", "a"], ["", "a", ".", "\n"]) == [[0], [1], [0], [0]]
+
+
+CHUNK_TEXTS = st.lists(st.one_of(st.text(ALPHABET, max_size=30), st.sampled_from(["", "\x00", "a\x00b"])), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=ENTRIES, texts=CHUNK_TEXTS)
+def test_chunk_normalised_at_once_equals_each_text_alone(entries: list[str], texts: list[str]) -> None:
+    """A chunk is normalised as one joined string; separators inside captions must not leak."""
+    matcher = EntryMatcher(entries)
+    expected = [reference(entries, t) for t in texts]
+    assert matcher.match_chunk(texts) == [matcher.match(t) for t in texts] == expected
+    clean = [t for t in texts if "\x00" not in t]  # a chunk the joined path takes
+    assert matcher.match_chunk(clean) == [reference(entries, t) for t in clean]
+
+
+def test_matcher_survives_pickling() -> None:
+    """Without fork (macOS, Windows) each worker gets the matcher pickled."""
+    entries = ["red car", "car", "café", "car"]
+    matcher = pickle.loads(pickle.dumps(EntryMatcher(entries)))
+    assert matcher.match("A red car at the café.") == [0, 1, 2, 3]
+
+
+def test_abandoned_pool_iteration_stops_its_workers() -> None:
+    texts = ["a b"] * 5_000
+    iterator = EntryMatcher(["a", "b"]).iter_matches(texts, processes=2, chunk_size=50)
+    assert next(iterator) == [0, 1]
+    start = time.perf_counter()
+    iterator.close()  # queued chunks are cancelled and the workers joined, not left running
+    assert time.perf_counter() - start < 10
+    assert not multiprocessing.active_children()
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
