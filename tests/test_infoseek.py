@@ -184,3 +184,103 @@ def test_missing_configured_files_are_config_errors(tmp_path: Path):
         _run(tmp_path, main, knowledge_types=tmp_path / "nope.csv")
     with pytest.raises(ConfigError, match="infoseek.image_dir not found"):
         _run(tmp_path, main, image_dir=tmp_path / "no-images")
+
+
+def _strata_world(tmp_path: Path, missing: set[int]) -> Path:
+    """60 rows, 3 question types x 20, one entity each; the images of `missing` rows are absent."""
+    rows, kb, qt, images = [], {}, {}, {}
+    for i in range(60):
+        did = f"infoseek_val_{i:08d}"
+        rows.append(_row(i))
+        kb[did] = (f"Q{i}", f"Entity {i}")
+        qt[did] = ("String", "Numerical", "Time")[i % 3]
+        if i not in missing:
+            images[f"oven_{i:08d}"] = _jpeg(i)
+    return _write(tmp_path / "in", rows, kb, qt, images)
+
+
+def test_rows_without_images_are_replaced_from_their_own_stratum(tmp_path: Path):
+    """Issue 19: '7,000 asked, 6,985 delivered' -- a missing image no longer shrinks the sample."""
+    missing = {i for i in range(60) if i % 3 == 0 and i < 30}  # 10 of the 20 "String" rows have no image
+    main = _strata_world(tmp_path, missing)
+    stats, root = _run(tmp_path, main, stratify=["question_type"], n=24, per_entity=1)
+    got = Counter(q for (q,) in _query(root, "SELECT question_type FROM items"))
+    assert got == {"String": 8, "Numerical": 8, "Time": 8}  # asked 24: delivered 24, still even
+    refused = _query(root, "SELECT key, reason FROM rejects")
+    assert refused and {r for _, r in refused} == {"image_missing"}
+    assert {int(k.rsplit("_", 1)[1]) for k, _ in refused} <= missing
+    assert stats.n_out == 24 and stats.extra["strata"] == {"Numerical": 8, "String": 8, "Time": 8}
+
+    # asking for more than there are rows with images: all of them, and the stage says why not more
+    stats, root = _run(tmp_path / "more", main, stratify=["question_type"], n=100, per_entity=1)
+    assert _query(root, "SELECT count(*) FROM items")[0][0] == 50 and stats.n_out == 50
+    assert any("asked 100, delivered 50" in note and "10 without a usable image" in note for note in stats.notes)
+
+
+def test_a_killed_run_continues_to_the_same_sample_with_nothing_twice(tmp_path: Path, monkeypatch):
+    main = _strata_world(tmp_path, missing={3, 4, 5})
+    _, whole = _run(tmp_path / "whole", main, stratify=["question_type"], n=30, seed=7)
+    expected = sorted(_query(whole, "SELECT item_id FROM items"))
+    expected_rejects = sorted(_query(whole, "SELECT key, reason FROM rejects"))
+    assert expected_rejects  # a replaced row is on the way
+
+    import fvqa.pipelines.infoseek as stage_mod
+
+    calls = {"n": 0}
+    real = stage_mod.aliases_of
+
+    def dies_on_the_20th(*args: Any) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(stage_mod, "aliases_of", dies_on_the_20th)
+    config = RunConfig(workspace=tmp_path / "ws", batch_size=8,
+                       infoseek=InfoseekConfig(jsonl=main, stratify=["question_type"], n=30, seed=7))
+    with pytest.raises(KeyboardInterrupt), Workspace(config.workspace) as ws:
+        execute_stage(InfoseekStage(), ws, config, Console(quiet=True))
+    partial = _query(config.workspace, "SELECT count(*) FROM items")[0][0]
+    assert 0 < partial < 30
+    monkeypatch.setattr(stage_mod, "aliases_of", real)
+    with Workspace(config.workspace) as ws:
+        again = execute_stage(InfoseekStage(), ws, config, Console(quiet=True))
+    assert again.n_out == 30 - partial  # only what was missing
+    assert sorted(_query(config.workspace, "SELECT item_id FROM items")) == expected
+    assert sorted(_query(config.workspace, "SELECT key, reason FROM rejects")) == expected_rejects
+
+    _, other = _run(tmp_path / "seed8", main, stratify=["question_type"], n=30, seed=8)
+    assert sorted(_query(other, "SELECT item_id FROM items")) != expected  # the seed picks the sample
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"data_id": "a", "answer": ["x", 1, 2.5]}\n', b'{"a": 1, "a": 2}', b'{"a": 123456789012345678901234567890}',
+    b'{"a": -9223372036854775809}', b'{"a": 1e400}', b'{"a": NaN}', b'{"a": "\\ud800"}', b'\xef\xbb\xbf{"a": 1}',
+    b'{"a": "caf\xe9"}', b'{"a": "x\x01y"}', b'[1, 2]', b'"text"', b'   \r\n', b'\xc2\xa0\n', b'{"a": 1} x',
+    b'{"a": ' + b'[' * 700 + b']' * 700 + b'}', b'{"a": ' + b'[' * 5000 + b']' * 5000 + b'}',
+    b'{"q": "' + b'7' * 30 + b'"}', b'{"a": 0.1, "b": -0, "c": 5e-324}',
+])
+def test_the_fast_line_parser_gives_the_general_parsers_verdicts(raw: bytes):
+    from fvqa.formats.jsonl import parse_line, parse_line_fast
+
+    for line_no in (1, 2):
+        fast, general = parse_line_fast(raw, line_no), parse_line(raw, line_no)
+        assert repr(fast) == repr(general)  # repr: NaN != NaN, and int 1 == float 1.0 would hide a change
+
+
+@pytest.mark.parametrize("shape_name", ["MainLine", "WithkbLine", "QtypeLine"])
+def test_the_fast_shape_check_gives_pydantics_verdicts(shape_name: str):
+    import fvqa.formats.infoseek as fmt
+    from fvqa.formats.shape import shape_checker, validate
+
+    shape = getattr(fmt, shape_name)
+    values = [None, "s", "", 0, 7, -1, 2.5, True, False, [], ["a"], [1, 2.5, "x"], [True], [["a"]], [None],
+              {}, {"wikidata": 3, "range": [1, 2]}, [{"x": 1}]]
+    problem = shape_checker(shape)
+    for name in shape.model_fields:
+        for value in values:
+            obj = {"data_id": "d1", name: value, "extra": {"ignored": [1]}}
+            checked = validate(shape, obj)
+            assert problem(obj) == (checked if isinstance(checked, tuple) else None), (name, value)
+            if not isinstance(checked, tuple):  # accepted: the dict's values are the model's
+                assert all(getattr(checked, f) == obj.get(f) for f in shape.model_fields)

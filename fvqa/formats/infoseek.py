@@ -8,7 +8,9 @@ for numerical questions ``{"wikidata": value, "range": [low, high]}`` dicts (alo
 
 It lives here, not in the stage, so that evaluation can read the format without depending on the
 build pipelines. The lines themselves are read with ``fvqa.formats.jsonl.read_jsonl`` (one bad-line
-policy for every JSONL file). Nothing here knows about configs, stages or workspaces.
+policy for every JSONL file; the stage's million-line files use its ``parse_line_fast`` and
+``fvqa.formats.shape.shape_checker``, the same verdicts, faster). Nothing here knows about configs,
+stages or workspaces.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class QtypeLine(Shape):
 
 
 COMPANION_SHAPES: dict[str, type[Shape]] = {WITHKB_SUFFIX: WithkbLine, QTYPE_SUFFIX: QtypeLine}
+
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".JPEG", ".JPG", ".png", ".webp")
 

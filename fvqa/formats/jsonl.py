@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 Record = tuple[int, dict[str, Any]]
 """A good line: (line number, the object)."""
 
@@ -94,3 +96,29 @@ def _json_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
     return "number"
+
+
+# -- a fast path for million-line files: the same verdicts, found sooner ------------------------------
+
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_NUMBER = b"0" * 19
+_MAX_BRACKETS = 512
+
+
+def parse_line_fast(raw: bytes, line_no: int) -> dict[str, Any] | BadLine | None:
+    """`fvqa.formats.jsonl.parse_line` (the one bad-line policy), with orjson for the common case.
+
+    orjson (several times faster than `json`) is trusted only where it gives exactly what
+    `json.loads` gives: a JSON object, no run of 19 or more digits (orjson turns integers beyond 64
+    bits into floats) and at most 512 brackets (so no nesting `json` would refuse as too deep).
+    Every other line, and every line orjson refuses (bad UTF-8, NaN, a BOM, a lone surrogate...),
+    goes to `parse_line` for its verdict and message."""
+    if ((len(raw) <= _MAX_BRACKETS or raw.count(b"[") + raw.count(b"{") <= _MAX_BRACKETS)
+            and _LONG_NUMBER not in raw.translate(_DIGITS_AS_ZERO)):
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is dict:
+            return obj
+    return parse_line(raw, line_no)
