@@ -46,6 +46,10 @@ class LocalConfig(_Section):
     batch_size: int = Field(32, ge=1)
     thumbnail_max_side: int = Field(256, ge=16)
     text_field_chars: int = Field(30_000, ge=100)  # page text kept for summaries (upstream: first 30k)
+    # image search: exact cosine scan below this many vectors; above, an IVF index (fvqa.search.ann)
+    # built with the index and searched over its `ann_nprobe` nearest lists (more: higher recall, slower)
+    ann_min_vectors: int = Field(50_000, ge=1)
+    ann_nprobe: int = Field(32, ge=1)
 
 
 class ReaderConfig(_Section):

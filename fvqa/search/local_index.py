@@ -12,7 +12,10 @@ file that cannot be indexed.
 * `pages.sqlite` — pages (id = BM25 document id) and images (id = row of the vector matrix, with a
   thumbnail), plus `rejects`: every input line or image that was skipped, with a reason;
 * `text/` — the bm25s index (memory-mapped at query time);
-* `image_vectors.npy` — unit-norm CLIP vectors, searched exactly (cosine = dot product);
+* `image_vectors.npy` — unit-norm CLIP vectors (cosine = dot product), searched exactly below
+  `ann_min_vectors` images, and the reference the ANN index is built from;
+* `image_ann.faiss` — only at `ann_min_vectors` images or more: an IVF index over the same vectors
+  (fvqa.search.ann), which image search then queries instead of scanning every vector;
 * `meta.json` — format version, CLIP model, counts, build time.
 
 `LocalIndex` answers `image_search` (titles/thumbnails/urls of the nearest images' pages, one hit per
@@ -45,6 +48,8 @@ from PIL import Image
 from fvqa.errors import ConfigError, FvqaError
 from fvqa.formats.jsonl import BadLine, read_jsonl
 from fvqa.reasons import check_code
+from fvqa.search.ann import KIND as ANN_KIND
+from fvqa.search.ann import AnnIndex, AnnIndexError
 from fvqa.search.clip import ClipEmbedder
 from fvqa.search.config import LocalConfig
 from fvqa.search.summarize import extractive_summary, tokenize
@@ -52,6 +57,7 @@ from fvqa.search.types import BadRequest, Candidate, ImageHit, PageError, QueryI
 from fvqa.vision.gate import ImageReject, check_image
 
 FORMAT_VERSION = 1
+ANN_FILE = "image_ann.faiss"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MIN_SIDE = 32
 
@@ -366,21 +372,76 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
     dim = vectors[0].shape[1] if vectors else 0
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
     np.save(tmp / "image_vectors.npy", matrix)
+    ann = _write_ann(matrix, tmp, cfg, progress) if matrix.shape[0] >= cfg.ann_min_vectors else None
+    vectors.clear()
+    del matrix
     db.commit()
     # meta.json describes what the folder holds, read back from it (not what the loop meant to write)
     n_pages = db.execute("SELECT COUNT(*) FROM pages").fetchone()[0]
     n_images = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
     db.close()
-    if (n_pages, n_images) != (stats.pages, stats.images) or matrix.shape[0] != n_images:
-        raise FvqaError(f"index build wrote {n_pages} pages / {n_images} images / {matrix.shape[0]} vectors, "
+    n_vectors = np.load(tmp / "image_vectors.npy", mmap_mode="r").shape[0]
+    if (n_pages, n_images) != (stats.pages, stats.images) or n_vectors != n_images:
+        raise FvqaError(f"index build wrote {n_pages} pages / {n_images} images / {n_vectors} vectors, "
                         f"expected {stats.pages} / {stats.images} / {stats.images}: not publishing it")
     stats.seconds = time.perf_counter() - t0
     meta = dict(format_version=FORMAT_VERSION, pages=n_pages, images=n_images,
                 sources=_fingerprint(corpus, images),
                 clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, embedder=stats.embedder,
-                rejected=dict(stats.rejected), built_at=time.time(), seconds=round(stats.seconds, 2))
+                rejected=dict(stats.rejected), built_at=time.time(), seconds=round(stats.seconds, 2), ann=ann)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return stats
+
+
+def _write_ann(matrix: np.ndarray, folder: Path, cfg: LocalConfig, progress: Progress | None) -> dict[str, Any]:
+    """Build the IVF index over `matrix` into `folder/ANN_FILE`; its meta.json entry (checked on open)."""
+    if progress:
+        progress("ann", 0, matrix.shape[0])
+    t0 = time.perf_counter()
+    ann = AnnIndex.build(matrix)
+    tmp = folder / f".{ANN_FILE}.{secrets.token_hex(4)}"
+    ann.save(tmp)
+    os.replace(tmp, folder / ANN_FILE)  # atomic also when repairing a published index
+    if progress:
+        progress("ann", matrix.shape[0], matrix.shape[0])
+    return dict(kind=ANN_KIND, file=ANN_FILE, vectors=ann.ntotal, dim=ann.dim, nlist=ann.nlist,
+                bytes=(folder / ANN_FILE).stat().st_size, seconds=round(time.perf_counter() - t0, 2))
+
+
+def _open_ann_file(folder: Path, meta: dict[str, Any]) -> AnnIndex:
+    """The folder's ANN index (memory-mapped); AnnIndexError if missing, damaged or not meta.json's."""
+    ann, n = meta["ann"], int(meta.get("images") or 0)
+    path = folder / str(ann.get("file", ANN_FILE))
+    if not path.is_file():
+        raise AnnIndexError(f"ANN index file {path} is missing")
+    if path.stat().st_size != ann.get("bytes") or ann.get("vectors") != n or ann.get("kind") != ANN_KIND:
+        raise AnnIndexError(f"ANN index file {path} does not match meta.json (truncated or replaced)")
+    return AnnIndex.load(path, expected=n, dim=int(ann.get("dim") or 0))
+
+
+def _ann_problem(folder: Path, meta: dict[str, Any], cfg: LocalConfig) -> str | None:
+    """Why the folder's ANN file cannot serve `cfg`, or None if it can or is not needed."""
+    if not meta.get("ann"):
+        n = int(meta.get("images") or 0)
+        return f"{n} images but no ANN index (built with a higher ann_min_vectors)" if n >= cfg.ann_min_vectors else None
+    try:
+        _open_ann_file(folder, meta)
+    except AnnIndexError as exc:
+        return str(exc)
+    return None
+
+
+def _repair_ann(out: Path, meta: dict[str, Any], cfg: LocalConfig, progress: Progress | None) -> None:
+    """Rebuild only the ANN file of a fresh index from its stored vectors (no re-embedding), then meta.json."""
+    with _build_lock(out):
+        current = json.loads((out / "meta.json").read_text())
+        if current.get("built_at") != meta.get("built_at") or not _ann_problem(out, current, cfg):
+            return  # another process rebuilt or repaired it while we waited for the lock
+        matrix = np.load(out / "image_vectors.npy", mmap_mode="r")
+        meta = dict(current, ann=_write_ann(matrix, out, cfg, progress))
+        tmp = out / f".meta.json.{secrets.token_hex(4)}"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out / "meta.json")
 
 
 def _fingerprint(corpus: Path, images: Path | str | None) -> dict[str, Any]:
@@ -401,7 +462,8 @@ def ensure_index(corpus: Path | str, images: Path | str | None, out: Path | str,
     """Build the index unless `out` already holds one from the same inputs and CLIP model.
 
     Returns the build stats, or None when the existing index was kept (what the demo build calls on
-    every run: the first run builds, later runs cost nothing).
+    every run: the first run builds, later runs cost nothing). A kept index whose ANN file is missing,
+    damaged or (at `ann_min_vectors` images or more) absent gets only that file rebuilt from its vectors.
     """
     cfg = config or LocalConfig()
     meta_path = Path(out) / "meta.json"
@@ -413,6 +475,8 @@ def ensure_index(corpus: Path | str, images: Path | str | None, out: Path | str,
         if (meta.get("format_version") == FORMAT_VERSION
                 and meta.get("sources") == _fingerprint(Path(corpus), images)
                 and meta.get("clip_model") == cfg.clip_model and meta.get("clip_pretrained") == cfg.clip_pretrained):
+            if _ann_problem(Path(out), meta, cfg):
+                _repair_ann(Path(out), meta, cfg, progress)
             return None
     return build_index(corpus, images, out, config=cfg, progress=progress)
 
@@ -455,8 +519,26 @@ class LocalIndex:
         self._embedder_lock = threading.Lock()
         self._bm25 = bm25s.BM25.load(self.path / "text", mmap=True, show_progress=False, verbosity=0)
         self.vectors = np.load(self.path / "image_vectors.npy", mmap_mode="r")
+        self.ann = self._open_ann()
         self._embedder = embedder
         self.cache_id = f"local:{self.meta.get('built_at')}"
+
+    def _open_ann(self) -> AnnIndex | None:
+        """The ANN index when the vectors reach `ann_min_vectors` and the build made one; else None (exact scan)."""
+        n = int(self.vectors.shape[0])
+        if not self.meta.get("ann") or n < self.config.ann_min_vectors:
+            return None
+        try:
+            return _open_ann_file(self.path, self.meta)
+        except AnnIndexError as exc:
+            raise ConfigError(f"search index {self.path}: {exc}. Rebuild it with `fvqa search index build` "
+                              "(or `ensure_index`, which rebuilds just this file from the stored vectors)") from None
+
+    def nearest_rows(self, vec: np.ndarray, k: int) -> np.ndarray:
+        """Rows of the k images nearest to a unit vector: ANN above the threshold, else exact."""
+        if self.ann is not None:
+            return self.ann.search(vec, k, self.config.ann_nprobe)[0]
+        return top_k_cosine(np.asarray(self.vectors), vec, k)[0]
 
     @property
     def embedder(self) -> ClipEmbedder:
@@ -483,7 +565,7 @@ class LocalIndex:
         except Exception as exc:  # noqa: BLE001 - a broken image must not crash a rollout
             raise BadRequest(f"cannot embed the query image: {exc}") from exc
         # over-fetch so that several images of one page still leave k distinct pages
-        idx, _ = top_k_cosine(np.asarray(self.vectors), vec, k * 4)
+        idx = self.nearest_rows(vec, k * 4)
         hits: list[ImageHit] = []
         seen: set[Any] = set()
         for row in idx.tolist():
