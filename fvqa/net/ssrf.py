@@ -9,11 +9,11 @@ judged by the IPv4 address they carry.
 
 Checking a URL before the request is not enough: the HTTP client resolves the name again when it
 connects, and a hostile DNS server can answer "public" the first time and "127.0.0.1" the second
-(DNS rebinding). So the guard also sits at connect time: `guarded_transport` /
-`guarded_async_transport` build httpx transports whose network backend resolves the host once,
-refuses it unless every address is allowed, and connects to a checked address (TLS still verifies
-the certificate against the host name). A refusal there surfaces as an `httpx.ConnectError` whose
-cause chain holds the `BlockedAddress` (`blocked_cause` finds it).
+(DNS rebinding). So the guard also sits at connect time: `guarded_transport` builds an httpx
+transport (and `fvqa.net.transport.GuardedResolver` an aiohttp resolver, for the async downloader)
+that resolves the host once, refuses it unless every address is allowed, and connects to a checked
+address (TLS still verifies the certificate against the host name). A refusal there surfaces as a
+connect error whose cause chain holds the `BlockedAddress` (`blocked_cause` finds it).
 """
 
 from __future__ import annotations
@@ -200,39 +200,7 @@ class GuardedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-class AsyncGuardedBackend(httpcore.AsyncNetworkBackend):
-    """Async twin of `GuardedBackend`."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None, *, allow_private: bool = False) -> None:
-        self._inner = inner or httpcore.AnyIOBackend()
-        self.allow_private = allow_private
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        try:
-            addresses = await resolve_checked(host, port, allow_private=self.allow_private)
-        except (BlockedAddress, ResolveError) as exc:
-            raise _refused(exc) from exc
-        last: Exception | None = None
-        for ip in addresses:
-            try:
-                return await self._inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
-                                                     socket_options=socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        assert last is not None
-        raise last
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not allowed by the address guard")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-def _install(transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport, wrap: Any) -> None:
+def _install(transport: httpx.HTTPTransport, wrap: Any) -> None:
     pool = getattr(transport, "_pool", None)
     if pool is None or not hasattr(pool, "_network_backend"):  # an httpx/httpcore whose internals moved
         raise RuntimeError("cannot install the connect-time address guard on this httpx version")
@@ -243,11 +211,4 @@ def guarded_transport(*, allow_private: bool, **kwargs: Any) -> httpx.HTTPTransp
     """`httpx.HTTPTransport(**kwargs)` that checks the address it connects to (see the module doc)."""
     transport = httpx.HTTPTransport(**kwargs)
     _install(transport, lambda inner: GuardedBackend(inner, allow_private=allow_private))
-    return transport
-
-
-def guarded_async_transport(*, allow_private: bool, **kwargs: Any) -> httpx.AsyncHTTPTransport:
-    """`httpx.AsyncHTTPTransport(**kwargs)` that checks the address it connects to (see the module doc)."""
-    transport = httpx.AsyncHTTPTransport(**kwargs)
-    _install(transport, lambda inner: AsyncGuardedBackend(inner, allow_private=allow_private))
     return transport

@@ -45,6 +45,9 @@ Route = Reply | Callable[[int], Reply]
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body go out in separate writes; with Nagle on, a kept-alive connection waits for the
+    # client's delayed ACK (40 ms on Linux) between them. Real servers (nginx, CDNs) set TCP_NODELAY.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, *args: object) -> None:  # keep test output quiet
@@ -166,6 +169,13 @@ def bomb_png(side: int = 10_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
+def bench_failures(n: int, fail: float) -> dict[int, int | str]:
+    """The benchmark's failing URLs, `/img/<i>.jpg` -> 404, 500 or "html" (HTML served as image/jpeg)."""
+    rng = random.Random(0)
+    failing = [i for i in range(n) if rng.random() < fail]
+    return {i: (404, 500, "html")[i % 3] for i in failing}
+
+
 def _bench_main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bench", type=int, required=True, help="number of /img/<i>.jpg URLs")
@@ -173,19 +183,18 @@ def _bench_main() -> None:
     parser.add_argument("--fail", type=float, default=0.1)
     args = parser.parse_args()
     bodies = [jpeg_bytes(i, (320, 240)) for i in range(64)]
-    rng = random.Random(0)
-    failing = {i for i in range(args.bench) if rng.random() < args.fail}
+    failing = bench_failures(args.bench, args.fail)
 
     def fallback(path: str) -> Route | None:
         if not path.startswith("/img/"):
             return None
         i = int(path.rsplit("/", 1)[1].split(".")[0])
-        if i in failing:  # a mix of permanent failures: 404, 500, HTML served as an image
-            kind = i % 3
-            if kind == 0:
-                return Reply(404, b"gone", "text/plain", delay_s=args.latency)
-            if kind == 1:
-                return Reply(500, b"oops", "text/plain", delay_s=args.latency)
+        kind = failing.get(i)
+        if kind == 404:
+            return Reply(404, b"gone", "text/plain", delay_s=args.latency)
+        if kind == 500:
+            return Reply(500, b"oops", "text/plain", delay_s=args.latency)
+        if kind == "html":
             return Reply(200, b"<html>not an image</html>", "image/jpeg", delay_s=args.latency)
         return Reply(200, bodies[i % len(bodies)], "image/jpeg", delay_s=args.latency)
 
