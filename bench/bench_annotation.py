@@ -2,10 +2,17 @@
 
 ours   = fvqa.annotation.rounds.push / pull (project, local storage, bulk import with predictions,
          bookkeeping; full JSON export, parsing, validation, DuckDB rows)
-anchor = the raw REST calls alone on the same server: POST /api/projects/{id}/import with the same
-         task JSON, and GET /api/projects/{id}/export?exportType=JSON&download_all_tasks=true
+anchor = the raw REST calls alone on the same server: POST /api/projects/{id}/import of the very
+         bytes our push sent (same query and chunks; into a project made beforehand, untimed, with the
+         same settings), and GET /api/projects/{id}/export?exportType=JSON&download_all_tasks=true
 
-Pull is measured on a project where every task carries one annotation (imported with the tasks).
+Push is timed REPS rounds per size after one untimed push that warms client and server; the order
+of the sides rotates each round (the machine's load drifts, and a push straight after another import
+meets a server still busy with it), with a short untimed pause before each; each side's median is
+reported, with the per-round ratios on a `#` line. A second push line takes as anchor the same server calls our
+push needs for a new round (find by title, create project, attach storage, import), made raw and
+one after another: what is left there is our own cost, the first line adds the project set-up.
+Pull is measured once, on a project whose every task carries one annotation.
 Prints `<name>: ours=<s> anchor=<s> ratio=<ours/anchor>` (ratio 1.0 = no overhead over raw REST).
 Usage: python bench/bench_annotation.py [--quick]   (quick: 1,000 tasks; full: 1,000 and 10,000)
 Label Studio comes from $FVQA_LS_VENV or .venv-ls (created on first use).
@@ -18,9 +25,11 @@ import hashlib
 import io
 import os
 import secrets
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -30,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fvqa.annotation import configs, server  # noqa: E402
-from fvqa.annotation.client import Connection, LabelStudioClient  # noqa: E402
+from fvqa.annotation.client import Connection, LabelStudioClient, http_client  # noqa: E402
 from fvqa.annotation.rounds import pull, push  # noqa: E402
 from fvqa.store import Workspace, now  # noqa: E402
 
@@ -70,20 +79,81 @@ def _tasks(ws: Workspace, root: Path, annotated: bool) -> list[dict]:
     return out
 
 
-def bench(n: int, live: server.ServerInfo, key: str, base: Path) -> None:
+SETTLE_S = 0.5  # untimed pause before each timed push, the same for every side
+
+
+class RecordingClient(LabelStudioClient):
+    """Our client, keeping the import bodies it sends (a reference only), so the anchor posts the same JSON."""
+
+    sent: list[tuple[int, bytes]]
+
+    def import_encoded(self, project_id: int, bodies: Sequence[tuple[int, bytes]]) -> list[int]:
+        self.sent = list(bodies)
+        return super().import_encoded(project_id, bodies)
+
+
+def bench_push(n: int, ws: Workspace, client: RecordingClient, http: httpx.Client, reps: int) -> None:
+    """REPS alternating rounds of: our push of n items to a new round / the raw import / the raw calls."""
+    label_config = configs.review_config(False)
+    tag = secrets.token_hex(3)  # titles unique on the server: a round found by title would not be pushed
+
+    def project(title: str) -> int:  # the settings our push gives a new round's project
+        r = http.post("/api/projects", json={"title": title, "label_config": label_config, "description": "{}",
+                                             "maximum_annotations": 1, "show_skip_button": True})
+        r.raise_for_status()
+        return int(r.json()["id"])
+
+    def post_tasks(pid: int, bodies: list[tuple[int, bytes]]) -> None:  # as our push sent them
+        for _, body in bodies:
+            http.post(f"/api/projects/{pid}/import", params={"return_task_ids": "true"}, content=body,
+                      headers={"Content-Type": "application/json"}).raise_for_status()
+
+    def ours(k: int) -> float:
+        t0 = time.perf_counter()
+        res = push(ws, client, f"push{n}-{tag}-{k}", annotators=1)
+        elapsed = time.perf_counter() - t0
+        assert res["pushed"] == n, res
+        return elapsed
+
+    def anchor(k: int) -> float:
+        pid, bodies = project(f"raw push {n}-{tag}-{k}"), client.sent
+        t0 = time.perf_counter()
+        post_tasks(pid, bodies)
+        return time.perf_counter() - t0
+
+    def same_calls(k: int) -> float:
+        bodies = client.sent
+        t0 = time.perf_counter()
+        http.get("/api/projects", params={"title": f"raw calls {n}-{tag}-{k}"}).raise_for_status()
+        pid = project(f"raw calls {n}-{tag}-{k}")
+        http.post("/api/storages/localfiles", json={"project": pid, "path": str(ws.root / "images"),
+                                                    "title": "fvqa images", "use_blob_urls": False}).raise_for_status()
+        post_tasks(pid, bodies)
+        return time.perf_counter() - t0
+
+    ours(0)  # warm-up (untimed); also gives the anchors their task JSON
+    sides = {"ours": ours, "anchor": anchor, "same_calls": same_calls}
+    names = list(sides)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for k in range(1, reps + 1):
+        # the order rotates, so no side follows itself (the server is still busy for a moment after an
+        # import) and each goes first equally often; a pause lets each call start on an idle server
+        for name in names[k % 3:] + names[:k % 3]:
+            time.sleep(SETTLE_S)
+            times[name].append(sides[name](k))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, line in (("anchor", f"push_{n}_tasks_s"), ("same_calls", f"push_{n}_tasks_vs_same_rest_calls_s")):
+        rounds_ = " ".join(f"{o / a:.2f}" for o, a in zip(times["ours"], times[name], strict=True))
+        print(f"{line}: ours={med['ours']:.2f} anchor={med[name]:.2f} ratio={med['ours'] / med[name]:.2f}")
+        print(f"#   medians of {reps} rounds; ratio per round: {rounds_}", flush=True)
+
+
+def bench(n: int, live: server.ServerInfo, key: str, base: Path, reps: int) -> None:
     ws = make_workspace(base / f"ws{n}", n)
-    client = LabelStudioClient(Connection(live.url, key, base))
-    http = httpx.Client(base_url=live.url, headers={"Authorization": f"Token {key}"}, timeout=1800)
-    t0 = time.perf_counter()
-    push(ws, client, f"push{n}", annotators=1)
-    ours_push = time.perf_counter() - t0
-    pid = http.post("/api/projects", json={"title": f"raw push {n}", "label_config": configs.review_config()}).json()["id"]
-    tasks = _tasks(ws, base, annotated=False)
-    t0 = time.perf_counter()
-    http.post(f"/api/projects/{pid}/import", json=tasks).raise_for_status()
-    anchor_push = time.perf_counter() - t0
-    print(f"push_{n}_tasks_s: ours={ours_push:.2f} anchor={anchor_push:.2f} ratio={ours_push / anchor_push:.2f}",
-          flush=True)
+    client = RecordingClient(Connection(live.url, key, base))
+    # the anchor's sockets as ours (TCP_NODELAY: without it each reused-connection request waits ~40 ms)
+    http = http_client(1800, base_url=live.url, headers={"Authorization": f"Token {key}"})
+    bench_push(n, ws, client, http, reps)
 
     # pull: a project whose tasks each carry one annotation, registered as a round
     pid = http.post("/api/projects", json={"title": f"annotated {n}", "label_config": configs.review_config()}).json()["id"]
@@ -107,6 +177,7 @@ def bench(n: int, live: server.ServerInfo, key: str, base: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="1,000 tasks only")
+    parser.add_argument("--reps", type=int, default=0, help="timed push rounds per size (default 5; 3 at 10,000)")
     args = parser.parse_args()
     venv = Path(os.environ.get("FVQA_LS_VENV") or REPO / ".venv-ls")
     with tempfile.TemporaryDirectory(prefix="bench-annotation-") as tmp:
@@ -117,7 +188,7 @@ def main() -> None:
         print(f"# server start {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         try:
             for n in [1_000] if args.quick else [1_000, 10_000]:
-                bench(n, live, key, base)
+                bench(n, live, key, base, reps=args.reps or (5 if n <= 1_000 else 3))
         finally:
             server.stop(base / "ls-data")
 

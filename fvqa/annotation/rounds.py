@@ -13,6 +13,7 @@ import hashlib
 import html
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -65,30 +66,43 @@ def _document_root(client: LabelStudioClient, ws: Workspace) -> Path:
     return root.resolve()
 
 
-def _ensure_round(ws: Workspace, client: LabelStudioClient, name: str, kind: str, label_config: str,
-                  annotators: int, split: str | None, parent: str | None = None,
-                  prefill: bool | None = None) -> tuple[int, bool]:
-    """The round's project id (recorded, found on the server by title, or newly created) and if new."""
-    row = tables.round_row(ws, name)
+def _check_round(row: dict[str, Any] | None, name: str, kind: str, prefill: bool | None) -> None:
+    """Refuse a push a recorded round cannot take (before any server call)."""
     if row is not None:
         if row["kind"] != kind:
             raise FvqaError(f"round {name} is a {row['kind']} round, not {kind}: pick another round name")
         if prefill is not None and row.get("prefill") is not None and bool(row["prefill"]) != prefill:
             raise FvqaError(f"round {name} was pushed with prefill {'on' if row['prefill'] else 'off'}: push it "
                             "the same way (mixed modes would blur its agreement), or use a new round name")
-        if client.project_exists(int(row["project_id"])):
-            return int(row["project_id"]), False
-        raise FvqaError(f"the Label Studio project of round {name} (id {row['project_id']}) is gone from "
-                        f"{client.conn.url}: use a new round name")
-    pid = client.find_project(_title(name))
-    created = pid is None
-    if pid is None:
-        desc = json.dumps({"fvqa_round": name, "kind": kind, "workspace": str(ws.root)})
-        pid = client.create_project(_title(name), label_config, desc, annotators)
+
+
+def _lookup_project(client: LabelStudioClient, name: str, row: dict[str, Any] | None) -> int | None:
+    """The round's project id if it exists on the server (recorded, or found by title); None if not.
+
+    Read-only and server-only (no workspace access): `push` runs it beside its DuckDB work.
+    """
+    if row is None:
+        return client.find_project(_title(name))
+    if client.project_exists(int(row["project_id"])):
+        return int(row["project_id"])
+    raise FvqaError(f"the Label Studio project of round {name} (id {row['project_id']}) is gone from "
+                    f"{client.conn.url}: use a new round name")
+
+
+def _server_project(client: LabelStudioClient, found: int | None, ws_root: Path, name: str, kind: str,
+                    label_config: str, annotators: int) -> tuple[int, bool]:
+    """The round's project id (the one found, or a new one) and whether it is new."""
+    if found is not None:
+        return found, False
+    desc = json.dumps({"fvqa_round": name, "kind": kind, "workspace": str(ws_root)})
+    return client.create_project(_title(name), label_config, desc, annotators), True
+
+
+def _record_round(ws: Workspace, client: LabelStudioClient, name: str, kind: str, pid: int, annotators: int,
+                  split: str | None, parent: str | None, prefill: bool | None) -> None:
     ws.insert("annotation_rounds", [dict(round=name, kind=kind, project_id=pid, server_url=client.conn.url,
                                          split=split, annotators=annotators, parent_round=parent,
                                          created_at=now(), pulled_at=None, prefill=prefill)])
-    return pid, created
 
 
 def _server_item_ids(client: LabelStudioClient, pid: int) -> dict[str, int]:
@@ -176,49 +190,62 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
     """
     tables.ensure(ws)
     root = _document_root(client, ws)
-    existing = tables.round_row(ws, round_name)
+    row = tables.round_row(ws, round_name)
     if prefill is None:  # a round from before the switch (NULL) was always pre-filled
-        prefill = bool(existing and existing.get("prefill") in (None, True))
-    where, params = ("WHERE d.split = ?", [split]) if split and item_ids is None else ("", [])
-    cur = ws.con.execute(_PUSH_SQL + where, params)
-    cols = [d[0] for d in cur.description]
-    rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-    if item_ids is not None:
-        wanted = set(item_ids)
-        rows = [r for r in rows if r["item_id"] in wanted]
-    if not rows:
-        raise FvqaError(f"no items to push (split {split!r} is empty in {ws.root})")
-    rows.sort(key=lambda r: _sample_key(seed, r["item_id"]))
-    if sample is not None:
-        rows = rows[:sample]
-    pid, created = _ensure_round(ws, client, round_name, kind, configs.review_config(prefill), annotators, split,
-                                 parent, prefill)
-    client.attach_local_storage(pid, ws.root / "images")
-    on_server = {} if created else _server_item_ids(client, pid)
-    known = {r[0] for r in ws.execute("SELECT item_id FROM annotation_tasks WHERE round = ?", [round_name])}
-    # tasks on the server but not in our table (crash after import): record, never import twice
-    missing_rows = [dict(round=round_name, item_id=i, task_id=t, project_id=pid, pushed_at=now())
-                    for i, t in on_server.items() if i not in known]
-    ws.insert("annotation_tasks", missing_rows)
-    todo, rejects, tasks = [], [], []
-    for r in rows:
-        if r["item_id"] in on_server:
-            continue
-        if not r["image_sha256"] or not r["image_ext"]:
-            rejects.append((STAGE, f"{round_name}/{r['item_id']}", "no_image", "item has no image to review"))
-            continue
-        data = task_data(r, _image_url(root, ws, r["image_sha256"], r["image_ext"]), round_name, prefill=prefill,
-                         note=(notes or {}).get(r["item_id"], ""))
-        tasks.append({"data": data, "predictions": _predictions(r) if prefill else []})
-        todo.append(r["item_id"])
-    ids = client.import_tasks(pid, tasks) if tasks else []
-    if len(ids) != len(todo):  # fall back to the server's own mapping
-        mapping = _server_item_ids(client, pid)
-        ids = [mapping.get(i, -1) for i in todo]
-    with ws.transaction():
+        prefill = bool(row and row.get("prefill") in (None, True))
+    _check_round(row, round_name, kind, prefill)
+    # Server round trips overlap local work: the project is looked up while the items are read, created
+    # while the tasks are built and encoded, and the image storage is attached while they are imported.
+    # DuckDB stays on this thread (one connection is not shared across threads).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fvqa-push") as pool:
+        lookup = pool.submit(_lookup_project, client, round_name, row)
+        where, params = ("WHERE d.split = ?", [split]) if split and item_ids is None else ("", [])
+        cur = ws.con.execute(_PUSH_SQL + where, params)
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        if item_ids is not None:
+            wanted = set(item_ids)
+            rows = [r for r in rows if r["item_id"] in wanted]
+        if not rows:
+            raise FvqaError(f"no items to push (split {split!r} is empty in {ws.root})")
+        rows.sort(key=lambda r: _sample_key(seed, r["item_id"]))
+        if sample is not None:
+            rows = rows[:sample]
+        project = pool.submit(lambda: _server_project(client, lookup.result(), ws.root, round_name, kind,
+                                                      configs.review_config(prefill), annotators))
+        no_image, built = [], []
+        for r in rows:
+            if not r["image_sha256"] or not r["image_ext"]:
+                no_image.append(r["item_id"])
+                continue
+            data = task_data(r, _image_url(root, ws, r["image_sha256"], r["image_ext"]), round_name,
+                             prefill=prefill, note=(notes or {}).get(r["item_id"], ""))
+            built.append((r["item_id"], {"data": data, "predictions": _predictions(r) if prefill else []}))
+        bodies = client.encode_tasks([t for _, t in built])  # right for a new project (nothing on it yet)
+        pid, created = project.result()
+        storage = pool.submit(client.attach_local_storage, pid, ws.root / "images", new_project=created)
+        if row is None:
+            _record_round(ws, client, round_name, kind, pid, annotators, split, parent, prefill)
+        on_server = {} if created else _server_item_ids(client, pid)
+        known = {r[0] for r in ws.execute("SELECT item_id FROM annotation_tasks WHERE round = ?", [round_name])}
+        # tasks on the server but not in our table (crash after import): record, never import twice
         ws.insert("annotation_tasks", [dict(round=round_name, item_id=i, task_id=t, project_id=pid, pushed_at=now())
-                                       for i, t in zip(todo, ids, strict=True)])
-        ws.add_rejects(rejects)
+                                       for i, t in on_server.items() if i not in known])
+        rejects = [(STAGE, f"{round_name}/{i}", "no_image", "item has no image to review")
+                   for i in no_image if i not in on_server]
+        if on_server:
+            built = [(i, t) for i, t in built if i not in on_server]
+            bodies = client.encode_tasks([t for _, t in built])
+        todo = [i for i, _ in built]
+        ids = client.import_encoded(pid, bodies) if built else []
+        if len(ids) != len(todo):  # fall back to the server's own mapping
+            mapping = _server_item_ids(client, pid)
+            ids = [mapping.get(i, -1) for i in todo]
+        with ws.transaction():
+            ws.insert("annotation_tasks", [dict(round=round_name, item_id=i, task_id=t, project_id=pid,
+                                                pushed_at=now()) for i, t in zip(todo, ids, strict=True)])
+            ws.add_rejects(rejects)
+        storage.result()  # the tasks are recorded first: a failed attach is retried by the next push
     return {"project_id": pid, "pushed": len(todo), "already": len(on_server), "rejected": len(rejects),
             "prefill": prefill}
 
@@ -226,7 +253,13 @@ def push(ws: Workspace, client: LabelStudioClient, round_name: str, *, split: st
 def create_manual(ws: Workspace, client: LabelStudioClient, round_name: str, *, annotators: int = 1) -> int:
     """A project for writing new items: annotators upload images in the UI and write question + answer."""
     tables.ensure(ws)
-    return _ensure_round(ws, client, round_name, "manual", configs.manual_config(), annotators, "manual")[0]
+    row = tables.round_row(ws, round_name)
+    _check_round(row, round_name, "manual", None)
+    pid, _ = _server_project(client, _lookup_project(client, round_name, row), ws.root, round_name, "manual",
+                             configs.manual_config(), annotators)
+    if row is None:
+        _record_round(ws, client, round_name, "manual", pid, annotators, "manual", None, None)
+    return pid
 
 
 def pull(ws: Workspace, client: LabelStudioClient, round_name: str) -> dict[str, Any]:
