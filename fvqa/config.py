@@ -82,6 +82,7 @@ class MatchConfig(Section):
     balance: bool = False
     candidates_per_concept: int = Field(8, ge=0)
     seed: int = 0
+    shard_rows: int = Field(100_000, ge=1)  # executor ray: pool rows per shard (one task of a worker)
 
 
 class CrawlConfig(Section):
@@ -331,6 +332,24 @@ class IndexConfig(Section):
     images: Path | None = None  # image manifest jsonl or folder; default: the demo world's manifest
 
 
+class RayConfig(Section):
+    """Where and how `executor: ray` runs the map-shaped work of match, crawl, index and the probe.
+
+    With `address` unset a Ray instance is started on this machine for the build (and stopped at its
+    end); with an address (`auto`, `ray://head:10001`) the build joins that cluster. Workers read and
+    write the workspace's files (images, caches), so on several machines the workspace and the
+    inputs must be on storage every node sees at the same path (README, "Scaling out on Ray").
+    """
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)  # CPUs of the Ray started here (address unset); default: all
+    workers: int | None = Field(None, ge=1)  # workers per stage; default: the cluster's CPUs // cpus_per_worker
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # e.g. 1 for a probe with a vLLM engine in each worker
+    max_retries: int = Field(3, ge=0)  # a dead worker is restarted and its shard re-run this often
+    temp_dir: Path | None = None  # the local Ray's session folder; default: a short one under /tmp
+
+
 class RunConfig(Section):
     """A whole `fvqa build` run."""
 
@@ -338,6 +357,9 @@ class RunConfig(Section):
     seed: int = 0
     world: WorldConfig | None = None
     batch_size: int = 64
+    # where the map-shaped stage work runs (match, crawl, index, model probe): this process, or Ray
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = Field(default_factory=RayConfig)
     concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
     match: MatchConfig = Field(default_factory=MatchConfig)
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)

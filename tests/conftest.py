@@ -25,3 +25,23 @@ def demo_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_config(tmp_path: Path, demo_world: Path) -> Path:
     """configs/demo.yaml pointed at the session's world and a fresh workspace."""
     return write_demo_config(tmp_path, demo_world)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> object:
+    """A local Ray cluster of 2 CPUs (session folder in a short temp dir), shared by the Ray tests:
+    `fvqa.executor.ensure_ray` uses a Ray already initialised in the process instead of starting one."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="fvqa-ray-test-", dir="/tmp")
+    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                                 "TOKENIZERS_PARALLELISM")}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -27,6 +27,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fvqa.errors import ConfigError
+from fvqa.executor import map_shards, uses_ray
 from fvqa.pipelines.base import Stage, StageContext
 from fvqa.store import Workspace, now
 
@@ -293,8 +295,8 @@ def _resolve_paths(config: RunConfig) -> tuple[Path, Path]:
     return metadata, pool
 
 
-def _pool_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any]]:
-    """(row number, url, caption, page_url) for every row of the Parquet pool, streamed in batches."""
+def _open_pool(path: Path) -> tuple[pq.ParquetFile, list[str]]:
+    """The pool's Parquet reader and the columns the stage reads; a ConfigError if it cannot be used."""
     try:
         reader = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -304,14 +306,83 @@ def _pool_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any]]:
     if missing:
         raise ConfigError(f"match.pool {path} lacks column(s) {', '.join(sorted(missing))} "
                           f"(has: {', '.join(sorted(names))})")
-    columns = ["url", "caption"] + (["page_url"] if "page_url" in names else [])
+    return reader, ["url", "caption"] + (["page_url"] if "page_url" in names else [])
+
+
+def _rows_of(batch: pa.RecordBatch | pa.Table, first_row: int) -> Iterator[tuple[int, Any, Any, Any]]:
+    data = batch.to_pydict()
+    pages = data.get("page_url") or [None] * batch.num_rows
+    for i, (url, caption, page) in enumerate(zip(data["url"], data["caption"], pages, strict=True)):
+        yield first_row + i, url, caption, page
+
+
+def _pool_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any]]:
+    """(row number, url, caption, page_url) for every row of the Parquet pool, streamed in batches."""
+    reader, columns = _open_pool(path)
     row_no = 0
     for batch in reader.iter_batches(batch_size=POOL_BATCH_ROWS, columns=columns):
-        data = batch.to_pydict()
-        pages = data.get("page_url") or [None] * batch.num_rows
-        for url, caption, page in zip(data["url"], data["caption"], pages, strict=True):
-            yield row_no, url, caption, page
-            row_no += 1
+        yield from _rows_of(batch, row_no)
+        row_no += batch.num_rows
+
+
+def pool_shards(path: Path, shard_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of `shard_rows` rows (the last one shorter) covering the pool; a
+    worker reads only the row groups its range overlaps."""
+    reader, _ = _open_pool(path)
+    total = reader.metadata.num_rows
+    return [(lo, min(lo + shard_rows, total)) for lo in range(0, total, shard_rows)]
+
+
+def _pool_range(path: Path, start: int, stop: int) -> Iterator[tuple[int, Any, Any, Any]]:
+    """The rows [start, stop) of the pool, reading only the row groups that hold them."""
+    reader, columns = _open_pool(path)
+    first = 0
+    for g in range(reader.metadata.num_row_groups):
+        n = reader.metadata.row_group(g).num_rows
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo < hi:
+            table = reader.read_row_group(g, columns=columns).slice(lo - first, hi - lo)
+            yield from _rows_of(table, lo)
+        first += n
+        if first >= stop:
+            return
+
+
+@dataclass
+class ShardMatches:
+    """What a worker found in one row range: its row count, unusable rows, and the rows that match."""
+
+    n_rows: int
+    bad: list[tuple[int, str, str, Any, Any]]  # (row number, reason code, what, url, caption)
+    matched: list[tuple[str, str | None, str, list[int]]]  # (url, page_url, caption, entry ids)
+
+
+class MatchShardWorker:
+    """Ray worker of `match`: builds the automaton once from the metadata file, matches row ranges of
+    the pool (both files read by path, so on a cluster they must be on shared storage)."""
+
+    def __init__(self, metadata: str, pool: str) -> None:
+        entries = _load_entries(Path(metadata))
+        self.valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
+        self.matcher = EntryMatcher([entries[i] for i in self.valid])
+        self.pool = Path(pool)
+
+    def __call__(self, shard: tuple[int, int]) -> ShardMatches:
+        bad: list[tuple[int, str, str, Any, Any]] = []
+        good: list[tuple[str, str | None, str]] = []
+        n_rows = 0
+        for row_no, url, caption, page in _pool_range(self.pool, *shard):
+            n_rows += 1
+            problem = _row_problem(url, caption, page)
+            if problem:
+                bad.append((row_no, problem[0], problem[1], url, caption))
+            else:
+                good.append((url, page, caption))
+        ids = self.matcher.iter_matches([c for _, _, c in good], processes=1)
+        valid = self.valid
+        matched = [(url, page, caption, [valid[i] for i in found])
+                   for (url, page, caption), found in zip(good, ids, strict=True) if found]
+        return ShardMatches(n_rows, bad, matched)
 
 
 class MatchStage(Stage):
@@ -345,20 +416,20 @@ class MatchStage(Stage):
         valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
         for i in sorted(set(range(len(entries))) - set(valid)):
             ctx.reject(f"entry:{i}", "wrong_type", f"{entries[i]!r:.200} in {metadata}")
-        matcher = EntryMatcher([entries[i] for i in valid])
+        matcher = None if uses_ray(ctx.config) else EntryMatcher([entries[i] for i in valid])
         counts = [0] * len(entries)
         reservoir = Reservoir(cfg.candidates_per_concept, cfg.seed)
         # pass 1: raw counts (and candidates, unless balancing changes which rows survive)
-        n_rows = n_matched = 0
-        self._bad_rows = [0]
-        for url, page, caption, ids in self._scan(ctx, matcher, pool, valid, reject=True):
-            n_rows += 1
+        n_matched = 0
+        self._bad_rows, self._usable_rows = [0], [0]
+        for url, page, caption, ids in self._scan(ctx, matcher, metadata, pool, valid, reject=True):
             if ids:
                 n_matched += 1
             for eid in ids:
                 counts[eid] += 1
                 if not cfg.balance:
                     reservoir.offer(eid, (url, page, caption))
+        n_rows = self._usable_rows[0]
         ctx.stats.n_in = n_rows + self._bad_rows[0]
         balanced: list[int] | None = None
         n_kept = n_matched
@@ -366,7 +437,7 @@ class MatchStage(Stage):
             # pass 2: MetaCLIP balancing needs the final counts, so the pool is matched again
             balanced, n_kept = [0] * len(entries), 0
             rng = random.Random(cfg.seed)
-            for url, page, caption, ids in self._scan(ctx, matcher, pool, valid, reject=False):
+            for url, page, caption, ids in self._scan(ctx, matcher, metadata, pool, valid, reject=False):
                 if ids and rng.random() < keep_probability([counts[i] for i in ids], threshold):
                     n_kept += 1
                     for eid in ids:
@@ -382,11 +453,16 @@ class MatchStage(Stage):
                                entries_matched=sum(1 for c in counts if c))
 
     def _scan(
-        self, ctx: StageContext, matcher: EntryMatcher, pool: Path, valid: list[int], *, reject: bool
+        self, ctx: StageContext, matcher: EntryMatcher | None, metadata: Path, pool: Path, valid: list[int], *,
+        reject: bool,
     ) -> Iterator[tuple[str, str | None, str, list[int]]]:
-        """(url, page_url, caption, matched entry ids) per usable row, bad rows rejected with a reason."""
+        """(url, page_url, caption, matched entry ids) per usable row in pool order (on Ray: per
+        matching row), bad rows rejected with a reason; usable and bad rows are counted."""
+        if matcher is None:
+            yield from self._scan_ray(ctx, metadata, pool, reject=reject)
+            return
         meta: deque[tuple[str, str | None, str]] = deque()
-        bad_rows = self._bad_rows
+        bad_rows, usable = self._bad_rows, self._usable_rows
 
         def captions() -> Iterator[str]:
             for row_no, url, caption, page in _pool_rows(pool):
@@ -398,12 +474,30 @@ class MatchStage(Stage):
                                    f"{problem[1]}: url={url!r:.200} caption={caption!r:.200}")
                     continue
                 meta.append((url, page, caption))
+                usable[0] += 1
                 yield caption
 
         identity = len(valid) == matcher.n_entries and (not valid or valid[-1] == len(valid) - 1)
         for ids in matcher.iter_matches(captions(), processes=ctx.cfg.processes, min_pool_texts=MIN_TEXTS_FOR_POOL):
             url, page, caption = meta.popleft()
             yield url, page, caption, ids if identity else [valid[i] for i in ids]
+
+    def _scan_ray(self, ctx: StageContext, metadata: Path, pool: Path, *, reject: bool
+                  ) -> Iterator[tuple[str, str | None, str, list[int]]]:
+        """`_scan` on Ray: row ranges of the pool matched by workers, results read back in pool order."""
+        shards = pool_shards(pool, ctx.cfg.shard_rows)
+        results = map_shards(ctx.config, MatchShardWorker, {"metadata": str(metadata), "pool": str(pool)},
+                             shards, name="match")
+        for result in ctx.progress(results, total=len(shards), description="match: pool shards on Ray"):
+            self._usable_rows[0] += result.n_rows - len(result.bad)
+            self._bad_rows[0] += len(result.bad)
+            for row_no, code, what, url, caption in result.bad:
+                if reject:
+                    ctx.reject(f"pool:{pool.name}:{row_no}", code, f"{what}: url={url!r:.200} caption={caption!r:.200}")
+            yield from result.matched
+        if reject:  # once, in the first pass
+            ctx.stats.extra["ray_shards"] = len(shards)
+            ctx.stats.notes.append(f"matched on Ray: {len(shards)} shards of {ctx.cfg.shard_rows} pool rows")
 
     def _write(
         self,

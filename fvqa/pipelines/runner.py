@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fvqa.config import RunConfig
 from fvqa.errors import ConfigError
+from fvqa.executor import check_executor, shutdown_ray
 from fvqa.pipelines import STAGES, load_stage
 from fvqa.pipelines.base import Estimate, Stage, StageContext, StageStats, execute_stage
 from fvqa.reasons import codes_of, legacy_code
@@ -220,6 +221,7 @@ def run_build(
     names, retries = check_selection(config, only, until, force, retry_rejects)
     stages = {name: load_stage(name) for name in names}
     check_stages(config, stages.values(), console)
+    check_executor(config)
     check_writable(config.workspace)  # a bad --workspace fails before the demo world is written
     ensure_world(config, console)
     results: dict[str, StageStats] = {}
@@ -252,6 +254,7 @@ def run_build(
             raise
         finally:
             ws.on_commit.remove(progress.batch)
+            shutdown_ray()  # a Ray this build started for `executor: ray` (one it joined stays up)
         progress.finish("finished")
     return results
 
