@@ -2,14 +2,18 @@
 
 The index is derived data, not catalog rows: it lives in the folder `search.local.index_dir`
 and is rebuilt only when its inputs or CLIP model change (`ensure_index`), so re-runs cost nothing.
+With `executor: ray` its images are read and embedded on Ray workers; the rest of the build (pages,
+joins, rows, the ANN index, publishing) stays in this process and the index is the same.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from fvqa.config import IndexConfig, RunConfig
 from fvqa.errors import ConfigError
+from fvqa.executor import map_shards, uses_ray
 from fvqa.pipelines.base import Stage, StageContext
 
 
@@ -38,13 +42,15 @@ class IndexStage(Stage):
 
         search = ctx.config.search
         corpus, images = index_inputs(ctx.cfg, ctx.config)
-        stats = ensure_index(corpus, images, search.local.index_dir, config=search.local)
+        shard_map = partial(map_shards, ctx.config) if uses_ray(ctx.config) else None
+        stats = ensure_index(corpus, images, search.local.index_dir, config=search.local, shard_map=shard_map)
         if stats is None:
             ctx.stats.notes.append(f"index up to date: {search.local.index_dir}")
             return
         ctx.stats.n_in = stats.pages + stats.images + sum(stats.rejected.values())
         ctx.stats.n_out = stats.pages + stats.images
         ctx.stats.rejected.update(stats.rejected)
-        ctx.stats.notes.append(
-            f"{stats.pages} pages, {stats.images} images ({stats.embedder}) -> {search.local.index_dir}"
-        )
+        n = stats.worker_processes
+        where = f", embedded by {n} Ray worker{'s' * (n != 1)}" if shard_map else ""
+        ctx.stats.notes.append(f"{stats.pages} pages, {stats.images} images ({stats.embedder}{where}) "
+                               f"-> {search.local.index_dir}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import math
 import os
 import secrets
 import shutil
@@ -34,11 +35,11 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import bm25s
@@ -60,6 +61,7 @@ FORMAT_VERSION = 1
 ANN_FILE = "image_ann.faiss"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MIN_SIDE = 32
+MAX_SHARDS = 1000  # an executor gets image shards of batch_size, or a multiple of it above this many shards
 
 SCHEMA = """
 CREATE TABLE pages (id INTEGER PRIMARY KEY, key TEXT, url TEXT, title TEXT, text TEXT);
@@ -73,6 +75,14 @@ Progress = Callable[[str, int, int | None], None]
 """(phase, done, total) -> None; called as the build advances."""
 
 
+class ShardMap(Protocol):
+    """Runs `worker(**init)(shard)` for each shard, yielding results in shard order: the build's
+    `fvqa.executor.map_shards` with its run config bound (this package must not import the run config)."""
+
+    def __call__(self, worker: Callable[..., Any], init: dict[str, Any], shards: Sequence[Any], *,
+                 name: str) -> Iterator[Any]: ...
+
+
 @dataclass
 class IndexStats:
     """What a build produced and what it skipped (by reason), for the CLI's summary table."""
@@ -83,6 +93,7 @@ class IndexStats:
     seconds: float = 0.0
     bytes_on_disk: int = 0
     embedder: str = ""
+    worker_processes: int = 0  # processes of the executor that embedded the images (0: this one did)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +190,79 @@ def _embed_input_shrinker(emb: Any) -> Callable[[Image.Image], Image.Image]:
     return shrink
 
 
+@dataclass
+class _Loaded:
+    """A usable image on its way into the index: its thumbnail, and the (shrunk) image still to embed
+    or the vector a worker already computed."""
+
+    thumbnail: bytes
+    image: Image.Image | None = None
+    vector: np.ndarray | None = None
+
+
+ImageOutcome = tuple[str, dict[str, Any] | None, _Loaded | ImageReject]
+"""(key, manifest row (None when its line was rejected), the loaded image or why it is unusable)."""
+
+
+def _load_here(images: Path, cfg: LocalConfig,
+               shrink: Callable[[Image.Image], Image.Image]) -> Iterator[ImageOutcome]:
+    """Every image entry, loaded in this process (embedded later, in batches of usable, titled images)."""
+    for key, path, row in _image_entries(images):
+        if isinstance(row, ImageReject):
+            yield key, None, row
+            continue
+        try:
+            img, thumb = _load_image(path, cfg.thumbnail_max_side)
+        except ImageReject as exc:
+            yield key, row, exc
+            continue
+        yield key, row, _Loaded(thumb, image=shrink(img))
+
+
+def _load_on_workers(images: Path, cfg: LocalConfig, shard_map: ShardMap,
+                     stats: IndexStats) -> Iterator[ImageOutcome]:
+    """Every image entry, loaded and embedded by executor workers (`fvqa.search.index_remote`).
+
+    Workers get (key, path) shards of consecutive entries; their outcomes come back in order and are
+    matched to a second read of the manifest, so the driver holds paths, not every manifest row. A
+    worker embeds every image it can load, titled or not (titles are the driver's check), so its
+    batches differ from the in-process build's and vectors may differ in their last float digits."""
+    from fvqa.search.index_remote import EmbeddedImage, ImageEmbedWorker
+
+    todo = [(key, str(path)) for key, path, row in _image_entries(images) if not isinstance(row, ImageReject)]
+    size = cfg.batch_size * max(1, math.ceil(len(todo) / (cfg.batch_size * MAX_SHARDS)))
+    # with nothing to load, one empty shard still tells the embedder's name (meta.json has it either way)
+    shards = [todo[i:i + size] for i in range(0, len(todo), size)] or [[]]
+    del todo
+    results = shard_map(ImageEmbedWorker, {"config": cfg}, shards, name="index")
+
+    workers: set[str] = set()
+
+    def outcomes() -> Iterator[tuple[str, Any]]:
+        for shard, result in zip(shards, results, strict=True):
+            stats.embedder = result.embedder
+            workers.add(result.worker)
+            stats.worker_processes = len(workers)
+            for (key, _), outcome in zip(shard, result.outcomes, strict=True):
+                yield key, outcome
+
+    done = outcomes()
+    changed = FvqaError(f"{images} changed while the index was being built: build it again")
+    for key, _path, row in _image_entries(images):
+        if isinstance(row, ImageReject):
+            yield key, None, row
+            continue
+        sent, outcome = next(done, (None, None))
+        if sent != key:
+            raise changed
+        if isinstance(outcome, EmbeddedImage):
+            yield key, row, _Loaded(outcome.thumbnail, vector=outcome.vector)
+        else:
+            yield key, row, ImageReject(outcome.reason, outcome.detail)
+    if next(done, None) is not None:
+        raise changed
+
+
 # ----------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +318,14 @@ def build_index(
     config: LocalConfig | None = None,
     embedder: ClipEmbedder | None = None,
     progress: Progress | None = None,
+    shard_map: ShardMap | None = None,
 ) -> IndexStats:
     """Build the local index into `out`, replacing any index there.
+
+    Images are read and embedded in this process, or, given a `shard_map` (the build's executor, e.g.
+    Ray), by its workers; everything else (pages, BM25, joins, rows, rejects, ANN) is done here either
+    way, so both give the same index row for row. Only the vectors may differ in their last float digits:
+    workers embed in other batches (see `_load_on_workers`).
 
     The build holds an exclusive lock on `<out>.lock` (a second build of the same `out` fails at once
     with IndexBusyError), writes into its own temporary folder next to `out`, writes `meta.json` last
@@ -245,6 +335,9 @@ def build_index(
     """
     cfg = config or LocalConfig()
     corpus, out = Path(corpus), Path(out)
+    if embedder is not None and shard_map is not None:
+        raise ValueError("build_index: an embedder instance cannot be sent to executor workers "
+                         "(pass an embedder or a shard_map)")
     if not corpus.is_file():
         raise ConfigError(f"corpus file not found: {corpus}")
     if images is not None and not Path(images).exists():
@@ -257,7 +350,7 @@ def build_index(
         tmp = _sibling(out, "tmp")
         tmp.mkdir()  # (not mkdtemp: its 0700 mode would become the published index's)
         try:
-            stats = _build_into(corpus, images, tmp, cfg, embedder, progress)
+            stats = _build_into(corpus, images, tmp, cfg, embedder, progress, shard_map)
             _publish(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -266,7 +359,8 @@ def build_index(
 
 
 def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalConfig,
-                embedder: ClipEmbedder | None, progress: Progress | None) -> IndexStats:
+                embedder: ClipEmbedder | None, progress: Progress | None,
+                shard_map: ShardMap | None) -> IndexStats:
     """Write a complete index into the empty folder `tmp` (meta.json last)."""
     t0 = time.perf_counter()
     stats = IndexStats()
@@ -319,18 +413,31 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
     retriever.save(tmp / "text", show_progress=False)
     del texts
 
-    # images -> CLIP vectors + thumbnails
+    # images -> CLIP vectors + thumbnails (loaded and embedded here or by the executor's workers)
     vectors: list[np.ndarray] = []
     if images is not None:
-        emb = embedder or ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, cfg.device)
-        stats.embedder = emb.name
-        shrink = _embed_input_shrinker(emb)
-        pending: list[tuple[Image.Image, tuple[Any, ...]]] = []
+        outcomes: Iterator[ImageOutcome]
+        embed: Callable[[list[_Loaded]], np.ndarray]
+        if shard_map is None:
+            emb = embedder or ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, cfg.device)
+            stats.embedder = emb.name
+            outcomes = _load_here(Path(images), cfg, _embed_input_shrinker(emb))
+
+            def embed(batch: list[_Loaded]) -> np.ndarray:
+                return emb.embed([got.image for got in batch if got.image is not None])
+        else:
+            outcomes = _load_on_workers(Path(images), cfg, shard_map, stats)
+
+            def embed(batch: list[_Loaded]) -> np.ndarray:
+                return np.stack([got.vector for got in batch if got.vector is not None])
+        pending: list[tuple[_Loaded, tuple[Any, ...]]] = []
 
         def flush() -> None:
             if not pending:
                 return
-            vecs = emb.embed([img for img, _ in pending])
+            vecs = embed([got for got, _ in pending])
+            if vecs.shape[0] != len(pending):
+                raise FvqaError(f"index build: {vecs.shape[0]} vectors for {len(pending)} images")
             start = stats.images
             db.executemany(
                 "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
@@ -342,15 +449,11 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
             if progress:
                 progress("images", stats.images, None)
 
-        for key, path, row in _image_entries(Path(images)):
-            if isinstance(row, ImageReject):
-                reject("images", key, row.reason, row.detail)
+        for key, row, got in outcomes:
+            if isinstance(got, ImageReject):
+                reject("images", key, got.reason, got.detail)
                 continue
-            try:
-                img, thumb = _load_image(path, cfg.thumbnail_max_side)
-            except ImageReject as exc:
-                reject("images", key, exc.reason, exc.detail)
-                continue
+            assert row is not None  # only a rejected manifest line has no row
             page_key = str(row.get("wikidata_id") or row.get("page_key") or "")
             pid = key_to_page.get(page_key)
             if pid is None and row.get("page_url"):
@@ -365,7 +468,7 @@ def _build_into(corpus: Path, images: Path | str | None, tmp: Path, cfg: LocalCo
             if not title:
                 reject("images", key, "no_title", "the image matches no page and has no title of its own")
                 continue
-            pending.append((shrink(img), (pid, title, url or str(row.get("url") or ""), key, thumb)))
+            pending.append((got, (pid, title, url or str(row.get("url") or ""), key, got.thumbnail)))
             if len(pending) >= cfg.batch_size:
                 flush()
         flush()
@@ -458,8 +561,12 @@ def _fingerprint(corpus: Path, images: Path | str | None) -> dict[str, Any]:
 
 
 def ensure_index(corpus: Path | str, images: Path | str | None, out: Path | str, *,
-                 config: LocalConfig | None = None, progress: Progress | None = None) -> IndexStats | None:
+                 config: LocalConfig | None = None, progress: Progress | None = None,
+                 shard_map: ShardMap | None = None) -> IndexStats | None:
     """Build the index unless `out` already holds one from the same inputs and CLIP model.
+
+    Where it would be built (`shard_map`: the executor) is not part of that test: an index built on
+    Ray is up to date for a local build, and the other way round.
 
     Returns the build stats, or None when the existing index was kept (what the demo build calls on
     every run: the first run builds, later runs cost nothing). A kept index whose ANN file is missing,
@@ -478,7 +585,7 @@ def ensure_index(corpus: Path | str, images: Path | str | None, out: Path | str,
             if _ann_problem(Path(out), meta, cfg):
                 _repair_ann(Path(out), meta, cfg, progress)
             return None
-    return build_index(corpus, images, out, config=cfg, progress=progress)
+    return build_index(corpus, images, out, config=cfg, progress=progress, shard_map=shard_map)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,26 +16,48 @@ failures and how many runs deferred it.
 The stage's unit is the concept: `n_in == n_out + n_rejected + deferred`, and `n_rejected` counts
 concept rejects only. Candidate URLs rejected on the way (still rows in `rejects`, keyed by URL) are
 counted apart, in the stats' `rejected_urls`.
+
+With `executor: ray` the per-candidate work (download or read, gate and normalise, hash, CLIP score;
+fvqa.pipelines.crawl.remote) runs on Ray workers, one shard per chunk of concepts, while the driver
+keeps everything that depends on order and state exactly as the local path does: candidates (an
+image search is a paid, cached call), the refused-URL filter, dedup, the threshold, keep / reject /
+defer, page text and storing, through the same `_settle`. The tables come out the same, except that
+a worker scores a concept's candidates as one batch before dedup drops some of them, and a batch of
+another size may change a CLIP score in its last digits (only a tie within that noise could change
+which image is chosen).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from fvqa.config import CrawlConfig
+from fvqa.executor import map_shards, uses_ray
 from fvqa.net.fetch import Downloader, FetchOptions, FetchResult
 from fvqa.pipelines.base import Stage, StageContext
+from fvqa.pipelines.crawl.remote import (
+    ConceptJob,
+    CrawlShardWorker,
+    Outcome,
+    Prepared,
+    Refused,
+    ShardResult,
+    build_scorer,
+    prepare,
+)
 from fvqa.pipelines.crawl.sources import Candidate, Failure, Source, make_source
 from fvqa.reasons import FETCH, IMAGE
 from fvqa.store import Workspace, now
-from fvqa.vision.dedup import DedupIndex, phash_hex, sha256_hex
+from fvqa.vision.dedup import DedupIndex
 from fvqa.vision.gate import CheckedImage
-from fvqa.vision.imageproc import ImageReject, Processed, process_image
 
 STAGE = "crawl"
 CHUNK = 16  # concepts per download wave; the next wave downloads while this one is checked
@@ -50,10 +72,11 @@ class Checked:
     """A candidate that decoded, passed the size checks and is not a duplicate."""
 
     cand: Candidate
-    image: Processed
-    sha256: str
-    phash: str
-    score: float | None = None
+    prep: Prepared
+
+    @property
+    def score(self) -> float | None:
+        return self.prep.score
 
 
 class CrawlStage(Stage):
@@ -82,7 +105,7 @@ class CrawlStage(Stage):
         self.url_rejects: Counter[str] = Counter()
         try:
             if concepts:
-                asyncio.run(self._run(ctx, concepts))
+                asyncio.run(self._run_ray(ctx, concepts) if uses_ray(ctx.config) else self._run(ctx, concepts))
         finally:
             _record_counts(ctx, self.deferred, self.url_rejects)
         ctx.commit()
@@ -93,6 +116,7 @@ class CrawlStage(Stage):
         self.dedup = _load_dedup(ctx, cfg.phash_distance)
         self.refused = _refused_urls(ctx.ws)
         self.scorer: Any = None
+        self.clip: dict[str, Any] | None = None  # what scored the candidates (provenance)
         # importing open_clip takes seconds: start it now, overlapping the first downloads
         self._scorer_task = asyncio.create_task(asyncio.to_thread(_load_scorer, cfg, ctx))
         async with Downloader(FetchOptions.from_config(cfg)) as downloader:
@@ -109,6 +133,51 @@ class CrawlStage(Stage):
             await self._scorer_task
         _record_source_stats(ctx, source)
 
+    async def _run_ray(self, ctx: StageContext, concepts: list[tuple[str, str]]) -> None:
+        """`_run` with the per-candidate work on Ray workers (see the module docstring)."""
+        cfg: CrawlConfig = ctx.cfg
+        self.dedup = _load_dedup(ctx, cfg.phash_distance)
+        self.refused = _refused_urls(ctx.ws)
+        self.scorer = None
+        self.clip = None
+        async with Downloader(FetchOptions.from_config(cfg)) as downloader:  # image search and pages
+            source = make_source(cfg, ctx.config, ctx.ws, downloader)
+            chunks = [concepts[i: i + CHUNK] for i in range(0, len(concepts), CHUNK)]
+            asked = [await source.candidates(chunk) for chunk in chunks]  # the shards are built up front
+            shards = [[ConceptJob(cid, concept, [c for c in cands.get(cid, []) if c.url not in self.refused])
+                       for cid, concept in chunk] for chunk, (cands, _) in zip(chunks, asked, strict=True)]
+            results = map_shards(ctx.config, CrawlShardWorker, {"cfg": cfg, "config": ctx.config}, shards, name=STAGE)
+            try:
+                work = zip(chunks, asked, results, strict=True)
+                for chunk, (cands, failures), result in ctx.progress(work, total=len(chunks),
+                                                                     description="crawl on Ray"):
+                    self._note_worker_clip(ctx, result)
+                    batch = []
+                    for (cid, concept), got in zip(chunk, result.outcomes, strict=True):
+                        fetched = iter(got)
+                        outcomes = [self.refused[c.url] if c.url in self.refused else next(fetched)
+                                    for c in cands.get(cid, [])]
+                        batch.append((cid, concept, cands.get(cid, []), outcomes, failures.get(cid)))
+                    with ctx.ws.transaction():  # one commit per chunk, as locally
+                        await self._settle(ctx, source, batch)
+            finally:  # a failed run stops the Ray pipeline now, not whenever the generator is collected
+                close = getattr(results, "close", None)
+                if close is not None:
+                    close()
+        ctx.stats.extra["ray_shards"] = len(shards)
+        if self.clip is None:  # no worker scored: surface a load error (e.g. unknown model) as locally
+            await asyncio.to_thread(_load_scorer, cfg, ctx)
+        _record_source_stats(ctx, source)
+
+    def _note_worker_clip(self, ctx: StageContext, result: ShardResult) -> None:
+        """The first worker scorer's description (provenance) and the slowest worker's CLIP load time."""
+        if result.clip is not None and self.clip is None:
+            self.clip = result.clip
+            _note_random_weights(ctx, ctx.cfg)
+        if result.clip_load_seconds is not None:
+            seconds = ctx.stats.extra.get("clip_load_seconds", 0.0)
+            ctx.stats.extra["clip_load_seconds"] = max(seconds, result.clip_load_seconds)
+
     async def _gather(
         self, source: Source, chunk: list[tuple[str, str]]
     ) -> list[tuple[str, str, list[Candidate], list[FetchResult], tuple[str, str] | None]]:
@@ -121,7 +190,10 @@ class CrawlStage(Stage):
                  failures.get(cid)) for cid, concept in chunk]
 
     async def _settle(self, ctx: StageContext, source: Source, batch: list[Any]) -> None:
-        """Check, dedup, score and keep or reject every candidate of a chunk (the CPU part)."""
+        """Check, dedup, score and keep or reject every candidate of a chunk (the CPU part).
+
+        `batch` holds per concept its candidates' outcomes: downloads (local path: prepared and
+        scored here) or outcomes a Ray worker prepared and scored already."""
         cfg: CrawlConfig = ctx.cfg
         for cid, concept, cands, results, failure in batch:
             why: Counter[str] = Counter()
@@ -130,11 +202,14 @@ class CrawlStage(Stage):
                 why[failure.reason] += 1
             checked = await asyncio.to_thread(self._check, ctx, cid, cands, results, why, transient)
             if checked:
-                if self.scorer is None:
-                    self.scorer = await self._scorer_task
-                scores = await asyncio.to_thread(self.scorer.score, concept, [c.image.image for c in checked])
-                for c, s in zip(checked, scores, strict=True):
-                    c.score = s
+                if any(c.prep.score is None for c in checked):  # local path (a Ray worker scored its own)
+                    if self.scorer is None:
+                        self.scorer = await self._scorer_task
+                        self.clip = self.scorer.describe()
+                    images = [c.prep.image for c in checked]
+                    scores = await asyncio.to_thread(self.scorer.score, concept, images)
+                    for c, s in zip(checked, scores, strict=True):
+                        c.prep.score = s
                 checked = self._apply_threshold(ctx, cid, checked, cfg.clip_threshold, why)
             if not checked and (transient or (failure is not None and failure.retryable)):
                 self._defer(ctx, cid, concept, why, transient, failure)
@@ -179,31 +254,29 @@ class CrawlStage(Stage):
         ctx.stats.extra["rejected_urls"] = dict(self.url_rejects)
 
     def _check(
-        self, ctx: StageContext, cid: str, cands: list[Candidate], results: list[FetchResult], why: Counter[str],
+        self, ctx: StageContext, cid: str, cands: list[Candidate], outcomes: list[Outcome], why: Counter[str],
         transient: list[tuple[str, str, str]],
     ) -> list[Checked]:
         """The candidates that downloaded, decode, pass the gate and are no duplicates; the others
         are rejected by URL, except transient download failures, which go to `transient` (their
-        fate depends on whether the concept is settled)."""
+        fate depends on whether the concept is settled). A download is prepared here (local path)."""
         cfg: CrawlConfig = ctx.cfg
         local = DedupIndex(cfg.phash_distance)
         out = []
-        for cand, res in zip(cands, results, strict=True):
-            if not res.ok:
+        for cand, got in zip(cands, outcomes, strict=True):
+            res = prepare(cfg, got) if isinstance(got, FetchResult) else got
+            if isinstance(res, FetchResult):
                 why[res.reason] += 1
                 if res.retryable:
                     transient.append((cand.url, res.reason, f"{cid}: {res.detail}".strip()))
                 else:
                     self._reject_url(ctx, cand.url, res.reason, f"{cid}: {res.detail}".strip())
                 continue
-            try:
-                img = process_image(res.data, max_side=cfg.max_side, min_side=cfg.min_side,
-                                    max_pixels=cfg.max_pixels, quality=cfg.jpeg_quality)
-            except ImageReject as exc:
-                why[exc.reason] += 1
-                self._reject_url(ctx, cand.url, exc.reason, f"{cid}: {exc.detail}")
+            if isinstance(res, Refused):
+                why[res.reason] += 1
+                self._reject_url(ctx, cand.url, res.reason, f"{cid}: {res.detail}")
                 continue
-            sha, ph = sha256_hex(img.data), phash_hex(img.image)
+            sha, ph = res.sha256, res.phash
             dup = self.dedup.check(sha, ph) or local.check(sha, ph)
             if dup is not None:
                 kind = "exact_duplicate" if dup[0] == "exact duplicate" else "near_duplicate"
@@ -211,7 +284,7 @@ class CrawlStage(Stage):
                 self._reject_url(ctx, cand.url, kind, f"{cid}: {dup[0]} of {dup[1]}")
                 continue
             local.add(sha, ph, f"{cid} candidate {cand.url}")
-            out.append(Checked(cand, img, sha, ph))
+            out.append(Checked(cand, res))
         return out
 
     def _apply_threshold(
@@ -234,21 +307,24 @@ class CrawlStage(Stage):
         page, page_failure = await source.page(best.cand)
         if page_failure is not None:  # the image is kept; the generator falls back to the title
             self._reject_url(ctx, page.url or f"{cid} page", page_failure[0], f"{cid}: {page_failure[1]}")
-        jpeg = CheckedImage("jpeg", "jpg", *best.image.image.size, best.image.image)  # we encoded it ourselves
-        ref, image_row = ctx.ws.store_image(best.image.data, provenance={"stage": STAGE, "url": best.cand.url},
+        prep = best.prep
+        # we encoded it ourselves; from a Ray worker the picture is opened lazily (header only)
+        picture = prep.image if prep.image is not None else Image.open(io.BytesIO(prep.data))
+        jpeg = CheckedImage("jpeg", "jpg", *prep.size, picture)
+        ref, image_row = ctx.ws.store_image(prep.data, provenance={"stage": STAGE, "url": best.cand.url},
                                             checked=jpeg)
-        image_row["phash"] = best.phash
+        image_row["phash"] = prep.phash
         # an image row some other stage stored earlier gets its phash too (the new row below is ignored)
-        ctx.ws.execute("UPDATE images SET phash = ? WHERE sha256 = ? AND phash IS NULL", [best.phash, ref.sha256])
-        self.dedup.add(ref.sha256, best.phash, f"{cid} ({best.cand.url})")
-        clip = self.scorer.describe() if self.scorer is not None else {}
+        ctx.ws.execute("UPDATE images SET phash = ? WHERE sha256 = ? AND phash IS NULL", [prep.phash, ref.sha256])
+        self.dedup.add(ref.sha256, prep.phash, f"{cid} ({best.cand.url})")
+        clip = dict(self.clip or {})
         clip["threshold"] = cfg.clip_threshold
         ctx.emit_together(("images", image_row), ("crawled", dict(
             concept_id=cid, image_sha256=ref.sha256, image_url=best.cand.url, page_url=page.url,
             page_title=page.title, page_text=page.text, clip_score=best.score,
             provenance=json.dumps({STAGE: {
-                "source": source.name, "candidates": n_cands, "original_format": best.image.kind,
-                "original_size": list(best.image.orig_size), "phash": best.phash, "clip": clip,
+                "source": source.name, "candidates": n_cands, "original_format": prep.kind,
+                "original_size": list(prep.orig_size), "phash": prep.phash, "clip": clip,
                 "time": now().isoformat()}}),
         )))
 
@@ -267,14 +343,16 @@ def _refused_urls(ws: Workspace) -> dict[str, FetchResult]:
 def _load_scorer(cfg: CrawlConfig, ctx: StageContext) -> Any:
     """Build the CLIP model once per run (only when some candidate needs scoring)."""
     t0 = time.perf_counter()
-    from fvqa.vision.clip_score import ClipScorer
+    scorer = build_scorer(cfg)
+    _note_random_weights(ctx, cfg)
+    ctx.stats.extra["clip_load_seconds"] = round(time.perf_counter() - t0, 2)
+    return scorer
 
-    scorer = ClipScorer(cfg.clip_model, cfg.clip_pretrained, cfg.clip_prompts, threads=cfg.clip_threads)
+
+def _note_random_weights(ctx: StageContext, cfg: CrawlConfig) -> None:
     if cfg.clip_pretrained is None:
         ctx.stats.notes.append(f"CLIP {cfg.clip_model} has random weights (clip_pretrained: null): "
                                "scores are recorded but not semantic")
-    ctx.stats.extra["clip_load_seconds"] = round(time.perf_counter() - t0, 2)
-    return scorer
 
 
 def _load_dedup(ctx: StageContext, distance: int) -> DedupIndex:
