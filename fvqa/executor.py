@@ -121,9 +121,14 @@ def shutdown_ray() -> None:
 
 
 class _Failed:
-    """A worker's `FvqaError`, carried back to the driver to be raised there."""
+    """A worker's `FvqaError`, carried back to the driver to be raised there: as itself when it
+    survives pickling, else as the nearest plain class (ConfigError / FvqaError) with its message."""
 
     def __init__(self, error: FvqaError) -> None:
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:  # noqa: BLE001 - e.g. keyword-only constructor arguments
+            error = (ConfigError if isinstance(error, ConfigError) else FvqaError)(str(error))
         self.error = error
 
 

@@ -11,6 +11,10 @@ model call failed transiently (timeout, 5xx, rate limit, an engine error) is *de
 label and no reject, and the next run makes only its missing rollouts — paid ones are never made
 twice, for any backend. Only a failure that would repeat (HTTP 400/413/422, an image the endpoint
 cannot take) rejects the item; an endpoint refusing the key or model stops the stage.
+
+With `executor: ray` the rollouts of each chunk run on a Ray worker (`fvqa.pipelines.probe_remote`);
+planning, rows, labels, deferrals, commits and spend stay here on the driver, in the same code
+(`plan_rollouts`, `record_chunk`, `ProbeTally`), so both ways write the same rows.
 """
 
 from __future__ import annotations
@@ -18,17 +22,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fvqa.agent import Job, run_many
+from fvqa.agent import Job, Mode, run_many
 from fvqa.answers import exact_match
 from fvqa.config import ProbeConfig
+from fvqa.executor import uses_ray
 from fvqa.generators import Sampling, make_generator
 from fvqa.generators.base import Generator
 from fvqa.llm.client import CACHEABLE_STATUS
 from fvqa.pipelines.base import StageContext
 from fvqa.pipelines.probe_labels import RolloutOutcome, label_from_rollouts
-from fvqa.protocol import AgentItem, Trajectory, load_prompts
+from fvqa.protocol import AgentItem, Prompts, Trajectory, load_prompts
 from fvqa.schema import SearchLabel
 from fvqa.store import now
 
@@ -41,17 +48,28 @@ def rollout_seed(base_seed: int, item_id: str, index: int) -> int:
     return (int(digest[:8], 16) + index) % (2**31 - 1)
 
 
+def image_file(ctx: StageContext, row: dict[str, Any]) -> tuple[Path | None, str]:
+    """The stored image file of a dataset row, or (None, why there is none)."""
+    if not row["image_sha256"]:
+        return None, "item has no image"
+    try:
+        return ctx.ws.find_image(row["image_sha256"]), ""
+    except KeyError as exc:
+        return None, str(exc)
+
+
 def agent_items(ctx: StageContext, rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], AgentItem]]:
     """(row, AgentItem) for each dataset row whose image is in the store; the others are rejected
     (`image_missing`), so a rollout stage never asks a model about an image it cannot send."""
     items: list[tuple[dict[str, Any], AgentItem]] = []
     for r in rows:
-        try:
-            image = ctx.ws.find_image(r["image_sha256"]).read_bytes() if r["image_sha256"] else None
-        except (KeyError, OSError) as exc:
-            image, why = None, str(exc)
-        else:
-            why = "item has no image"
+        path, why = image_file(ctx, r)
+        image = None
+        if path is not None:
+            try:
+                image = path.read_bytes()
+            except OSError as exc:
+                why = str(exc)
         if image is None:
             ctx.reject(r["item_id"], "image_missing", why)
             continue
@@ -69,15 +87,23 @@ def rollout_slots(k: int) -> list[tuple[str, int]]:
     return [("search", i) for i in range(k)] + [("direct", i) for i in range(k)]
 
 
+def plan_rollouts(item_id: str, cfg: ProbeConfig, have: set[tuple[str, int]] = frozenset()
+                  ) -> list[tuple[tuple[str, int], Mode, Sampling]]:
+    """(slot, mode, sampling) of each rollout of `item_id` still to make (not in `have`), each with its
+    own seed: the seed is part of the request, so the same plan makes the same (cached) requests."""
+    def sampling(i: int) -> Sampling:
+        return Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                        seed=rollout_seed(cfg.seed, item_id, i))
+
+    return [((mode, i), "search" if mode == "search" else "direct",
+             sampling(i if mode == "search" else cfg.k + i))
+            for mode, i in rollout_slots(cfg.k) if (mode, i) not in have]
+
+
 def jobs_for(item: AgentItem, cfg: ProbeConfig, have: set[tuple[str, int]] = frozenset()
              ) -> list[tuple[tuple[str, int], Job]]:
     """The rollouts of `item` still to make (not in `have`), each with its slot and its own seed."""
-    def sampling(i: int) -> Sampling:
-        return Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                        seed=rollout_seed(cfg.seed, item.item_id, i))
-
-    return [((mode, i), Job(item, mode, sampling(i if mode == "search" else cfg.k + i)))
-            for mode, i in rollout_slots(cfg.k) if (mode, i) not in have]
+    return [(slot, Job(item, mode, s)) for slot, mode, s in plan_rollouts(item.item_id, cfg, have)]
 
 
 def is_permanent_failure(error: str) -> bool:
@@ -140,7 +166,14 @@ def book_generator_spend(ctx: StageContext, generator: Generator, stage: str) ->
 
 def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], method: str,
                     generator: Generator | None = None, tools: Any = None) -> None:
-    """Probe `rows` with the configured model; emit rollouts, labels and rejects through `ctx`."""
+    """Probe `rows` with the configured model; emit rollouts, labels and rejects through `ctx`.
+
+    With `executor: ray` (and no generator or tools handed in) the rollouts run on Ray workers."""
+    if generator is None and tools is None and uses_ray(ctx.config):
+        from fvqa.pipelines.probe_remote import run_remote_probe
+
+        run_remote_probe(ctx, cfg, rows, method)
+        return
     if generator is None:
         generator = make_generator(cfg.backend, llm=cfg.llm, model_path=cfg.model_path, device=cfg.device,
                                    cache_dir=ctx.ws.cache_dir / "llm", stage=STAGE)
@@ -168,60 +201,93 @@ def stored_rollouts(ctx: StageContext, item_ids: Sequence[str], k: int) -> dict[
     return out
 
 
+def chunk_size(ctx: StageContext, cfg: ProbeConfig) -> int:
+    """Items per chunk: a batch of rollouts (2k per item) advances and is committed together."""
+    return max(1, ctx.batch_size // max(1, 2 * cfg.k))
+
+
+def provenance_base(cfg: ProbeConfig, method: str, prompts: Prompts, generator_name: str) -> dict[str, Any]:
+    """What every label's provenance says about how it was made (the time is added per label)."""
+    return {"method": method, "backend": cfg.backend, "generator": generator_name, "k": cfg.k,
+            "temperature": cfg.temperature, "seed": cfg.seed, "limits": cfg.limits.model_dump(),
+            "prompts": sorted(set(prompts.source.values()))}
+
+
+@dataclass
+class ProbeTally:
+    """What a run's chunks add up to, for the stage's notes."""
+
+    labels: dict[str, int] = field(default_factory=dict)
+    deferred: list[str] = field(default_factory=list)  # item ids
+    failures: list[str] = field(default_factory=list)  # first error of each deferred item
+    resumed: int = 0
+
+    def notes(self, ctx: StageContext) -> None:
+        ctx.stats.notes.append("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items())))
+        if self.resumed:
+            ctx.stats.notes.append(f"{self.resumed} item(s) resumed from rollouts an earlier run kept")
+        if self.deferred:
+            ctx.stats.notes.append(
+                f"{len(self.deferred)} item(s) deferred: a model call failed ({self.failures[0]}); their "
+                "successful rollouts are kept and the next run makes only the missing ones")
+        if self.labels.get(SearchLabel.unanswerable):
+            ctx.stats.notes.append(
+                f"{self.labels[SearchLabel.unanswerable]} unanswerable item(s) will be excluded by split")
+
+
+def record_chunk(ctx: StageContext, cfg: ProbeConfig, method: str, prov_base: dict[str, Any],
+                 rows: Sequence[dict[str, Any]], slots: Sequence[tuple[str, tuple[str, int]]],
+                 trajs: Sequence[Trajectory], have_all: dict[str, dict[tuple[str, int], dict]],
+                 tally: ProbeTally) -> None:
+    """Emit one chunk's rollouts, labels and rejects (or defer its items), then commit.
+
+    `rows` are the chunk's items with an image; `slots` names the (item id, slot) of each made
+    trajectory in `trajs`, in the same order; `have_all` holds what earlier runs kept."""
+    made: dict[str, list[tuple[tuple[str, int], Trajectory]]] = {}
+    for (item_id, slot), traj in zip(slots, trajs, strict=True):
+        made.setdefault(item_id, []).append((slot, traj))
+    for r in rows:
+        item_id = r["item_id"]
+        golds = [r["answer"], *(r["aliases"] or [])]
+        have = dict(have_all.get(item_id, {}))
+        tally.resumed += bool(have)
+        errors = []
+        for (mode, idx), traj in made.get(item_id, []):
+            if traj.stop_reason == "error":
+                errors.append(traj.stop_detail)
+                continue
+            row = rollout_row(item_id, idx, traj, golds, method)
+            ctx.emit("probe_rollouts", row)  # kept whatever happens to its siblings
+            have[(mode, idx)] = row
+        if errors:
+            permanent = [e for e in errors if is_permanent_failure(e)]
+            if permanent:
+                ctx.reject(item_id, "model_call_failed",
+                           f"{len(errors)} of {2 * cfg.k} rollouts failed; first: {permanent[0]}")
+            else:
+                tally.deferred.append(item_id)
+                tally.failures.append(errors[0])
+            continue
+        outcomes = [have[slot] for slot in rollout_slots(cfg.k)]
+        label = label_row(item_id, outcomes, cfg.k, method, {**prov_base, "time": now().isoformat()})
+        tally.labels[label["search_label"]] = tally.labels.get(label["search_label"], 0) + 1
+        ctx.emit("labels", label)
+    ctx.commit()
+
+
 def _probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], method: str, generator: Generator,
            tools: Any) -> None:
     prompts = load_prompts(cfg.prompts)
-    limits = cfg.limits
-    prov_base = {"method": method, "backend": cfg.backend, "generator": generator.name, "k": cfg.k,
-                 "temperature": cfg.temperature, "seed": cfg.seed, "limits": limits.model_dump(),
-                 "prompts": sorted(set(prompts.source.values()))}
+    prov_base = provenance_base(cfg, method, prompts, generator.name)
     have_all = stored_rollouts(ctx, [r["item_id"] for r in rows], cfg.k)
-    chunk = max(1, ctx.batch_size // max(1, 2 * cfg.k))
-    labels: dict[str, int] = {}
-    deferred: list[str] = []  # item ids
-    failures: list[str] = []  # first error of each deferred item
-    resumed = 0
+    chunk = chunk_size(ctx, cfg)
+    tally = ProbeTally()
     for start in ctx.progress(range(0, len(rows), chunk), description=f"probe: {generator.name} ({chunk}/step)"):
         items = agent_items(ctx, rows[start:start + chunk])
-        plan = [(r, slot, job) for r, it in items for slot, job in jobs_for(it, cfg, set(have_all.get(r["item_id"], {})))]
-        trajs = run_many([job for _, _, job in plan], generator, tools, limits, prompts) if plan else []
-        made: dict[str, list[tuple[tuple[str, int], Trajectory]]] = {}
-        for (r, slot, _), traj in zip(plan, trajs, strict=True):
-            made.setdefault(r["item_id"], []).append((slot, traj))
-        for r, _ in items:
-            item_id = r["item_id"]
-            golds = [r["answer"], *(r["aliases"] or [])]
-            have = dict(have_all.get(item_id, {}))
-            resumed += bool(have)
-            errors = []
-            for (mode, idx), traj in made.get(item_id, []):
-                if traj.stop_reason == "error":
-                    errors.append(traj.stop_detail)
-                    continue
-                row = rollout_row(item_id, idx, traj, golds, method)
-                ctx.emit("probe_rollouts", row)  # kept whatever happens to its siblings
-                have[(mode, idx)] = row
-            if errors:
-                permanent = [e for e in errors if is_permanent_failure(e)]
-                if permanent:
-                    ctx.reject(item_id, "model_call_failed",
-                               f"{len(errors)} of {2 * cfg.k} rollouts failed; first: {permanent[0]}")
-                else:
-                    deferred.append(item_id)
-                    failures.append(errors[0])
-                continue
-            outcomes = [have[slot] for slot in rollout_slots(cfg.k)]
-            label = label_row(item_id, outcomes, cfg.k, method, {**prov_base, "time": now().isoformat()})
-            labels[label["search_label"]] = labels.get(label["search_label"], 0) + 1
-            ctx.emit("labels", label)
-        ctx.commit()
+        plan = [(r["item_id"], slot, job) for r, it in items
+                for slot, job in jobs_for(it, cfg, set(have_all.get(r["item_id"], {})))]
+        trajs = run_many([job for _, _, job in plan], generator, tools, cfg.limits, prompts) if plan else []
+        record_chunk(ctx, cfg, method, prov_base, [r for r, _ in items], [(i, slot) for i, slot, _ in plan],
+                     trajs, have_all, tally)
     book_generator_spend(ctx, generator, STAGE)
-    ctx.stats.notes.append("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
-    if resumed:
-        ctx.stats.notes.append(f"{resumed} item(s) resumed from rollouts an earlier run kept")
-    if deferred:
-        ctx.stats.notes.append(
-            f"{len(deferred)} item(s) deferred: a model call failed ({failures[0]}); their successful rollouts "
-            "are kept and the next run makes only the missing ones")
-    if labels.get(SearchLabel.unanswerable):
-        ctx.stats.notes.append(f"{labels[SearchLabel.unanswerable]} unanswerable item(s) will be excluded by split")
+    tally.notes(ctx)
