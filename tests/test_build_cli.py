@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -84,6 +85,33 @@ def test_sigkill_mid_stage_then_rerun_equals_uninterrupted_build(demo_build: tup
     resumed = _run("build", "--config", str(demo_config), "--workspace", str(killed_ws))
     assert resumed.returncode == 0, resumed.stderr
     assert _native_rows(killed_ws) == expected
+
+
+def test_ray_executor_builds_the_same_dataset_resumably(demo_build: tuple[Path, Path, str], demo_world: Path,
+                                                        tmp_path: Path):
+    """`fvqa build --set executor=ray` (a Ray of 2 CPUs started by the build), killed mid-build with
+    its Ray and run again, exports the very rows of the local build."""
+    _, clean_ws, _ = demo_build
+    config = write_demo_config(tmp_path, demo_world)  # its own search index folder: built on Ray too
+    ws = tmp_path / "ws"
+    args = ["build", "--config", str(config), "--set", "executor=ray", "--set", "ray.num_cpus=2"]
+    proc = subprocess.Popen([*FVQA, *args, "--set", "batch_size=8"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # mid-crawl: some images stored, not all
+        if len(list((ws / "images").glob("*/*"))) >= 40:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the build ended before it could be killed mid-crawl"
+    os.killpg(proc.pid, signal.SIGKILL)  # the build and the Ray it started
+    proc.wait()
+    resumed = _run(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _native_rows(ws) == _native_rows(clean_ws)
+    with Workspace(ws) as db:
+        match_runs = [json.loads(s) for (s,) in db.execute(
+            "SELECT stats FROM runs WHERE status = 'done' AND stage = 'match'")]
+    assert any(r.get("ray_shards") for r in match_runs), match_runs  # the work did run on Ray
 
 
 @pytest.mark.parametrize(
