@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -33,12 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import daachorse
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fvqa.errors import ConfigError
 from fvqa.executor import map_shards, uses_ray
 from fvqa.pipelines.base import Stage, StageContext
+from fvqa.pipelines.match_sample import Summary, Totals, summarize
 from fvqa.store import Workspace, now
 
 if TYPE_CHECKING:
@@ -236,6 +237,7 @@ CANDIDATES_DDL = """CREATE TABLE IF NOT EXISTS match_candidates (
     entry_id BIGINT, rank INTEGER, url VARCHAR, page_url VARCHAR, caption VARCHAR,
     PRIMARY KEY (entry_id, rank))"""
 POOL_BATCH_ROWS = 65_536
+SUMMARY_ROWS = 65_536  # local path: usable rows per summary (`fvqa.pipelines.match_sample`)
 
 
 def keep_probability(counts: Sequence[int], threshold: int) -> float:
@@ -249,27 +251,6 @@ def keep_probability(counts: Sequence[int], threshold: int) -> float:
         if count > 0:
             drop *= 1.0 - min(1.0, threshold / count)
     return 1.0 - drop if counts else 0.0
-
-
-class Reservoir:
-    """Up to k uniformly sampled candidates per entry in one pass (seeded, so re-runs agree)."""
-
-    def __init__(self, k: int, seed: int) -> None:
-        self.k = k
-        self.rng = random.Random(seed)
-        self.seen: dict[int, int] = {}
-        self.kept: dict[int, list[tuple[str, str | None, str]]] = {}
-
-    def offer(self, entry_id: int, row: tuple[str, str | None, str]) -> None:
-        n = self.seen.get(entry_id, 0) + 1
-        self.seen[entry_id] = n
-        slots = self.kept.setdefault(entry_id, [])
-        if len(slots) < self.k:
-            slots.append(row)
-        else:
-            j = self.rng.randrange(n)
-            if j < self.k:
-                slots[j] = row
 
 
 def _load_entries(path: Path) -> list[Any]:
@@ -349,40 +330,40 @@ def _pool_range(path: Path, start: int, stop: int) -> Iterator[tuple[int, Any, A
 
 
 @dataclass
-class ShardMatches:
-    """What a worker found in one row range: its row count, unusable rows, and the rows that match."""
+class ShardResult:
+    """What a worker found in one row range: its summary and its unusable rows."""
 
-    n_rows: int
+    summary: Summary
     bad: list[tuple[int, str, str, Any, Any]]  # (row number, reason code, what, url, caption)
-    matched: list[tuple[str, str | None, str, list[int]]]  # (url, page_url, caption, entry ids)
 
 
 class MatchShardWorker:
-    """Ray worker of `match`: builds the automaton once from the metadata file, matches row ranges of
-    the pool (both files read by path, so on a cluster they must be on shared storage)."""
+    """Ray worker of `match`: builds the automaton once from the metadata file and summarises row
+    ranges of the pool (both files read by path, so on a cluster they must be on shared storage).
+    `balance_counts` (the raw counts of pass 1) makes it a balancing pass."""
 
-    def __init__(self, metadata: str, pool: str) -> None:
+    def __init__(self, metadata: str, pool: str, k: int, seed: int, threshold: int,
+                 balance_counts: np.ndarray | None = None) -> None:
         entries = _load_entries(Path(metadata))
-        self.valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
-        self.matcher = EntryMatcher([entries[i] for i in self.valid])
+        valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
+        self.to_entry = np.asarray(valid, dtype=np.int64)
+        self.matcher = EntryMatcher([entries[i] for i in valid])
         self.pool = Path(pool)
+        self.sample = dict(k=k, seed=seed, balance_counts=balance_counts, threshold=threshold)
 
-    def __call__(self, shard: tuple[int, int]) -> ShardMatches:
+    def __call__(self, shard: tuple[int, int]) -> ShardResult:
         bad: list[tuple[int, str, str, Any, Any]] = []
-        good: list[tuple[str, str | None, str]] = []
-        n_rows = 0
+        rows: list[int] = []
+        captions: list[str] = []
         for row_no, url, caption, page in _pool_range(self.pool, *shard):
-            n_rows += 1
             problem = _row_problem(url, caption, page)
             if problem:
                 bad.append((row_no, problem[0], problem[1], url, caption))
             else:
-                good.append((url, page, caption))
-        ids = self.matcher.iter_matches([c for _, _, c in good], processes=1)
-        valid = self.valid
-        matched = [(url, page, caption, [valid[i] for i in found])
-                   for (url, page, caption), found in zip(good, ids, strict=True) if found]
-        return ShardMatches(n_rows, bad, matched)
+                rows.append(row_no)
+                captions.append(caption)
+        ids = list(self.matcher.iter_matches(captions, processes=1))
+        return ShardResult(summarize(rows, ids, to_entry=self.to_entry, **self.sample), bad)
 
 
 class MatchStage(Stage):
@@ -391,9 +372,6 @@ class MatchStage(Stage):
     name = "match"
     outputs = ("entry_counts", "match_candidates")
     description = "MetaCLIP substring matching over a caption pool"
-
-    def __init__(self) -> None:
-        self._bad_rows = [0]  # pool rows rejected during the current scan (a mutable cell)
 
     def prepare(self, ws: Workspace) -> None:
         ws.ensure_table(ENTRY_COUNTS_DDL)
@@ -411,101 +389,43 @@ class MatchStage(Stage):
             ctx.stats.notes.append("entry_counts already computed; `--force match` recomputes them")
             return
         metadata, pool = _resolve_paths(ctx.config)
-        threshold = ctx.config.concepts.threshold
+        threshold, k = ctx.config.concepts.threshold, cfg.candidates_per_concept
         entries = _load_entries(metadata)
         valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
         for i in sorted(set(range(len(entries))) - set(valid)):
             ctx.reject(f"entry:{i}", "wrong_type", f"{entries[i]!r:.200} in {metadata}")
-        matcher = None if uses_ray(ctx.config) else EntryMatcher([entries[i] for i in valid])
-        counts = [0] * len(entries)
-        reservoir = Reservoir(cfg.candidates_per_concept, cfg.seed)
+        scan = _RayScan(ctx, metadata, pool) if uses_ray(ctx.config) else _LocalScan(ctx, entries, valid, pool)
         # pass 1: raw counts (and candidates, unless balancing changes which rows survive)
-        n_matched = 0
-        self._bad_rows, self._usable_rows = [0], [0]
-        for url, page, caption, ids in self._scan(ctx, matcher, metadata, pool, valid, reject=True):
-            if ids:
-                n_matched += 1
-            for eid in ids:
-                counts[eid] += 1
-                if not cfg.balance:
-                    reservoir.offer(eid, (url, page, caption))
-        n_rows = self._usable_rows[0]
-        ctx.stats.n_in = n_rows + self._bad_rows[0]
-        balanced: list[int] | None = None
-        n_kept = n_matched
+        raw = Totals(len(entries), 0 if cfg.balance else k)
+        for summary in scan.summaries(k=0 if cfg.balance else k, seed=cfg.seed, threshold=threshold, reject=True):
+            raw.add(summary)
+        ctx.stats.n_in = raw.n_rows + scan.bad_rows
+        final, balanced = raw, None
         if cfg.balance:
             # pass 2: MetaCLIP balancing needs the final counts, so the pool is matched again
-            balanced, n_kept = [0] * len(entries), 0
-            rng = random.Random(cfg.seed)
-            for url, page, caption, ids in self._scan(ctx, matcher, metadata, pool, valid, reject=False):
-                if ids and rng.random() < keep_probability([counts[i] for i in ids], threshold):
-                    n_kept += 1
-                    for eid in ids:
-                        balanced[eid] += 1
-                        reservoir.offer(eid, (url, page, caption))
-        self._write(ctx, entries, counts, balanced, reservoir, metadata, pool, threshold)
+            final = Totals(len(entries), k)
+            for summary in scan.summaries(k=k, seed=cfg.seed, threshold=threshold, reject=False,
+                                          balance_counts=raw.counts):
+                final.add(summary)
+            balanced = final.counts
+        self._write(ctx, entries, raw.counts, balanced, final.candidates(), metadata, pool, threshold)
+        n_kept = final.n_kept
         ctx.stats.n_out = n_kept
         ctx.stats.notes.append(
-            f"{n_matched} of {n_rows} captions matched at least one of {len(valid)} entries"
+            f"{raw.n_matched} of {raw.n_rows} captions matched at least one of {len(valid)} entries"
             + (f"; balancing (t={threshold}) kept {n_kept}" if cfg.balance else "")
         )
-        ctx.stats.extra.update(matched_rows=n_matched, kept_rows=n_kept,
-                               entries_matched=sum(1 for c in counts if c))
-
-    def _scan(
-        self, ctx: StageContext, matcher: EntryMatcher | None, metadata: Path, pool: Path, valid: list[int], *,
-        reject: bool,
-    ) -> Iterator[tuple[str, str | None, str, list[int]]]:
-        """(url, page_url, caption, matched entry ids) per usable row in pool order (on Ray: per
-        matching row), bad rows rejected with a reason; usable and bad rows are counted."""
-        if matcher is None:
-            yield from self._scan_ray(ctx, metadata, pool, reject=reject)
-            return
-        meta: deque[tuple[str, str | None, str]] = deque()
-        bad_rows, usable = self._bad_rows, self._usable_rows
-
-        def captions() -> Iterator[str]:
-            for row_no, url, caption, page in _pool_rows(pool):
-                problem = _row_problem(url, caption, page)
-                if problem:
-                    bad_rows[0] += 1
-                    if reject:
-                        ctx.reject(f"pool:{pool.name}:{row_no}", problem[0],
-                                   f"{problem[1]}: url={url!r:.200} caption={caption!r:.200}")
-                    continue
-                meta.append((url, page, caption))
-                usable[0] += 1
-                yield caption
-
-        identity = len(valid) == matcher.n_entries and (not valid or valid[-1] == len(valid) - 1)
-        for ids in matcher.iter_matches(captions(), processes=ctx.cfg.processes, min_pool_texts=MIN_TEXTS_FOR_POOL):
-            url, page, caption = meta.popleft()
-            yield url, page, caption, ids if identity else [valid[i] for i in ids]
-
-    def _scan_ray(self, ctx: StageContext, metadata: Path, pool: Path, *, reject: bool
-                  ) -> Iterator[tuple[str, str | None, str, list[int]]]:
-        """`_scan` on Ray: row ranges of the pool matched by workers, results read back in pool order."""
-        shards = pool_shards(pool, ctx.cfg.shard_rows)
-        results = map_shards(ctx.config, MatchShardWorker, {"metadata": str(metadata), "pool": str(pool)},
-                             shards, name="match")
-        for result in ctx.progress(results, total=len(shards), description="match: pool shards on Ray"):
-            self._usable_rows[0] += result.n_rows - len(result.bad)
-            self._bad_rows[0] += len(result.bad)
-            for row_no, code, what, url, caption in result.bad:
-                if reject:
-                    ctx.reject(f"pool:{pool.name}:{row_no}", code, f"{what}: url={url!r:.200} caption={caption!r:.200}")
-            yield from result.matched
-        if reject:  # once, in the first pass
-            ctx.stats.extra["ray_shards"] = len(shards)
-            ctx.stats.notes.append(f"matched on Ray: {len(shards)} shards of {ctx.cfg.shard_rows} pool rows")
+        ctx.stats.extra.update(matched_rows=raw.n_matched, kept_rows=n_kept,
+                               entries_matched=int(np.count_nonzero(raw.counts)))
+        scan.note()
 
     def _write(
         self,
         ctx: StageContext,
         entries: list[Any],
-        counts: list[int],
-        balanced: list[int] | None,
-        reservoir: Reservoir,
+        counts: np.ndarray,
+        balanced: np.ndarray | None,
+        candidates: tuple[np.ndarray, np.ndarray],
         metadata: Path,
         pool: Path,
         threshold: int,
@@ -513,32 +433,116 @@ class MatchStage(Stage):
         """All outputs in one transaction: a crash leaves nothing half-written, the re-run starts over."""
         provenance = json.dumps({"stage": "match", "metadata": str(metadata), "pool": str(pool),
                                  "balance": ctx.cfg.balance, "threshold": threshold, "seed": ctx.cfg.seed,
-                                 "time": now().isoformat()})
+                                 "sampling": "bottom-k by hash(seed, row, entry)", "time": now().isoformat()})
         # columns, not a dict per row: 500k entries x k candidates is millions of rows at MetaCLIP scale
         count_cols = pa.table({
-            "entry_id": pa.array(range(len(entries)), pa.int64()),
+            "entry_id": pa.array(np.arange(len(entries), dtype=np.int64)),
             "entry": pa.array([e if isinstance(e, str) else None for e in entries], pa.string()),
             "count": pa.array(counts, pa.int64()),
             "balanced_count": pa.array(balanced if balanced is not None else [None] * len(entries), pa.int64()),
             "provenance": pa.repeat(provenance, len(entries)).cast(pa.string()),
         })
-        eids, ranks, urls, pages, captions = [], [], [], [], []
-        for eid in sorted(reservoir.kept):
-            for rank, (url, page, caption) in enumerate(reservoir.kept.pop(eid)):
-                eids.append(eid)
-                ranks.append(rank)
-                urls.append(url)
-                pages.append(page)
-                captions.append(caption)
-        candidate_cols = pa.table({"entry_id": pa.array(eids, pa.int64()), "rank": pa.array(ranks, pa.int32()),
-                                   "url": pa.array(urls, pa.string()), "page_url": pa.array(pages, pa.string()),
-                                   "caption": pa.array(captions, pa.string())})
-        del eids, ranks, urls, pages, captions
+        cand_entries, cand_rows = candidates
+        starts = np.flatnonzero(np.r_[True, cand_entries[1:] != cand_entries[:-1]]) if len(cand_entries) else []
+        ranks = np.arange(len(cand_entries)) - np.repeat(starts, np.diff(np.r_[starts, len(cand_entries)]))
+        texts = _rows_by_number(pool, cand_rows)
+        candidate_cols = pa.table({"entry_id": pa.array(cand_entries, pa.int64()),
+                                   "rank": pa.array(ranks, pa.int32()), "url": texts["url"],
+                                   "page_url": texts["page_url"], "caption": texts["caption"]})
+        del texts
         ctx.commit()  # rejects first, so the outputs below are the transaction's last word
         with ctx.ws.transaction():
             # both tables are empty here (the stage returns early or was reset) and keys are unique
             ctx.ws.insert_arrow("entry_counts", count_cols, unique=True)
             ctx.ws.insert_arrow("match_candidates", candidate_cols, unique=True)
+
+
+def _rows_by_number(pool: Path, wanted: np.ndarray) -> pa.Table:
+    """The url, page_url and caption of pool rows `wanted` (any order, repeats allowed), in that
+    order: one streaming read that takes the wanted rows of each batch (memory: the candidates)."""
+    reader, columns = _open_pool(pool)
+    order = np.argsort(wanted, kind="stable")
+    rows = wanted[order]
+    parts: list[pa.Table] = []
+    first = 0
+    for batch in reader.iter_batches(batch_size=POOL_BATCH_ROWS, columns=columns):
+        lo, hi = np.searchsorted(rows, [first, first + batch.num_rows])
+        if hi > lo:
+            parts.append(pa.Table.from_batches([batch]).take(pa.array(rows[lo:hi] - first)))
+        first += batch.num_rows
+    schema = pa.schema([("url", pa.string()), ("page_url", pa.string()), ("caption", pa.string())])
+    if not parts:
+        return schema.empty_table()
+    table = pa.concat_tables(parts)
+    page = table["page_url"] if "page_url" in table.column_names else pa.nulls(len(table), pa.string())
+    table = pa.table([table["url"].cast(pa.string()), page.cast(pa.string()), table["caption"].cast(pa.string())],
+                     schema=schema)
+    return table.take(pa.array(np.argsort(order, kind="stable")))  # back to the order of `wanted`
+
+
+class _LocalScan:
+    """Pool rows matched in this process (or its forked workers), summarised per SUMMARY_ROWS rows."""
+
+    def __init__(self, ctx: StageContext, entries: list[Any], valid: list[int], pool: Path) -> None:
+        self.ctx, self.pool = ctx, pool
+        self.matcher = EntryMatcher([entries[i] for i in valid])
+        identity = len(valid) == len(entries)
+        self.to_entry = None if identity else np.asarray(valid, dtype=np.int64)
+        self.bad_rows = 0
+
+    def summaries(self, *, k: int, seed: int, threshold: int, reject: bool,
+                  balance_counts: np.ndarray | None = None) -> Iterator[Summary]:
+        ctx, pool = self.ctx, self.pool
+        rows: deque[int] = deque()
+
+        def captions() -> Iterator[str]:
+            for row_no, url, caption, page in _pool_rows(pool):
+                problem = _row_problem(url, caption, page)
+                if problem:
+                    if reject:
+                        self.bad_rows += 1
+                        ctx.reject(f"pool:{pool.name}:{row_no}", problem[0],
+                                   f"{problem[1]}: url={url!r:.200} caption={caption!r:.200}")
+                    continue
+                rows.append(row_no)
+                yield caption
+
+        matches = self.matcher.iter_matches(captions(), processes=ctx.cfg.processes, min_pool_texts=MIN_TEXTS_FOR_POOL)
+        while chunk := list(islice(matches, SUMMARY_ROWS)):
+            numbers = [rows.popleft() for _ in chunk]
+            yield summarize(numbers, chunk, k=k, seed=seed, balance_counts=balance_counts, threshold=threshold,
+                            to_entry=self.to_entry)
+
+    def note(self) -> None:
+        """Nothing to add: the local path is the default."""
+
+
+class _RayScan:
+    """Row ranges of the pool summarised by Ray workers (`MatchShardWorker`), read back in order."""
+
+    def __init__(self, ctx: StageContext, metadata: Path, pool: Path) -> None:
+        self.ctx, self.metadata, self.pool = ctx, metadata, pool
+        self.shards = pool_shards(pool, ctx.cfg.shard_rows)
+        self.bad_rows = 0
+
+    def summaries(self, *, k: int, seed: int, threshold: int, reject: bool,
+                  balance_counts: np.ndarray | None = None) -> Iterator[Summary]:
+        ctx, pool = self.ctx, self.pool
+        init = dict(metadata=str(self.metadata), pool=str(pool), k=k, seed=seed, threshold=threshold,
+                    balance_counts=balance_counts)
+        results = map_shards(ctx.config, MatchShardWorker, init, self.shards, name="match")
+        what = "matching" if balance_counts is None else "balancing"
+        for result in ctx.progress(results, total=len(self.shards), description=f"match: {what} pool shards on Ray"):
+            if reject:
+                self.bad_rows += len(result.bad)
+                for row_no, code, problem, url, caption in result.bad:
+                    ctx.reject(f"pool:{pool.name}:{row_no}", code,
+                               f"{problem}: url={url!r:.200} caption={caption!r:.200}")
+            yield result.summary
+
+    def note(self) -> None:
+        self.ctx.stats.extra["ray_shards"] = len(self.shards)
+        self.ctx.stats.notes.append(f"matched on Ray: {len(self.shards)} shards of {self.ctx.cfg.shard_rows} pool rows")
 
 
 def _row_problem(url: Any, caption: Any, page: Any) -> tuple[str, str] | None:
