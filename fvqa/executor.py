@@ -103,7 +103,8 @@ def ensure_ray(cfg: RayConfig) -> None:
         else:
             # the session folder holds Unix sockets, whose paths must stay short (~107 bytes)
             temp = str(cfg.temp_dir) if cfg.temp_dir else tempfile.mkdtemp(prefix="fvqa-ray-", dir="/tmp")
-            ray.init(num_cpus=cfg.num_cpus, _temp_dir=temp, **kwargs)
+            # "local": a new instance even where `ray start` left a cluster (a plain init would join it)
+            ray.init(address="local", num_cpus=cfg.num_cpus, _temp_dir=temp, **kwargs)
             _STARTED_HERE = True
             atexit.register(ray.shutdown)
     except ConnectionError as exc:
