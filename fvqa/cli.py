@@ -157,6 +157,9 @@ def build(
 
     Re-running the same command continues where a previous (even killed) run stopped: each stage
     processes only keys missing from its output table, so no committed paid call is repeated.
+
+    `--set executor=ray` runs the work of match, crawl, index and a model probe on Ray workers (a
+    Ray started here, or a cluster: `--set ray.address=auto`); the tables are the local ones.
     """
     from fvqa.pipelines import load_stage
     from fvqa.pipelines.runner import check_selection, check_stages, estimate_build, run_build
