@@ -24,12 +24,10 @@ import pickle
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from fvqa.config import RayConfig, RunConfig
 from fvqa.errors import ConfigError, FvqaError
-
-S = TypeVar("S")
 
 #: Environment variables a local Ray's workers get from the driver (a remote cluster's nodes set their own).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME")

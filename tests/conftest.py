@@ -37,9 +37,10 @@ def ray_cluster() -> object:
     import ray
 
     temp = tempfile.mkdtemp(prefix="fvqa-ray-test-", dir="/tmp")
+    from fvqa.executor import FORWARDED_ENV
+
     ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                                                 "TOKENIZERS_PARALLELISM")}})
+             runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}})
     try:
         yield ray
     finally:

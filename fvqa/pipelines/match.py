@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from fvqa.errors import ConfigError
 from fvqa.executor import map_shards, uses_ray
 from fvqa.pipelines.base import Stage, StageContext
-from fvqa.pipelines.match_sample import Summary, Totals, summarize
+from fvqa.pipelines.match_sample import Summary, Totals, ranks_within, summarize
 from fvqa.store import Workspace, now
 
 if TYPE_CHECKING:
@@ -265,6 +265,23 @@ def _load_entries(path: Path) -> list[Any]:
     return data
 
 
+def _valid_entries(entries: Sequence[Any]) -> list[int]:
+    """Indices of the entries that are strings (the others are rejected as `wrong_type`)."""
+    return [i for i, e in enumerate(entries) if isinstance(e, str)]
+
+
+def _entry_matcher(entries: Sequence[Any]) -> tuple[EntryMatcher, np.ndarray | None]:
+    """The automaton over the string entries, and its index -> metadata index (None: the same)."""
+    valid = _valid_entries(entries)
+    to_entry = None if len(valid) == len(entries) else np.asarray(valid, dtype=np.int64)
+    return EntryMatcher([entries[i] for i in valid]), to_entry
+
+
+def _reject_row(ctx: StageContext, pool: Path, row_no: int, code: str, what: str, url: Any, caption: Any) -> None:
+    """A pool row the stage cannot use: keyed by the pool's name and the row number."""
+    ctx.reject(f"pool:{pool.name}:{row_no}", code, f"{what}: url={url!r:.200} caption={caption!r:.200}")
+
+
 def _resolve_paths(config: RunConfig) -> tuple[Path, Path]:
     metadata, pool = config.concepts.metadata_path, config.match.pool  # a demo world's: filled in at load
     if metadata is None:
@@ -344,10 +361,7 @@ class MatchShardWorker:
 
     def __init__(self, metadata: str, pool: str, k: int, seed: int, threshold: int,
                  balance_counts: np.ndarray | None = None) -> None:
-        entries = _load_entries(Path(metadata))
-        valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
-        self.to_entry = np.asarray(valid, dtype=np.int64)
-        self.matcher = EntryMatcher([entries[i] for i in valid])
+        self.matcher, self.to_entry = _entry_matcher(_load_entries(Path(metadata)))
         self.pool = Path(pool)
         self.sample = dict(k=k, seed=seed, balance_counts=balance_counts, threshold=threshold)
 
@@ -391,13 +405,14 @@ class MatchStage(Stage):
         metadata, pool = _resolve_paths(ctx.config)
         threshold, k = ctx.config.concepts.threshold, cfg.candidates_per_concept
         entries = _load_entries(metadata)
-        valid = [i for i, e in enumerate(entries) if isinstance(e, str)]
+        valid = _valid_entries(entries)
         for i in sorted(set(range(len(entries))) - set(valid)):
             ctx.reject(f"entry:{i}", "wrong_type", f"{entries[i]!r:.200} in {metadata}")
-        scan = _RayScan(ctx, metadata, pool) if uses_ray(ctx.config) else _LocalScan(ctx, entries, valid, pool)
+        scan = _RayScan(ctx, metadata, pool) if uses_ray(ctx.config) else _LocalScan(ctx, entries, pool)
         # pass 1: raw counts (and candidates, unless balancing changes which rows survive)
-        raw = Totals(len(entries), 0 if cfg.balance else k)
-        for summary in scan.summaries(k=0 if cfg.balance else k, seed=cfg.seed, threshold=threshold, reject=True):
+        k_first = 0 if cfg.balance else k
+        raw = Totals(len(entries), k_first)
+        for summary in scan.summaries(k=k_first, seed=cfg.seed, threshold=threshold, reject=True):
             raw.add(summary)
         ctx.stats.n_in = raw.n_rows + scan.bad_rows
         final, balanced = raw, None
@@ -443,11 +458,9 @@ class MatchStage(Stage):
             "provenance": pa.repeat(provenance, len(entries)).cast(pa.string()),
         })
         cand_entries, cand_rows = candidates
-        starts = np.flatnonzero(np.r_[True, cand_entries[1:] != cand_entries[:-1]]) if len(cand_entries) else []
-        ranks = np.arange(len(cand_entries)) - np.repeat(starts, np.diff(np.r_[starts, len(cand_entries)]))
         texts = _rows_by_number(pool, cand_rows)
         candidate_cols = pa.table({"entry_id": pa.array(cand_entries, pa.int64()),
-                                   "rank": pa.array(ranks, pa.int32()), "url": texts["url"],
+                                   "rank": pa.array(ranks_within(cand_entries), pa.int32()), "url": texts["url"],
                                    "page_url": texts["page_url"], "caption": texts["caption"]})
         del texts
         ctx.commit()  # rejects first, so the outputs below are the transaction's last word
@@ -483,11 +496,9 @@ def _rows_by_number(pool: Path, wanted: np.ndarray) -> pa.Table:
 class _LocalScan:
     """Pool rows matched in this process (or its forked workers), summarised per SUMMARY_ROWS rows."""
 
-    def __init__(self, ctx: StageContext, entries: list[Any], valid: list[int], pool: Path) -> None:
+    def __init__(self, ctx: StageContext, entries: list[Any], pool: Path) -> None:
         self.ctx, self.pool = ctx, pool
-        self.matcher = EntryMatcher([entries[i] for i in valid])
-        identity = len(valid) == len(entries)
-        self.to_entry = None if identity else np.asarray(valid, dtype=np.int64)
+        self.matcher, self.to_entry = _entry_matcher(entries)
         self.bad_rows = 0
 
     def summaries(self, *, k: int, seed: int, threshold: int, reject: bool,
@@ -501,8 +512,7 @@ class _LocalScan:
                 if problem:
                     if reject:
                         self.bad_rows += 1
-                        ctx.reject(f"pool:{pool.name}:{row_no}", problem[0],
-                                   f"{problem[1]}: url={url!r:.200} caption={caption!r:.200}")
+                        _reject_row(ctx, pool, row_no, *problem, url, caption)
                     continue
                 rows.append(row_no)
                 yield caption
@@ -535,9 +545,8 @@ class _RayScan:
         for result in ctx.progress(results, total=len(self.shards), description=f"match: {what} pool shards on Ray"):
             if reject:
                 self.bad_rows += len(result.bad)
-                for row_no, code, problem, url, caption in result.bad:
-                    ctx.reject(f"pool:{pool.name}:{row_no}", code,
-                               f"{problem}: url={url!r:.200} caption={caption!r:.200}")
+                for bad in result.bad:
+                    _reject_row(ctx, pool, *bad)
             yield result.summary
 
     def note(self) -> None:

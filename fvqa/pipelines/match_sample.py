@@ -53,6 +53,14 @@ def row_uniform(seed: int, rows: np.ndarray) -> np.ndarray:
     return (_mix(_seeded(seed, rows) ^ _ROW_SALT) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def ranks_within(keys: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of the sorted `keys` (an entry's candidates' ranks)."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+
+
 def bottom_k(entries: np.ndarray, prios: np.ndarray, rows: np.ndarray, k: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per entry its k pairs of lowest priority, sorted by (entry, priority, row)."""
@@ -61,10 +69,7 @@ def bottom_k(entries: np.ndarray, prios: np.ndarray, rows: np.ndarray, k: int
         return empty, np.zeros(0, np.uint64), empty
     order = np.lexsort((rows, prios, entries))
     entries, prios, rows = entries[order], prios[order], rows[order]
-    starts = np.flatnonzero(np.r_[True, entries[1:] != entries[:-1]])
-    sizes = np.diff(np.r_[starts, len(entries)])
-    rank = np.arange(len(entries)) - np.repeat(starts, sizes)
-    keep = rank < k
+    keep = ranks_within(entries) < k
     return entries[keep], prios[keep], rows[keep]
 
 

@@ -164,6 +164,12 @@ def book_generator_spend(ctx: StageContext, generator: Generator, stage: str) ->
         ctx.stats.cache_hits += totals.cache_hits
 
 
+def probe_generator(cfg: ProbeConfig, cache_dir: Path) -> Generator:
+    """The probe's model client over the workspace's response cache in `cache_dir` (here or in a Ray worker)."""
+    return make_generator(cfg.backend, llm=cfg.llm, model_path=cfg.model_path, device=cfg.device,
+                          cache_dir=cache_dir, stage=STAGE)
+
+
 def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, Any]], method: str,
                     generator: Generator | None = None, tools: Any = None) -> None:
     """Probe `rows` with the configured model; emit rollouts, labels and rejects through `ctx`.
@@ -175,8 +181,7 @@ def run_model_probe(ctx: StageContext, cfg: ProbeConfig, rows: list[dict[str, An
         run_remote_probe(ctx, cfg, rows, method)
         return
     if generator is None:
-        generator = make_generator(cfg.backend, llm=cfg.llm, model_path=cfg.model_path, device=cfg.device,
-                                   cache_dir=ctx.ws.cache_dir / "llm", stage=STAGE)
+        generator = probe_generator(cfg, ctx.ws.cache_dir / "llm")
     if tools is None:
         tools = stage_search_tools(ctx)
     try:

@@ -30,7 +30,7 @@ from fvqa.agent import Job, Mode, run_many
 from fvqa.config import ProbeConfig
 from fvqa.errors import ConfigError, FvqaError
 from fvqa.executor import ensure_ray, map_shards, worker_count
-from fvqa.generators import Sampling, make_generator
+from fvqa.generators import Sampling
 from fvqa.generators.base import Generator
 from fvqa.llm.client import LLMConfigError
 from fvqa.pipelines.base import StageContext
@@ -40,6 +40,7 @@ from fvqa.pipelines.probe_model import (
     chunk_size,
     image_file,
     plan_rollouts,
+    probe_generator,
     provenance_base,
     record_chunk,
     stored_rollouts,
@@ -145,10 +146,7 @@ class ProbeWorker:
         if self.generator is None:
             from fvqa.search.tools import make_search_tools
 
-            cfg = self.cfg
-            self.generator = make_generator(cfg.backend, llm=cfg.llm, model_path=cfg.model_path,
-                                            device=cfg.device, cache_dir=Path(self.llm_cache_dir),
-                                            stage=STAGE)
+            self.generator = probe_generator(self.cfg, Path(self.llm_cache_dir))
             self.tools = make_search_tools(self.search, cache_dir=Path(self.search_cache_dir),
                                            cost_hook=self._search_cost)
         return self.generator

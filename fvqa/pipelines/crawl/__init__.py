@@ -111,12 +111,16 @@ class CrawlStage(Stage):
         ctx.commit()
         _forget_settled_deferrals(ctx.ws)
 
-    async def _run(self, ctx: StageContext, concepts: list[tuple[str, str]]) -> None:
-        cfg: CrawlConfig = ctx.cfg
-        self.dedup = _load_dedup(ctx, cfg.phash_distance)
+    def _begin(self, ctx: StageContext) -> None:
+        """A run's starting state: what earlier runs kept and refused, no scorer yet."""
+        self.dedup = _load_dedup(ctx, ctx.cfg.phash_distance)
         self.refused = _refused_urls(ctx.ws)
         self.scorer: Any = None
         self.clip: dict[str, Any] | None = None  # what scored the candidates (provenance)
+
+    async def _run(self, ctx: StageContext, concepts: list[tuple[str, str]]) -> None:
+        cfg: CrawlConfig = ctx.cfg
+        self._begin(ctx)
         # importing open_clip takes seconds: start it now, overlapping the first downloads
         self._scorer_task = asyncio.create_task(asyncio.to_thread(_load_scorer, cfg, ctx))
         async with Downloader(FetchOptions.from_config(cfg)) as downloader:
@@ -136,10 +140,7 @@ class CrawlStage(Stage):
     async def _run_ray(self, ctx: StageContext, concepts: list[tuple[str, str]]) -> None:
         """`_run` with the per-candidate work on Ray workers (see the module docstring)."""
         cfg: CrawlConfig = ctx.cfg
-        self.dedup = _load_dedup(ctx, cfg.phash_distance)
-        self.refused = _refused_urls(ctx.ws)
-        self.scorer = None
-        self.clip = None
+        self._begin(ctx)
         async with Downloader(FetchOptions.from_config(cfg)) as downloader:  # image search and pages
             source = make_source(cfg, ctx.config, ctx.ws, downloader)
             chunks = [concepts[i: i + CHUNK] for i in range(0, len(concepts), CHUNK)]

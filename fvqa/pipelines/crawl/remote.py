@@ -88,6 +88,15 @@ class ShardResult:
     clip_load_seconds: float | None = None  # set by the shard that built the worker's scorer
 
 
+def _portable(outcome: Outcome) -> Outcome:
+    """An outcome as it travels back to the driver: without the decoded picture or failed bytes."""
+    if isinstance(outcome, Prepared):
+        return replace(outcome, image=None)
+    if isinstance(outcome, FetchResult):
+        return replace(outcome, data=b"")
+    return outcome
+
+
 class CrawlShardWorker:
     """Ray worker of `crawl`: downloads (or reads) a chunk of concepts' candidates, prepares them with
     `prepare` and scores each concept's prepared candidates with its own CLIP (built on first need).
@@ -123,8 +132,7 @@ class CrawlShardWorker:
                 scores = self.scorer.score(job.concept, [o.image for o in ready])
                 for o, s in zip(ready, scores, strict=True):
                     o.score = s
-            result.outcomes.append([replace(o, image=None) if isinstance(o, Prepared) else replace(o, data=b"")
-                                    if isinstance(o, FetchResult) else o for o in outcomes])
+            result.outcomes.append([_portable(o) for o in outcomes])
         if self.scorer is not None:
             result.clip = self.scorer.describe()
         return result
