@@ -21,6 +21,7 @@ import atexit
 import logging
 import os
 import pickle
+import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,8 @@ from typing import Any, Protocol
 
 from fvqa.config import RayConfig, RunConfig
 from fvqa.errors import ConfigError, FvqaError
+
+CONNECT_TIMEOUT_S = 5.0  # how long `ray.address` may take to accept a connection before the build stops
 
 #: Environment variables a local Ray's workers get from the driver (a remote cluster's nodes set their own).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME")
@@ -45,13 +48,34 @@ def uses_ray(config: RunConfig) -> bool:
 
 
 def check_executor(config: RunConfig) -> None:
-    """Raise a one-line ConfigError when `executor: ray` cannot run here (Ray Data not installed)."""
+    """Raise a one-line ConfigError when `executor: ray` cannot run here: Ray Data not installed, or
+    nothing answering at `ray.address` (Ray itself would retry for minutes before giving up)."""
     if not uses_ray(config):
         return
     try:
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"executor: ray needs Ray Data ({exc}); install it with `pip install 'fvqa[ray]'`") from exc
+    address = config.ray.address
+    why = _unreachable(address) if address else None
+    if why:
+        raise ConfigError(f"ray.address {address}: no Ray cluster answers there ({why}); start one with "
+                          "`ray start --head`, or leave ray.address unset to start Ray on this machine")
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing listens at a `host:port` (or `ray://host:port`) address; None when something does,
+    or for `auto` (which Ray resolves, and refuses quickly when there is no cluster)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep:
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except ValueError:
+        return f"port {port!r} is not a number"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def map_shards(config: RunConfig, worker: Callable[..., ShardWorker], init: dict[str, Any],

@@ -63,3 +63,19 @@ def test_ray_without_ray_data_is_one_line_before_anything_is_written(tmp_path: P
     with pytest.raises(ConfigError, match=r"executor: ray needs Ray Data .*pip install 'fvqa\[ray\]'"):
         run_build(config, only=["match"], console=Console(file=io.StringIO()))
     assert not (tmp_path / "ws").exists()
+
+
+def test_ray_address_where_nothing_listens_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    import socket
+
+    from fvqa.pipelines.runner import run_build
+
+    with socket.socket() as sock:  # a loopback port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = RunConfig.model_validate({"workspace": str(tmp_path / "ws"), "executor": "ray",
+                                       "ray": {"address": f"127.0.0.1:{port}"},
+                                       "match": {"enabled": True, "pool": str(tmp_path / "p.parquet")}})
+    with pytest.raises(ConfigError, match=rf"ray.address 127.0.0.1:{port}: no Ray cluster answers there"):
+        run_build(config, only=["match"], console=Console(file=io.StringIO()))
+    assert not (tmp_path / "ws").exists()

@@ -221,7 +221,6 @@ def run_build(
     names, retries = check_selection(config, only, until, force, retry_rejects)
     stages = {name: load_stage(name) for name in names}
     check_stages(config, stages.values(), console)
-    check_executor(config)
     check_writable(config.workspace)  # a bad --workspace fails before the demo world is written
     ensure_world(config, console)
     results: dict[str, StageStats] = {}
@@ -262,9 +261,11 @@ def run_build(
 def check_stages(config: RunConfig, stages: Iterable[Stage], console: Console) -> None:
     """Every selected stage's `check` (config, API keys in the environment), before anything is
     written or deleted. The checks read the config and the environment only, so they run before
-    the workspace exists (a failing check leaves no folder behind)."""
+    the workspace exists (a failing check leaves no folder behind). `executor: ray` is checked too
+    (Ray Data installed, `ray.address` answering)."""
     for stage in stages:
         stage.check(StageContext(None, config, stage, console=console))  # type: ignore[arg-type]
+    check_executor(config)
 
 
 def estimate_build(config: RunConfig, console: Console | None = None, *, only: Sequence[str] | None = None,
